@@ -1,0 +1,94 @@
+// Shared checks and the math of x0/eps from a model output, for every backend.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+namespace ddim_fast {
+
+// What the model outputs (the `prediction` argument of the ops).
+enum Prediction : int64_t { kEps = 0, kX0 = 1, kV = 2 };
+
+inline void check_prediction(const char* op, int64_t prediction) {
+  TORCH_CHECK(prediction >= kEps && prediction <= kV, op,
+              ": prediction must be 0 (eps), 1 (x0) or 2 (v), got ", prediction);
+}
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Calls f(scalar_t{}) for the storage dtypes the native kernels take: fp32, fp16, bf16.
+// (float64 goes to the PyTorch backend, which computes in float64.)
+template <typename F>
+inline void dispatch_float(at::ScalarType t, const char* op, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    default: TORCH_CHECK(false, op, ": expected float32, float16 or bfloat16, got ", t);
+  }
+}
+
+// Same strides wherever a dimension has more than one element.
+inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.dim() != b.dim()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
+// `other` must match `x` in shape, device and (unless allow_float32) dtype, and have its
+// memory layout, so that one flat index addresses the same element in both.
+inline void check_like(const char* op, const char* name, const at::Tensor& x, const at::Tensor& other,
+                       bool allow_float32 = false) {
+  TORCH_CHECK(other.sizes() == x.sizes(), op, ": ", name, " must have x's shape ", x.sizes(), ", got ",
+              other.sizes());
+  TORCH_CHECK(other.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), ", got ",
+              other.device());
+  TORCH_CHECK(other.scalar_type() == x.scalar_type() || (allow_float32 && other.scalar_type() == at::kFloat),
+              op, ": ", name, " must have x's dtype ", x.scalar_type(),
+              allow_float32 ? " (or float32)" : "", ", got ", other.scalar_type());
+  TORCH_CHECK(same_layout(x, other), op, ": ", name, " must have x's memory layout (strides ", x.strides(),
+              "), got strides ", other.strides());
+}
+
+inline void check_dense(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(is_supported_float(x.scalar_type()), op,
+              ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.is_non_overlapping_and_dense(), op,
+              ": x must be dense (contiguous or channels_last, no gaps or overlaps); got strides ", x.strides(),
+              " for shape ", x.sizes(), ". Call .contiguous() first.");
+}
+
+// The coefficients of one step, in fp32 (the kernels' arithmetic type).
+struct StepCoefs {
+  float sa;      // sqrt(alpha_t)
+  float s1m;     // sqrt(1 - alpha_t)
+  float c_x0;    // weight of x0 in the update
+  float c_eps;   // weight of eps
+  float c_xt;    // weight of x_t
+  float sigma;   // weight of the noise
+  float lo, hi;  // clamp range of x0
+};
+
+// x0 and eps from the model output `m` at x, for each parameterisation. Works for a
+// scalar float and for a vector type V with the usual arithmetic.
+template <typename V>
+inline void x0_eps_from(int64_t prediction, V x, V m, V sa, V s1m, V& x0, V& eps) {
+  if (prediction == kEps) {
+    eps = m;
+    x0 = (x - s1m * m) / sa;
+  } else if (prediction == kX0) {
+    x0 = m;
+    eps = (x - sa * m) / s1m;
+  } else {  // v: x0 = sqrt(a) x - sqrt(1-a) v, eps = sqrt(a) v + sqrt(1-a) x
+    x0 = sa * x - s1m * m;
+    eps = sa * m + s1m * x;
+  }
+}
+
+}  // namespace ddim_fast

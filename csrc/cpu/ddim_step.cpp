@@ -1,0 +1,103 @@
+// CPU kernel of ddim_fast::ddim_step: the whole DDIM update in one pass.
+// Reads x, model_output (and noise); writes out (and x0_out): 3-5 passes over memory
+// instead of the ~11 of the eager chain (x0, clamp, two scaled terms, noise, sums).
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../common.h"
+#include "vec_util.h"
+
+namespace ddim_fast {
+namespace cpu {
+namespace {
+
+constexpr int64_t kGrain = 32768;  // elements per task: enough to amortise a thread wake-up
+
+// One element (or one vector of elements) of the update; V is float or Vec.
+template <typename V>
+inline V step_value(V x, V m, V z, const StepCoefs& c, int64_t prediction, bool clip, bool clipped_eps,
+                    V& x0) {
+  const V sa(c.sa), s1m(c.s1m);
+  V eps;
+  x0_eps_from(prediction, x, m, sa, s1m, x0, eps);
+  if (clip) {
+    x0 = clamp_v(x0, V(c.lo), V(c.hi));
+    if (clipped_eps) eps = (x - sa * x0) / s1m;
+  }
+  V res = V(c.c_x0) * x0 + V(c.c_eps) * eps;
+  if (c.c_xt != 0.f) res = res + V(c.c_xt) * x;
+  if (c.sigma != 0.f) res = res + V(c.sigma) * z;
+  return res;
+}
+
+template <typename scalar_t, typename noise_t>
+void step_kernel(const scalar_t* x, const scalar_t* m, const noise_t* z, scalar_t* out, scalar_t* x0_out,
+                 int64_t n, const StepCoefs& c, int64_t prediction, bool clip, bool clipped_eps) {
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + kVec <= end; i += kVec) {
+      Vec x0;
+      const Vec zv = z ? load_f(z + i) : Vec(0.f);
+      const Vec r = step_value<Vec>(load_f(x + i), load_f(m + i), zv, c, prediction, clip, clipped_eps, x0);
+      store_f(out + i, r);  // out may alias x: element i was read above
+      if (x0_out) store_f(x0_out + i, x0);
+    }
+    for (; i < end; ++i) {
+      float x0;
+      const float zf = z ? static_cast<float>(z[i]) : 0.f;
+      const float r = step_value<float>(static_cast<float>(x[i]), static_cast<float>(m[i]), zf, c, prediction,
+                                        clip, clipped_eps, x0);
+      out[i] = static_cast<scalar_t>(r);
+      if (x0_out) x0_out[i] = static_cast<scalar_t>(x0);
+    }
+  });
+}
+
+void ddim_step_cpu(const at::Tensor& x, const at::Tensor& model_output, double sqrt_alpha_t,
+                   double sqrt_one_minus_alpha_t, double c_x0, double c_eps, double c_xt, double sigma,
+                   const std::optional<at::Tensor>& noise, bool clip, double clip_min, double clip_max,
+                   int64_t prediction, bool clipped_eps, const at::Tensor& out,
+                   const std::optional<at::Tensor>& x0_out) {
+  const char* op = "ddim_step";
+  check_dense(op, x);
+  check_prediction(op, prediction);
+  check_like(op, "model_output", x, model_output);
+  check_like(op, "out", x, out);
+  TORCH_CHECK(sigma >= 0, op, ": sigma must be >= 0, got ", sigma);
+  TORCH_CHECK(sigma == 0 || noise.has_value(), op, ": sigma is ", sigma, " > 0 but no noise tensor was given");
+  if (noise) check_like(op, "noise", x, *noise, /*allow_float32=*/true);
+  if (x0_out) check_like(op, "x0_out", x, *x0_out);
+  TORCH_CHECK(!clip || clip_min <= clip_max, op, ": clip range must have clip_min <= clip_max, got [", clip_min,
+              ", ", clip_max, "]");
+  if (x.numel() == 0) return;
+
+  const StepCoefs c{static_cast<float>(sqrt_alpha_t), static_cast<float>(sqrt_one_minus_alpha_t),
+                    static_cast<float>(c_x0),         static_cast<float>(c_eps),
+                    static_cast<float>(c_xt),         static_cast<float>(sigma),
+                    static_cast<float>(clip_min),     static_cast<float>(clip_max)};
+  const bool use_noise = noise.has_value() && sigma != 0;
+  dispatch_float(x.scalar_type(), op, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* x0p = x0_out ? x0_out->data_ptr<scalar_t>() : nullptr;
+    if (use_noise && noise->scalar_type() != x.scalar_type()) {
+      step_kernel<scalar_t, float>(x.const_data_ptr<scalar_t>(), model_output.const_data_ptr<scalar_t>(),
+                                   noise->const_data_ptr<float>(), out.data_ptr<scalar_t>(), x0p, x.numel(), c,
+                                   prediction, clip, clipped_eps);
+    } else {
+      step_kernel<scalar_t, scalar_t>(x.const_data_ptr<scalar_t>(), model_output.const_data_ptr<scalar_t>(),
+                                      use_noise ? noise->const_data_ptr<scalar_t>() : nullptr,
+                                      out.data_ptr<scalar_t>(), x0p, x.numel(), c, prediction, clip,
+                                      clipped_eps);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+
+TORCH_LIBRARY_IMPL(ddim_fast, CPU, m) {
+  m.impl("ddim_step", &cpu::ddim_step_cpu);
+}
+
+}  // namespace ddim_fast

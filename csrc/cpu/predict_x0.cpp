@@ -1,0 +1,75 @@
+// CPU kernel of ddim_fast::predict_x0: x0 from the model output, plus clamp, in one pass.
+// Reads x, model_output; writes x0 (and eps recomputed from the clamped x0).
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../common.h"
+#include "vec_util.h"
+
+namespace ddim_fast {
+namespace cpu {
+namespace {
+
+constexpr int64_t kGrain = 32768;
+
+template <typename V>
+inline void predict_value(V x, V m, const StepCoefs& c, int64_t prediction, bool clip, V& x0, V& eps) {
+  const V sa(c.sa), s1m(c.s1m);
+  x0_eps_from(prediction, x, m, sa, s1m, x0, eps);
+  if (clip) {
+    x0 = clamp_v(x0, V(c.lo), V(c.hi));
+    eps = (x - sa * x0) / s1m;  // eps consistent with the clamped x0
+  }
+}
+
+template <typename scalar_t>
+void predict_kernel(const scalar_t* x, const scalar_t* m, scalar_t* x0_out, scalar_t* eps_out, int64_t n,
+                    const StepCoefs& c, int64_t prediction, bool clip) {
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + kVec <= end; i += kVec) {
+      Vec x0, eps;
+      predict_value<Vec>(load_f(x + i), load_f(m + i), c, prediction, clip, x0, eps);
+      store_f(x0_out + i, x0);
+      if (eps_out) store_f(eps_out + i, eps);
+    }
+    for (; i < end; ++i) {
+      float x0, eps;
+      predict_value<float>(static_cast<float>(x[i]), static_cast<float>(m[i]), c, prediction, clip, x0, eps);
+      x0_out[i] = static_cast<scalar_t>(x0);
+      if (eps_out) eps_out[i] = static_cast<scalar_t>(eps);
+    }
+  });
+}
+
+void predict_x0_cpu(const at::Tensor& x, const at::Tensor& model_output, double sqrt_alpha_t,
+                    double sqrt_one_minus_alpha_t, bool clip, double clip_min, double clip_max, int64_t prediction,
+                    const at::Tensor& out, const std::optional<at::Tensor>& eps_out) {
+  const char* op = "predict_x0";
+  check_dense(op, x);
+  check_prediction(op, prediction);
+  check_like(op, "model_output", x, model_output);
+  check_like(op, "out", x, out);
+  if (eps_out) check_like(op, "eps_out", x, *eps_out);
+  TORCH_CHECK(!clip || clip_min <= clip_max, op, ": clip range must have clip_min <= clip_max, got [", clip_min,
+              ", ", clip_max, "]");
+  if (x.numel() == 0) return;
+  const StepCoefs c{static_cast<float>(sqrt_alpha_t), static_cast<float>(sqrt_one_minus_alpha_t), 0.f, 0.f, 0.f,
+                    0.f, static_cast<float>(clip_min), static_cast<float>(clip_max)};
+  dispatch_float(x.scalar_type(), op, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    predict_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), model_output.const_data_ptr<scalar_t>(),
+                             out.data_ptr<scalar_t>(), eps_out ? eps_out->data_ptr<scalar_t>() : nullptr,
+                             x.numel(), c, prediction, clip);
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+
+TORCH_LIBRARY_IMPL(ddim_fast, CPU, m) {
+  m.impl("predict_x0", &cpu::predict_x0_cpu);
+}
+
+}  // namespace ddim_fast

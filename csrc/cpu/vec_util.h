@@ -1,0 +1,43 @@
+// Loads and stores of fp32 vectors from any storage dtype, on top of at::vec.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <type_traits>
+
+namespace ddim_fast {
+namespace cpu {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+
+template <typename T>
+inline Vec load_f(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    Vec v;
+    at::vec::load_to_float<T>(p, v);
+    return v;
+  }
+}
+
+template <typename T>
+inline void store_f(T* p, Vec v) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p);
+  } else {
+    float tmp[kVec];
+    v.store(tmp);
+    for (int64_t i = 0; i < kVec; ++i) p[i] = static_cast<T>(tmp[i]);
+  }
+}
+
+inline Vec clamp_v(Vec v, Vec lo, Vec hi) { return at::vec::clamp(v, lo, hi); }
+inline float clamp_v(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+}  // namespace cpu
+}  // namespace ddim_fast

@@ -1,0 +1,39 @@
+// Operator schemas of ddim_fast, declared once. Each backend registers its kernels in
+// its own file: csrc/cpu/<op>.cpp (TORCH_LIBRARY_IMPL(ddim_fast, CPU, m)) and
+// csrc/cuda/<op>.cu (TORCH_LIBRARY_IMPL(ddim_fast, CUDA, m)). Fake kernels for
+// torch.compile are registered from Python (ddim_fast/_fake.py).
+//
+// Scalars come as doubles (Python floats); kernels compute in fp32 whatever the storage.
+// `prediction` is what the model outputs: 0 = eps, 1 = x0, 2 = v (see common.h).
+
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(ddim_fast, m) {
+  // One DDIM/DDPM update, in one pass over memory:
+  //   x0  = x0_from(x, model_output; sqrt_alpha_t, sqrt_one_minus_alpha_t), clamped if `clip`
+  //   eps = eps_from(...)  (recomputed from the clamped x0 if clipped_eps)
+  //   out = c_x0 * x0 + c_eps * eps + c_xt * x + sigma * noise
+  // `out` may be `x` itself. `x0_out`, when given, receives x0.
+  m.def(
+      "ddim_step(Tensor x, Tensor model_output, float sqrt_alpha_t, float sqrt_one_minus_alpha_t, "
+      "float c_x0, float c_eps, float c_xt, float sigma, Tensor? noise, bool clip, float clip_min, "
+      "float clip_max, int prediction, bool clipped_eps, Tensor(a!) out, Tensor(b!)? x0_out) -> ()");
+  // x0 from the model output, clamped if `clip`; `eps_out`, when given, receives eps
+  // recomputed from the clamped x0 (diffusers' use_clipped_model_output).
+  m.def(
+      "predict_x0(Tensor x, Tensor model_output, float sqrt_alpha_t, float sqrt_one_minus_alpha_t, "
+      "bool clip, float clip_min, float clip_max, int prediction, Tensor(a!) out, Tensor(b!)? eps_out) -> ()");
+  // silu(group_norm(x + add_bias[:, :, None, None], num_groups, weight, bias, eps)), statistics
+  // in fp32. x is (N, C, *spatial), NCHW or channels_last; add_bias is (N, C) or absent.
+  m.def(
+      "group_norm_silu(Tensor x, int num_groups, Tensor? weight, Tensor? bias, Tensor? add_bias, "
+      "float eps) -> Tensor");
+}
+
+// `import ddim_fast._C` loads this library, and with it the registrations above.
+static struct PyModuleDef ddim_fast_c_module = {PyModuleDef_HEAD_INIT, "_C", "ddim_fast native operators", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  return PyModule_Create(&ddim_fast_c_module);
+}

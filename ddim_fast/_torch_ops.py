@@ -1,0 +1,74 @@
+"""The PyTorch backend of the fused ops: plain tensor code, any device.
+
+Arithmetic in fp32 for fp32/fp16/bf16 storage (float64 stays float64), like the fused
+kernels, so every backend gives the same numbers up to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def x0_eps_from(x, m, sa, s1m, prediction: int):
+    """(x0, eps) from the model output m at x, for prediction 0 = eps, 1 = x0, 2 = v."""
+    if prediction == 0:
+        return (x - s1m * m) / sa, m
+    if prediction == 1:
+        return m, (x - sa * m) / s1m
+    return sa * x - s1m * m, sa * m + s1m * x
+
+
+def ddim_step(x, model_output, coefs, noise, clip, prediction: int, clipped_eps: bool, out, x0_out=None):
+    """out = c_x0 * x0 + c_eps * eps + c_xt * x + sigma * noise (see csrc/ops.cpp)."""
+    sa, s1m, c_x0, c_eps, c_xt, sigma = coefs
+    cd = _compute_dtype(x.dtype)
+    xf, mf = x.to(cd), model_output.to(cd)
+    x0, eps = x0_eps_from(xf, mf, sa, s1m, prediction)
+    if clip is not None:
+        x0 = x0.clamp(clip[0], clip[1])
+        if clipped_eps:
+            eps = (xf - sa * x0) / s1m
+    res = c_x0 * x0 + c_eps * eps
+    if c_xt != 0:
+        res = res + c_xt * xf
+    if sigma != 0:
+        res = res + sigma * noise.to(cd)
+    if x0_out is not None:
+        x0_out.copy_(x0)
+    out.copy_(res)
+    return out
+
+
+def predict_x0(x, model_output, sa, s1m, clip, prediction: int, out, eps_out=None):
+    cd = _compute_dtype(x.dtype)
+    xf, mf = x.to(cd), model_output.to(cd)
+    x0, eps = x0_eps_from(xf, mf, sa, s1m, prediction)
+    if clip is not None:
+        x0 = x0.clamp(clip[0], clip[1])
+        eps = (xf - sa * x0) / s1m
+    if eps_out is not None:
+        eps_out.copy_(eps)
+    out.copy_(x0)
+    return out
+
+
+def group_norm_silu(x, num_groups, weight, bias, eps, add_bias=None):
+    cd = _compute_dtype(x.dtype)
+    h = x.to(cd)
+    if add_bias is not None:
+        h = h + add_bias.to(cd).reshape(*add_bias.shape, *([1] * (x.dim() - 2)))
+    w = weight.to(cd) if weight is not None else None
+    b = bias.to(cd) if bias is not None else None
+    y = F.silu(F.group_norm(h, num_groups, w, b, eps))
+    return y.to(x.dtype).contiguous(memory_format=_memory_format(x))
+
+
+def _memory_format(x):
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

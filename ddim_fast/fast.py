@@ -1,0 +1,242 @@
+"""FastSampler: the same samples as ReferenceSampler, with fused kernels and no per-step overhead.
+
+- The model runs as a fused copy (GroupNorm+SiLU in one kernel) sharing the caller's
+  weights; the caller's module is not changed (fuse="inplace" asks for that).
+- Each step is one fused op (x̂₀, clamp, update and noise in one pass) writing into a
+  static buffer; coefficients and timesteps are computed once, before the loop.
+- On CUDA (cuda_graph=True) the steps replay a captured CUDA graph (ddim_fast.graph);
+  elsewhere, or if the model cannot be captured, the eager loop below runs.
+
+With the same generator it draws the same noise as ReferenceSampler (see its docstring
+for the order), so the two agree to float rounding for any η.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Optional
+
+import torch
+
+from . import _sampling as S
+from . import ops
+from ._validate import PREDICTION_CODE, check_bool
+from .fuse import fuse_groupnorm_silu, share_copy
+from .unet import AttnBlock
+from .schedule import Schedule, StepPlan, encoding_plan, sampling_plan
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def _check_dtype(dtype) -> Optional[torch.dtype]:
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(set(_DTYPES))} or a torch dtype, got {dtype!r}")
+        return _DTYPES[dtype]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
+    return dtype
+
+
+class FastSampler:
+    """DDIM sampling with fused kernels and, on CUDA, a captured sampling loop.
+
+    The first eight arguments are ReferenceSampler's (same meaning, same defaults).
+    Further options, keyword-only:
+
+    cuda_graph: replay a captured CUDA graph on CUDA (default True; falls back to the
+        eager loop with one warning if the model cannot be captured).
+    fuse: True (default) fuses GroupNorm+SiLU in a copy of the model that shares its
+        weights; "inplace" fuses the caller's module itself; False runs the model as is.
+    dtype: sampling dtype ("fp32", "fp16", "bf16" or a torch dtype); default the model's.
+        A dtype other than the model's runs a cast copy of the model.
+    channels_last: run the model on channels_last tensors, with a channels_last copy of
+        its conv weights; default (None): on the CPU, where oneDNN convolutions are faster so.
+    fast_rng: on CUDA, draw the noise inside the step kernel (Philox) instead of
+        torch.randn: one pass less for η > 0, but not the reference's stream (checked by
+        moments, not bit for bit).
+    graph_cache_size: how many captured graphs to keep (LRU), one per
+        (batch, shape, dtype, device, task).
+    backend: force the backend of the step op ("cpu", "cuda", "triton", "torch").
+    """
+
+    def __init__(
+        self,
+        model,
+        schedule: Schedule,
+        steps: int = 50,
+        eta=0.0,
+        skip="uniform",
+        clip_x0=False,
+        prediction: str = "eps",
+        check_finite: bool = False,
+        *,
+        steps_offset: int = 0,
+        use_clipped_model_output: bool = False,
+        cuda_graph: bool = True,
+        fuse=True,
+        dtype=None,
+        channels_last: Optional[bool] = None,
+        fast_rng: bool = False,
+        graph_cache_size: int = 4,
+        backend: Optional[str] = None,
+    ):
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
+        self.options = S.make_options(schedule, steps, eta, skip, clip_x0, prediction, check_finite, steps_offset, use_clipped_model_output)
+        self.schedule = schedule
+        self.cuda_graph = check_bool("cuda_graph", cuda_graph)
+        if channels_last is not None:
+            check_bool("channels_last", channels_last)
+        self._channels_last_opt = channels_last
+        self.fast_rng = check_bool("fast_rng", fast_rng)
+        if fuse not in (True, False, "inplace"):
+            raise ValueError(f"fuse must be True, False or 'inplace', got {fuse!r}")
+        if isinstance(graph_cache_size, bool) or not isinstance(graph_cache_size, int) or graph_cache_size < 1:
+            raise ValueError(f"graph_cache_size must be an int >= 1, got {graph_cache_size!r}")
+        if backend is not None and backend not in ops.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {ops.BACKENDS}")
+        self.backend = backend
+        S.warn_if_training(model, "FastSampler")
+        self.model = model
+        self.dtype = _check_dtype(dtype) or S.model_dtype(model) or torch.float32
+        self._fuse = fuse
+        self.fused_sites = 0
+        self._prepared = None  # (device, model as run there)
+        self._plan = sampling_plan(schedule, list(self.options.grid), self.options.eta)
+        self._encode_plan: Optional[StepPlan] = None
+        self._prediction = PREDICTION_CODE[self.options.prediction]
+        self._graphs = None  # ddim_fast.graph.GraphCache, made on first CUDA use
+        self._graph_cache_size = graph_cache_size
+        self._lock = threading.Lock()  # one sample() at a time per sampler: buffers are shared
+
+    # --- set-up ------------------------------------------------------------------------------
+    def _prepared_model(self, device: torch.device):
+        """The model as this sampler runs it on `device`, made once per device.
+
+        A copy that shares the caller's weights (a cast copy if `dtype` differs), with
+        GroupNorm+SiLU fused, channels_last conv weights (a copy of those, when asked) and,
+        on CUDA, SDPA attention. fuse="inplace" changes the caller's module instead.
+        """
+        if self._prepared is not None and self._prepared[0] == device:
+            return self._prepared[1]
+        model = self.model
+        cl = self._channels_last(device)
+        if isinstance(model, torch.nn.Module):
+            mdtype = S.model_dtype(model)
+            if mdtype is not None and mdtype != self.dtype:
+                model = copy.deepcopy(model).to(self.dtype)
+            elif self._fuse != "inplace":
+                model = share_copy(model)
+            if self._fuse:
+                self.fused_sites = fuse_groupnorm_silu(model)
+            if cl:
+                for m in model.modules():
+                    w = getattr(m, "weight", None)
+                    if isinstance(w, torch.nn.Parameter) and w.dim() == 4:
+                        m.weight = torch.nn.Parameter(w.detach().contiguous(memory_format=torch.channels_last), requires_grad=False)
+            if device.type == "cuda":
+                for m in model.modules():
+                    if isinstance(m, AttnBlock):
+                        m.use_sdpa = True
+        self._prepared = (device, model)
+        return model
+
+    def _channels_last(self, device: torch.device) -> bool:
+        # auto: channels_last on the CPU, where oneDNN convolutions then skip a reorder
+        return (device.type == "cpu") if self._channels_last_opt is None else self._channels_last_opt
+
+    @property
+    def timesteps(self) -> list:
+        """The model timesteps in sampling order."""
+        return list(self._plan.timesteps)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        fmt = torch.channels_last if (self._channels_last(x.device) and x.dim() == 4) else torch.contiguous_format
+        return x.to(dtype=self.dtype, memory_format=fmt, copy=True)
+
+    # --- public -------------------------------------------------------------------------------
+    def sample(self, x_T=None, *, batch_size=None, generator=None, shape=None, return_x0: bool = False, return_trajectory: bool = False):
+        """Sample x0 from x_T (drawn from `generator` when not given); see ReferenceSampler.sample.
+
+        The result has the sampling dtype and x_T's memory format is not kept (contiguous).
+        """
+        x = S.initial_noise(self.model, x_T, batch_size, generator, shape, None, None)
+        return self._run(self._plan, x, generator, return_x0, return_trajectory, "sampling")
+
+    def encode(self, x0, *, return_trajectory: bool = False):
+        """DDIM inversion (η = 0) of x0 along the same grid; see ReferenceSampler.encode."""
+        x = S.check_input(self.model, x0, "x0")
+        if self._encode_plan is None:
+            self._encode_plan = encoding_plan(self.schedule, list(self.options.grid))
+        res = self._run(self._encode_plan, x, None, False, return_trajectory, "encoding")
+        return (res.sample, res.trajectory) if return_trajectory else res
+
+    # --- the loops ----------------------------------------------------------------------------
+    def _run(self, plan: StepPlan, x, generator, return_x0, return_trajectory, what):
+        encoding = what == "encoding"
+        want_extra = return_x0 or return_trajectory
+        if x.shape[0] == 0:
+            x = self._layout(x)
+            return S.SamplerOutput(x, [] if return_x0 else None, [x] if return_trajectory else None) if want_extra else x
+        with self._lock, torch.inference_mode():
+            x = self._layout(x)
+            if x.device.type == "cuda" and self.cuda_graph and not want_extra and not self.options.check_finite:
+                from .graph import GraphCache
+
+                if self._graphs is None:
+                    self._graphs = GraphCache(self._graph_cache_size)
+                out = self._graphs.run(self, plan, x, generator, encoding)
+                if out is not None:
+                    return out
+            return self._eager(plan, x, generator, return_x0, return_trajectory, encoding)
+
+    def _eager(self, plan: StepPlan, x, generator, return_x0, return_trajectory, encoding):
+        """The loop over static buffers: one model call and one fused op per step."""
+        o = self.options
+        n, dev = x.shape[0], x.device
+        model = self._prepared_model(dev)
+        t_table = torch.tensor(plan.timesteps, dtype=torch.long, device=dev).repeat_interleave(n).view(plan.steps, n)
+        rows = [tuple(float(v) for v in r) for r in plan.coefs]
+        clip = None if encoding else o.clip
+        noisy = [plan.draws_noise(i) for i in range(plan.steps)]
+        z = torch.empty(x.shape, dtype=torch.float32, device=dev) if any(noisy) else None
+        z_gen = None
+        if z is not None and generator is not None and generator.device != dev:
+            z_gen = torch.empty(x.shape, dtype=torch.float32, device=generator.device)
+        x0_preds = [] if return_x0 else None
+        xs = [x.clone()] if return_trajectory else None
+        for i in range(plan.steps):
+            out = S.call_model(model, x, t_table[i])
+            if i == 0:
+                S.check_model_output(out, x, i, plan.timesteps[i])
+            if out.dtype != x.dtype:
+                out = out.to(x.dtype)
+            noise = None
+            if noisy[i]:
+                if z_gen is not None:
+                    noise = z.copy_(torch.randn(x.shape, generator=generator, out=z_gen))
+                else:
+                    noise = torch.randn(x.shape, generator=generator, out=z)
+            x0_out = torch.empty_like(x) if return_x0 else None
+            ops.step(x, out, rows[i], noise, clip, self._prediction, o.use_clipped_model_output and not encoding, x, x0_out, backend=self.backend)
+            if o.check_finite:
+                S.check_finite(x, i, plan.timesteps[i], "encoding" if encoding else "sampling")
+            if return_x0:
+                x0_preds.append(x0_out)
+            if return_trajectory:
+                xs.append(x.clone())
+        if return_x0 or return_trajectory:
+            return S.SamplerOutput(x, x0_preds, xs)
+        return x
+
+    def __repr__(self) -> str:
+        o = self.options
+        return (
+            f"FastSampler(steps={o.steps}, eta={o.eta!r}, skip={o.skip!r}, clip_x0={o.clip}, prediction={o.prediction!r}, "
+            f"dtype={self.dtype}, cuda_graph={self.cuda_graph}, fused_sites={self.fused_sites})"
+        )
+
