@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
@@ -78,7 +79,7 @@ struct StepCoefs {
 // x0 and eps from the model output `m` at x, for each parameterisation. Works for a
 // scalar float and for a vector type V with the usual arithmetic.
 template <typename V>
-inline void x0_eps_from(int64_t prediction, V x, V m, V sa, V s1m, V& x0, V& eps) {
+C10_HOST_DEVICE inline void x0_eps_from(int64_t prediction, V x, V m, V sa, V s1m, V& x0, V& eps) {
   if (prediction == kEps) {
     eps = m;
     x0 = (x - s1m * m) / sa;

@@ -26,9 +26,13 @@ def _load_extension():
         importlib.import_module("ddim_fast._C")
     except ImportError as e:  # not built, or an ABI mismatch with this torch
         return False, f"ddim_fast._C failed to load ({e}); reinstall with `pip install --no-build-isolation -e .`"
+    from . import _fake
+
+    _fake.register()
     return True, "loaded"
 
 
+@torch.compiler.assume_constant_result  # fixed per process: torch.compile may fold it
 def has_native_kernel(op: str, device_type: str) -> bool:
     """Whether ddim_fast::<op> has a kernel for "cpu" or "cuda" in the loaded extension."""
     if not _load_extension()[0]:
@@ -37,6 +41,7 @@ def has_native_kernel(op: str, device_type: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"ddim_fast::{op}", key)
 
 
+@torch.compiler.assume_constant_result
 @functools.lru_cache(maxsize=None)
 def triton_status():
     """(available, reason) for the Triton kernels."""

@@ -60,6 +60,9 @@ class FastSampler:
         moments, not bit for bit).
     graph_cache_size: how many captured graphs to keep (LRU), one per
         (batch, shape, dtype, device, task).
+    graph_mode: "step" (one captured step replayed S times, the default) or "loop"
+        (all S steps captured in one graph: less launch work, more capture time and
+        graph memory; for small S).
     backend: force the backend of the step op ("cpu", "cuda", "triton", "torch").
     """
 
@@ -82,6 +85,7 @@ class FastSampler:
         channels_last: Optional[bool] = None,
         fast_rng: bool = False,
         graph_cache_size: int = 4,
+        graph_mode: str = "step",
         backend: Optional[str] = None,
     ):
         if not callable(model):
@@ -97,6 +101,11 @@ class FastSampler:
             raise ValueError(f"fuse must be True, False or 'inplace', got {fuse!r}")
         if isinstance(graph_cache_size, bool) or not isinstance(graph_cache_size, int) or graph_cache_size < 1:
             raise ValueError(f"graph_cache_size must be an int >= 1, got {graph_cache_size!r}")
+        from .graph import GRAPH_MODES
+
+        if graph_mode not in GRAPH_MODES:
+            raise ValueError(f"graph_mode must be one of {GRAPH_MODES}, got {graph_mode!r}")
+        self.graph_mode = graph_mode
         if backend is not None and backend not in ops.BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {ops.BACKENDS}")
         self.backend = backend
@@ -182,13 +191,15 @@ class FastSampler:
         if x.shape[0] == 0:
             x = self._layout(x)
             return S.SamplerOutput(x, [] if return_x0 else None, [x] if return_trajectory else None) if want_extra else x
+        if self.fast_rng and x.device.type != "cuda":
+            raise ValueError(f"fast_rng draws the noise inside the CUDA step kernel; x is on {x.device} (use fast_rng=False there)")
         with self._lock, torch.inference_mode():
             x = self._layout(x)
             if x.device.type == "cuda" and self.cuda_graph and not want_extra and not self.options.check_finite:
                 from .graph import GraphCache
 
                 if self._graphs is None:
-                    self._graphs = GraphCache(self._graph_cache_size)
+                    self._graphs = GraphCache(self._graph_cache_size, self.graph_mode)
                 out = self._graphs.run(self, plan, x, generator, encoding)
                 if out is not None:
                     return out
@@ -200,13 +211,8 @@ class FastSampler:
         n, dev = x.shape[0], x.device
         model = self._prepared_model(dev)
         t_table = torch.tensor(plan.timesteps, dtype=torch.long, device=dev).repeat_interleave(n).view(plan.steps, n)
-        rows = [tuple(float(v) for v in r) for r in plan.coefs]
-        clip = None if encoding else o.clip
         noisy = [plan.draws_noise(i) for i in range(plan.steps)]
-        z = torch.empty(x.shape, dtype=torch.float32, device=dev) if any(noisy) else None
-        z_gen = None
-        if z is not None and generator is not None and generator.device != dev:
-            z_gen = torch.empty(x.shape, dtype=torch.float32, device=generator.device)
+        step = self._philox_stepper(plan, x, generator, encoding) if (self.fast_rng and any(noisy)) else self._op_stepper(plan, x, generator, encoding)
         x0_preds = [] if return_x0 else None
         xs = [x.clone()] if return_trajectory else None
         for i in range(plan.steps):
@@ -215,14 +221,8 @@ class FastSampler:
                 S.check_model_output(out, x, i, plan.timesteps[i])
             if out.dtype != x.dtype:
                 out = out.to(x.dtype)
-            noise = None
-            if noisy[i]:
-                if z_gen is not None:
-                    noise = z.copy_(torch.randn(x.shape, generator=generator, out=z_gen))
-                else:
-                    noise = torch.randn(x.shape, generator=generator, out=z)
             x0_out = torch.empty_like(x) if return_x0 else None
-            ops.step(x, out, rows[i], noise, clip, self._prediction, o.use_clipped_model_output and not encoding, x, x0_out, backend=self.backend)
+            step(i, out, noisy[i], x0_out)  # x updated in place
             if o.check_finite:
                 S.check_finite(x, i, plan.timesteps[i], "encoding" if encoding else "sampling")
             if return_x0:
@@ -232,6 +232,42 @@ class FastSampler:
         if return_x0 or return_trajectory:
             return S.SamplerOutput(x, x0_preds, xs)
         return x
+
+    def _op_stepper(self, plan: StepPlan, x, generator, encoding):
+        """step(i, model_output, noisy, x0_out): the fused op, noise from the reference's stream."""
+        rows = [tuple(float(v) for v in r) for r in plan.coefs]
+        clip = None if encoding else self.options.clip
+        clipped_eps = self.options.use_clipped_model_output and not encoding
+        z = torch.empty(x.shape, dtype=torch.float32, device=x.device) if any(plan.draws_noise(i) for i in range(plan.steps)) else None
+        # a generator on another device draws there, then the draw moves (as ReferenceSampler does)
+        z_gen = torch.empty(x.shape, dtype=torch.float32, device=generator.device) if (z is not None and generator is not None and generator.device != x.device) else None
+
+        def step(i, out, noisy, x0_out):
+            noise = None
+            if noisy:
+                noise = z.copy_(torch.randn(x.shape, generator=generator, out=z_gen)) if z_gen is not None else torch.randn(x.shape, generator=generator, out=z)
+            ops.step(x, out, rows[i], noise, clip, self._prediction, clipped_eps, x, x0_out, backend=self.backend)
+
+        return step
+
+    def _philox_stepper(self, plan: StepPlan, x, generator, encoding):
+        """step(i, ...): the Triton step kernel drawing its own noise (fast_rng, CUDA only)."""
+        from .kernels import ddim_step as tk
+
+        dev = x.device
+        source = generator if generator is not None else torch.cuda.default_generators[dev.index or 0]
+        table = torch.tensor(plan.coefs, dtype=torch.float32, device=dev)
+        row = torch.zeros(1, dtype=torch.int32, device=dev)
+        seed = torch.randint(0, 2**62, (1,), generator=source, device=dev)
+        clip = None if encoding else self.options.clip
+        clipped_eps = self.options.use_clipped_model_output and not encoding
+        has_xt = bool((plan.coefs[:, 4] != 0).any())
+
+        def step(i, out, noisy, x0_out):
+            row.fill_(i)
+            tk.launch(x, out, table, row, x, prediction=self._prediction, clip=clip, clipped_eps=clipped_eps, seed=seed if noisy else None, has_xt=has_xt, x0_out=x0_out)
+
+        return step
 
     def __repr__(self) -> str:
         o = self.options

@@ -1,0 +1,217 @@
+"""The fused ops on every backend this machine has, against float64 references.
+
+Outputs are poisoned (NaN) before a kernel writes them, so an element left unwritten
+fails. Triton kernels run through its interpreter (TRITON_INTERPRET=1, conftest.py).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddim_fast import ops
+from ddim_fast._ext import has_native_kernel
+
+from .conftest import requires_cuda, requires_triton
+
+# (backend, device) pairs: the native CPU op, Triton under its interpreter, plain PyTorch
+BACKENDS = [
+    pytest.param("cpu", "cpu", marks=pytest.mark.skipif(not has_native_kernel("ddim_step", "cpu"), reason="the extension's CPU kernels are not built")),
+    pytest.param("triton", "cpu", marks=requires_triton),
+    pytest.param("torch", "cpu"),
+    pytest.param("cuda", "cuda", marks=requires_cuda),
+    pytest.param("triton", "cuda", marks=requires_cuda),
+]
+
+# (dtype, atol, rtol) for outputs of magnitude ~1-10, fp32 arithmetic inside
+DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 1e-2, 5e-3), (torch.bfloat16, 8e-2, 2e-2)]
+
+SHAPES = [
+    (3, 5, 7, 9),  # odd everything
+    (1, 3, 32, 32),  # a CIFAR image
+    (2, 1, 1, 1),  # one element per sample
+    (1037,),  # flat, not a multiple of any block size
+]
+
+
+def _poison(t):
+    return t.fill_(float("nan"))
+
+
+def _ref_x0_eps(x, m, a_t, prediction):
+    sa, s1m = math.sqrt(a_t), math.sqrt(1 - a_t)
+    if prediction == "eps":
+        return (x - s1m * m) / sa, m
+    if prediction == "x0":
+        return m, (x - sa * m) / s1m
+    return sa * x - s1m * m, sa * m + s1m * x
+
+
+def ref_ddim_step(x, m, a_t, a_s, sigma, noise, clip, prediction, clipped_eps, ddpm_mean):
+    """Eq. 12 of the DDIM paper (or the DDPM posterior mean) in float64, written plainly."""
+    x, m = x.double(), m.double()
+    x0, eps = _ref_x0_eps(x, m, a_t, prediction)
+    if clip is not None:
+        x0 = x0.clamp(*clip)
+        if clipped_eps:
+            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+    if ddpm_mean:
+        beta = 1 - a_t / a_s
+        out = (math.sqrt(a_s) * beta * x0 + math.sqrt(1 - beta) * (1 - a_s) * x) / (1 - a_t)
+    else:
+        out = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s - sigma**2) * eps
+    if sigma > 0:
+        out = out + sigma * noise.double()
+    return out, x0
+
+
+def _inputs(shape, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    m = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    z = torch.randn(shape, generator=g).to(device=device)  # fp32 noise, as the samplers draw it
+    return x, m, z
+
+
+def _close(got, ref, dtype, atol, rtol, torch_err=None):
+    err = (got.double() - ref).abs()
+    ok = err <= atol + rtol * ref.abs()
+    if torch_err is not None:  # low precision: within twice PyTorch's own error at that dtype
+        ok = ok | (err <= 2 * torch_err + 1e-12)
+    assert not torch.isnan(got).any(), "unwritten (poisoned) output elements"
+    assert ok.all(), f"max err {err.max().item():.3g} ({dtype})"
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("sigma_frac, clip, clipped_eps", [(0.0, None, False), (0.6, None, False), (0.0, 1.0, False), (0.6, (-0.5, 2.0), True)])
+def test_ddim_step(backend, device, dtype, atol, rtol, shape, prediction, sigma_frac, clip, clipped_eps):
+    a_t, a_s = 0.37, 0.81
+    sigma = sigma_frac * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
+    x, m, z = _inputs(shape, dtype, device)
+    out, x0_out = _poison(torch.empty_like(x)), _poison(torch.empty_like(x))
+    ret = ops.ddim_step(x, m, a_t, a_s, sigma, noise=z if sigma else None, clip=clip, out=out, prediction=prediction, use_clipped_model_output=clipped_eps, x0_out=x0_out, backend=backend)
+    assert ret is out
+    ref, ref_x0 = ref_ddim_step(x, m, a_t, a_s, sigma, z, (-clip, clip) if isinstance(clip, float) else clip, prediction, clipped_eps, False)
+    scale = max(1.0, ref.abs().max().item())
+    _close(out, ref, dtype, atol * scale, rtol)
+    _close(x0_out, ref_x0, dtype, atol * scale, rtol)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES[:2])
+def test_ddim_step_ddpm_mean_and_in_place(backend, device, dtype, atol, rtol):
+    a_t, a_s = 0.2, 0.5
+    sigma = math.sqrt(1 - a_t / a_s)
+    x, m, z = _inputs((2, 3, 5, 5), dtype, device, seed=3)
+    ref, _ = ref_ddim_step(x, m, a_t, a_s, sigma, z, (-1.0, 1.0), "eps", False, True)
+    xc = x.clone()
+    ret = ops.ddim_step(xc, m, a_t, a_s, sigma, noise=z, clip=True, out=xc, ddpm_mean=True, backend=backend)  # out aliases x
+    assert ret is xc
+    _close(xc, ref, dtype, atol * 4, rtol)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_ddim_step_layouts(backend, device):
+    """channels_last in and out, and mixed layouts (computed on dense copies)."""
+    a_t, a_s, sigma = 0.5, 0.9, 0.1
+    x, m, z = _inputs((2, 4, 5, 3), torch.float32, device, seed=4)
+    ref, _ = ref_ddim_step(x, m, a_t, a_s, sigma, z, None, "eps", False, False)
+    cl = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    out = _poison(cl(torch.empty_like(x)))
+    ops.ddim_step(cl(x), cl(m), a_t, a_s, sigma, noise=cl(z), out=out, backend=backend)
+    _close(out, ref, torch.float32, 1e-5, 1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    out = _poison(torch.empty(5, 3, 2, 4, device=device).permute(2, 3, 0, 1))  # a strided view
+    ops.ddim_step(cl(x), m[:, :, :, :].transpose(2, 3).contiguous().transpose(2, 3), a_t, a_s, sigma, noise=z, out=out, backend=backend)
+    _close(out, ref, torch.float32, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_predict_x0(backend, device, dtype, atol, rtol, prediction, clip):
+    a_t = 0.3
+    x, m, _ = _inputs((3, 5, 7, 9), dtype, device, seed=1)
+    out, eps_out = _poison(torch.empty_like(x)), _poison(torch.empty_like(x))
+    ops.predict_x0(x, m, a_t, clip=clip, out=out, prediction=prediction, eps_out=eps_out, backend=backend)
+    x0, eps = _ref_x0_eps(x.double(), m.double(), a_t, prediction)
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+        eps = (x.double() - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+    scale = max(1.0, x0.abs().max().item())
+    _close(out, x0, dtype, atol * scale, rtol)
+    _close(eps_out, eps, dtype, atol * max(1.0, eps.abs().max().item()), rtol)
+
+
+def _ref_gn_silu(x, G, w, b, eps, add_bias):
+    h = x.double()
+    if add_bias is not None:
+        h = h + add_bias.double()[:, :, None, None]
+    return F.silu(F.group_norm(h, G, None if w is None else w.double(), None if b is None else b.double(), eps))
+
+
+GN_SHAPES = [
+    (2, 96, 5, 7, 32),  # groups of 3 channels, odd spatial size
+    (1, 64, 16, 16, 32),  # groups of 2, a UNet shape
+    (3, 12, 1, 1, 4),  # one pixel
+    (1, 32, 33, 35, 1),  # one group of everything, more than one tile
+    (2, 6, 9, 9, 6),  # one channel per group
+]
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("N, C, H, W, G", GN_SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("affine, add", [(True, False), (True, True), (False, False)])
+def test_group_norm_silu(backend, device, dtype, atol, rtol, N, C, H, W, G, channels_last, affine, add):
+    g = torch.Generator().manual_seed(N * C + H)
+    x = (torch.randn(N, C, H, W, generator=g) * 3 + 5).to(device=device, dtype=dtype)  # a mean far from 0
+    w = torch.randn(C, generator=g).to(device=device, dtype=dtype) if affine else None
+    b = torch.randn(C, generator=g).to(device=device, dtype=dtype) if affine else None
+    ab = torch.randn(N, C, generator=g).to(device=device, dtype=dtype) if add else None
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = ops.group_norm_silu(x, G, w, b, 1e-6, add_bias=ab, backend=backend)
+    ref = _ref_gn_silu(x, G, w, b, 1e-6, ab)
+    torch_err = None
+    if dtype != torch.float32:  # PyTorch's own error at this precision
+        h = x + ab[:, :, None, None] if add else x
+        torch_err = (F.silu(F.group_norm(h.float(), G, None if w is None else w.float(), None if b is None else b.float(), 1e-6)).to(dtype).double() - ref).abs().max().item()
+    assert y.shape == x.shape and y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    _close(y, ref, dtype, atol * 10, rtol, torch_err)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_empty_inputs(backend, device):
+    x = torch.empty(0, 4, 3, 3, device=device)
+    assert ops.ddim_step(x, x.clone(), 0.5, 0.9, 0.0, backend=backend).shape == x.shape
+    assert ops.predict_x0(x, x.clone(), 0.5, backend=backend).shape == x.shape
+    assert ops.group_norm_silu(x, 2, backend=backend).shape == x.shape
+
+
+def test_default_backend_on_cpu():
+    x, m, _ = _inputs((2, 3, 4, 4), torch.float32, "cpu")
+    a = ops.ddim_step(x, m, 0.5, 0.9, 0.0)
+    b = ops.ddim_step(x, m, 0.5, 0.9, 0.0, backend="torch")
+    torch.testing.assert_close(a, b)
+    # float64 goes to PyTorch, in float64
+    a64 = ops.ddim_step(x.double(), m.double(), 0.5, 0.9, 0.0)
+    assert a64.dtype == torch.float64
+    ref, _ = ref_ddim_step(x, m, 0.5, 0.9, 0.0, None, None, "eps", False, False)
+    assert (a64 - ref).abs().max().item() < 1e-12
+
+
+def test_noise_is_drawn_when_not_given():
+    x, m, _ = _inputs((2, 3, 4, 4), torch.float32, "cpu")
+    g = torch.Generator().manual_seed(7)
+    a = ops.ddim_step(x, m, 0.5, 0.9, 0.2, generator=g)
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    b = ops.ddim_step(x, m, 0.5, 0.9, 0.2, noise=z)
+    torch.testing.assert_close(a, b)
