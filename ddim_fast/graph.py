@@ -50,7 +50,9 @@ def _kernels():
 class CapturedLoop:
     """Static buffers and the captured graphs of one (shape, dtype, device, task)."""
 
-    def __init__(self, sampler, model, plan: StepPlan, x: torch.Tensor, encoding: bool, mode: str, pool):
+    def __init__(self, sampler, model, plan: StepPlan, x: torch.Tensor, encoding: bool, mode: str, pool, capture: bool = True):
+        """capture=False runs the same steps on the same buffers without a graph (any
+        device; the CPU under TRITON_INTERPRET=1 in tests)."""
         k = _kernels()
         dev = x.device
         n = x.shape[0]
@@ -77,6 +79,9 @@ class CapturedLoop:
         self._model = model
         self._shape = tuple(x.shape)
 
+        self.graphs = {}
+        if not capture:
+            return
         # warm-up on a side stream: lazy initialisation, cuDNN/Triton autotuning, Triton compiles
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
@@ -87,7 +92,6 @@ class CapturedLoop:
                     self._one_step(noisy)
         torch.cuda.current_stream(dev).wait_stream(side)
 
-        self.graphs = {}
         if mode == "loop":
             g = torch.cuda.CUDAGraph()
             self._register(g)
@@ -141,12 +145,18 @@ class CapturedLoop:
         dev = self.x_buf.device
         self.x_buf.copy_(x)
         self._reset()
-        source = generator if generator is not None else torch.cuda.default_generators[dev.index or 0]
+        if generator is not None:
+            source = generator
+        else:
+            source = torch.cuda.default_generators[dev.index or 0] if dev.type == "cuda" else torch.default_generator
         if self.gen is not None:
             self.gen.set_state(source.get_state())
         if self.seed is not None:
             self.seed.copy_(torch.randint(0, 2**62, (1,), generator=source, device=dev))
-        if self.mode == "loop":
+        if not self.graphs:  # not captured: the same steps, launched one by one
+            for i in range(self.plan.steps):
+                self._one_step(self.noisy[i])
+        elif self.mode == "loop":
             self.graphs["loop"].replay()
         else:
             for i in range(self.plan.steps):

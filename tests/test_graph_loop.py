@@ -1,0 +1,154 @@
+"""The captured loop's logic, checked on the CPU.
+
+The step counter, the coefficient table, the advance kernel and the noise order run
+here without a graph (CapturedLoop(capture=False), Triton under its interpreter); the
+cache's keys and bound with a stand-in for the captured loop. The CUDA-graph runs
+themselves are in test_cuda.py (skipped without a GPU).
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from ddim_fast import FastSampler, ReferenceSampler, Schedule
+from ddim_fast import graph as G
+from ddim_fast.schedule import encoding_plan
+
+from .conftest import max_err, requires_triton, tiny_unet
+
+SCHEDULE = Schedule.linear()
+
+
+@requires_triton
+@pytest.mark.parametrize("eta, clip, prediction", [(0.0, False, "eps"), (0.5, True, "eps"), (1.0, False, "v"), ("ddpm_noisy", True, "x0")])
+@pytest.mark.parametrize("mode", ["step", "loop"])
+def test_device_loop_logic_equals_reference(eta, clip, prediction, mode):
+    model = tiny_unet()
+    sampler = FastSampler(model, SCHEDULE, steps=4, eta=eta, clip_x0=clip, prediction=prediction, channels_last=False)
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    loop = G.CapturedLoop(sampler, sampler._prepared_model(x_T.device), sampler._plan, x_T, False, mode, None, capture=False)
+    g = torch.Generator().manual_seed(1)
+    got = loop.run(x_T, g)
+    ref = ReferenceSampler(model, SCHEDULE, steps=4, eta=eta, clip_x0=clip, prediction=prediction).sample(x_T, generator=torch.Generator().manual_seed(1))
+    scale = 1 + ref.abs().max().item()
+    assert max_err(got, ref) <= (1e-3 if clip else 1e-5) * scale
+    # the caller's generator advanced exactly as the reference's did
+    assert torch.equal(torch.randn(3, generator=g), torch.randn(3, generator=_advanced(eta, x_T.shape, 4)))
+    # run again: buffers and the counter are reset
+    torch.testing.assert_close(loop.run(x_T, torch.Generator().manual_seed(1)), got, rtol=0, atol=0)
+
+
+def _advanced(eta, shape, steps):
+    """A generator seeded 1 that has drawn what the sampling loop draws."""
+    g = torch.Generator().manual_seed(1)
+    plan_noisy = steps - 1 if (eta == "ddpm_noisy" or eta > 0) else 0  # the last step draws nothing
+    for _ in range(plan_noisy):
+        torch.randn(shape, generator=g)
+    return g
+
+
+@requires_triton
+def test_device_loop_encodes_like_the_reference():
+    model = tiny_unet()
+    sampler = FastSampler(model, SCHEDULE, steps=5, channels_last=False)
+    x0 = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    plan = encoding_plan(SCHEDULE, list(sampler.options.grid))
+    loop = G.CapturedLoop(sampler, sampler._prepared_model(x0.device), plan, x0, True, "step", None, capture=False)
+    got = loop.run(x0, None)
+    ref = ReferenceSampler(model, SCHEDULE, steps=5).encode(x0)
+    assert max_err(got, ref) <= 1e-4 * (1 + ref.abs().max().item())
+
+
+@requires_triton
+def test_in_kernel_philox_noise_has_unit_moments():
+    from ddim_fast.kernels import ddim_step as k
+
+    n = 1 << 16
+    x = torch.zeros(n)
+    m = torch.zeros(n)
+    out = torch.empty(n).fill_(float("nan"))
+    table = torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]])  # out = sigma * z
+    seed = torch.tensor([1234], dtype=torch.int64)
+    k.launch(x, m, table, torch.tensor([0], dtype=torch.int32), out, prediction=0, seed=seed, has_xt=False)
+    z0 = out.clone()
+    k.launch(x, m, table, torch.tensor([1], dtype=torch.int32), out, prediction=0, seed=seed, has_xt=False)
+    z1 = out.clone()
+    for z in (z0, z1):
+        assert abs(z.mean().item()) < 5 / math.sqrt(n)
+        assert abs(z.std().item() - 1) < 0.02
+        assert abs(((z**4).mean() - 3).item()) < 0.1  # Gaussian kurtosis
+    assert abs(torch.corrcoef(torch.stack([z0, z1]))[0, 1].item()) < 0.02  # each step its own stream
+
+
+@requires_triton
+def test_advance_kernel_moves_counter_and_timesteps():
+    from ddim_fast.kernels import ddim_step as k
+
+    t_table = torch.tensor([[9, 9, 9], [5, 5, 5], [1, 1, 1]])
+    t_buf = t_table[0].clone()
+    step = torch.zeros(1, dtype=torch.int32)
+    k.advance(step, t_table, t_buf)
+    assert step.item() == 1 and t_buf.tolist() == [5, 5, 5]
+    k.advance(step, t_table, t_buf)
+    assert step.item() == 2 and t_buf.tolist() == [1, 1, 1]
+
+
+class _FakeLoop:
+    made = 0
+
+    def __init__(self, sampler, model, plan, x, encoding, mode, pool, capture=True):
+        type(self).made += 1
+        self.x = x
+
+    def run(self, x, generator):
+        return x + 1
+
+
+def test_graph_cache_keys_and_bound(monkeypatch):
+    monkeypatch.setattr(G, "CapturedLoop", _FakeLoop)
+    monkeypatch.setattr(G.torch.cuda, "graph_pool_handle", lambda: "pool")
+    _FakeLoop.made = 0
+    sampler = FastSampler(tiny_unet(), SCHEDULE, steps=2)
+    cache = G.GraphCache(2)
+    x1, x2, x3 = torch.zeros(1, 1, 8, 8), torch.zeros(2, 1, 8, 8), torch.zeros(3, 1, 8, 8)
+    cache.run(sampler, sampler._plan, x1, None, False)
+    cache.run(sampler, sampler._plan, x1, None, False)
+    assert _FakeLoop.made == 1  # same key: reused
+    cache.run(sampler, sampler._plan, x1, None, True)  # encoding is another key
+    cache.run(sampler, sampler._plan, x2, None, False)  # batch change: recapture, evicts the LRU
+    assert _FakeLoop.made == 3 and len(cache) == 2
+    cache.run(sampler, sampler._plan, x1, None, False)  # was evicted
+    assert _FakeLoop.made == 4
+    cache.run(sampler, sampler._plan, x3.to(torch.bfloat16), None, False)
+    assert len(cache) == 2
+    x4 = torch.zeros(2, 3, 8, 8)
+    assert cache.key(x4, False) != cache.key(x4.contiguous(memory_format=torch.channels_last), False)
+    assert cache.key(x4, False) != cache.key(x4.half(), False)
+
+
+def test_graph_cache_falls_back_once_with_the_reason(monkeypatch):
+    class Broken(_FakeLoop):
+        def __init__(self, *a, **k):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(G, "CapturedLoop", Broken)
+    monkeypatch.setattr(G.torch.cuda, "graph_pool_handle", lambda: "pool")
+    monkeypatch.setattr(G.torch.cuda, "synchronize", lambda *a: None)
+    sampler = FastSampler(tiny_unet(), SCHEDULE, steps=2)
+    cache = G.GraphCache(2)
+    with pytest.warns(RuntimeWarning, match="could not be captured in a CUDA graph \\(RuntimeError: operation not permitted"):
+        assert cache.run(sampler, sampler._plan, torch.zeros(1, 1, 8, 8), None, False) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.run(sampler, sampler._plan, torch.zeros(1, 1, 8, 8), None, False) is None  # no second warning
+
+
+def test_graph_options_are_validated():
+    with pytest.raises(ValueError, match="graph_mode must be one of"):
+        FastSampler(tiny_unet(), SCHEDULE, graph_mode="whole")
+    with pytest.raises(ValueError, match="graph_cache_size must be an int >= 1"):
+        FastSampler(tiny_unet(), SCHEDULE, graph_cache_size=0)
+    with pytest.raises(ValueError, match="fast_rng draws the noise inside the CUDA step kernel"):
+        FastSampler(tiny_unet(), SCHEDULE, steps=2, eta=1.0, fast_rng=True).sample(batch_size=1)
