@@ -1,14 +1,17 @@
-"""Shared fixtures. Triton kernels run on the CPU through its interpreter in this suite."""
+"""Shared fixtures. Without a GPU, Triton kernels run on the CPU through its interpreter."""
 
 import os
 
-# must be set before triton is first imported (kernels are decorated at import time)
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest
 import torch
 
-from ddim_fast import UNet
+# must be set before triton is first imported (kernels are decorated at import time); on a
+# GPU machine the kernels compile for the GPU instead
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from ddim_fast import UNet  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -22,6 +25,9 @@ def _has_triton():
 
 
 requires_triton = pytest.mark.skipif(not _has_triton(), reason="needs triton (pip install triton)")
+requires_triton_interpreter = pytest.mark.skipif(
+    not _has_triton() or os.environ.get("TRITON_INTERPRET") != "1", reason="needs triton's CPU interpreter (TRITON_INTERPRET=1, set when there is no GPU)"
+)
 
 
 def tiny_unet(seed: int = 0, in_channels: int = 1, resolution: int = 8, **kw) -> UNet:

@@ -16,12 +16,12 @@ from ddim_fast import FastSampler, ReferenceSampler, Schedule
 from ddim_fast import graph as G
 from ddim_fast.schedule import encoding_plan
 
-from .conftest import max_err, requires_triton, tiny_unet
+from .conftest import max_err, requires_triton_interpreter, tiny_unet
 
 SCHEDULE = Schedule.linear()
 
 
-@requires_triton
+@requires_triton_interpreter
 @pytest.mark.parametrize("eta, clip, prediction", [(0.0, False, "eps"), (0.5, True, "eps"), (1.0, False, "v"), ("ddpm_noisy", True, "x0")])
 @pytest.mark.parametrize("mode", ["step", "loop"])
 def test_device_loop_logic_equals_reference(eta, clip, prediction, mode):
@@ -49,7 +49,7 @@ def _advanced(eta, shape, steps):
     return g
 
 
-@requires_triton
+@requires_triton_interpreter
 def test_device_loop_encodes_like_the_reference():
     model = tiny_unet()
     sampler = FastSampler(model, SCHEDULE, steps=5, channels_last=False)
@@ -61,7 +61,7 @@ def test_device_loop_encodes_like_the_reference():
     assert max_err(got, ref) <= 1e-4 * (1 + ref.abs().max().item())
 
 
-@requires_triton
+@requires_triton_interpreter
 def test_in_kernel_philox_noise_has_unit_moments():
     from ddim_fast.kernels import ddim_step as k
 
@@ -82,7 +82,7 @@ def test_in_kernel_philox_noise_has_unit_moments():
     assert abs(torch.corrcoef(torch.stack([z0, z1]))[0, 1].item()) < 0.02  # each step its own stream
 
 
-@requires_triton
+@requires_triton_interpreter
 def test_advance_kernel_moves_counter_and_timesteps():
     from ddim_fast.kernels import ddim_step as k
 

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from ddim_fast import ops
 from ddim_fast._ext import has_native_kernel
 
-from .conftest import requires_cuda, requires_triton
+from .conftest import requires_cuda, requires_triton_interpreter
 
 # (backend, device) pairs: the native CPU op, Triton under its interpreter, plain PyTorch
 BACKENDS = [
     pytest.param("cpu", "cpu", marks=pytest.mark.skipif(not has_native_kernel("ddim_step", "cpu"), reason="the extension's CPU kernels are not built")),
-    pytest.param("triton", "cpu", marks=requires_triton),
+    pytest.param("triton", "cpu", marks=requires_triton_interpreter),
     pytest.param("torch", "cpu"),
     pytest.param("cuda", "cuda", marks=requires_cuda),
     pytest.param("triton", "cuda", marks=requires_cuda),

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# On a bare GPU machine holding this repo: build offline, run the GPU tests, the kernel
+# and sampling benchmarks and the step profile, and write everything under OUTDIR.
+#
+#   bash benchmarks/gpu_run.sh OUTDIR [stages]
+#
+# stages (default "build tests kernels profile sampling compile"), each with its own time
+# limit so that the whole run stays under 10 minutes:
+#   build     pip install --no-build-isolation --no-deps -e .  (CUDA arch 90 only; 180 s)
+#   tests     tests/test_cuda.py and the CUDA cases of tests/test_ops.py        (150 s)
+#   kernels   benchmarks/test_kernels.py -> OUTDIR/kernels.json                 (60 s)
+#   profile   benchmarks/profile_step.py -> OUTDIR/profile.json                 (45 s)
+#   sampling  reference / fast / fast-bf16, CIFAR-10 UNet, batch 1 and 64 -> OUTDIR/sampling.json (240 s)
+#   compile   the torch.compile(max-autotune) baseline -> OUTDIR/compile.json  (whatever is left, 300 s at most)
+# Then benchmarks/report.py writes OUTDIR/report.md (and report.png with matplotlib).
+# A stage that fails or times out is recorded in OUTDIR/status.txt and the next runs.
+set -uo pipefail
+
+out=${1:?usage: gpu_run.sh OUTDIR [stages]}
+stages=${2:-"build tests kernels profile sampling compile"}
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+start=$(date +%s)
+status="$out/status.txt"
+: > "$status"
+
+stage() {  # stage NAME SECONDS CMD...
+  local name=$1 secs=$2; shift 2
+  local t0=$(date +%s)
+  echo "=== $name (limit ${secs}s)"
+  timeout --signal=INT --kill-after=10 "$secs" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc seconds=$(( $(date +%s) - t0 ))" | tee -a "$status"
+  tail -n 25 "$out/$name.log"
+}
+
+has() { [[ " $stages " == *" $1 "* ]]; }
+
+{
+  echo "host: $(hostname)"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+  "$py" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  "$py" -c "import triton; print('triton', triton.__version__)" 2>/dev/null
+  git rev-parse HEAD 2>/dev/null
+} > "$out/machine.txt" 2>&1
+cat "$out/machine.txt"
+
+has build && stage build 180 env DDIM_FAST_CUDA_ARCHS=90 MAX_JOBS=16 "$py" -m pip install --no-build-isolation --no-deps --no-index -e .
+"$py" -c "import ddim_fast, json; print(json.dumps(ddim_fast.backends(), indent=1))" | tee "$out/backends.json"
+
+has tests && stage tests 150 "$py" -m pytest tests/test_cuda.py tests/test_ops.py -k "cuda" -q -x -p no:cacheprovider --junitxml="$out/tests.xml"
+has kernels && stage kernels 60 "$py" -m pytest benchmarks/test_kernels.py --benchmark-only -q -p no:cacheprovider --benchmark-json="$out/kernels.json"
+has profile && stage profile 45 "$py" benchmarks/profile_step.py --json "$out/profile.json"
+has sampling && stage sampling 240 "$py" -m pytest benchmarks/test_sampling.py --benchmark-only -q -p no:cacheprovider -k "not compile" --benchmark-json="$out/sampling.json"
+if has compile; then
+  left=$(( 570 - ($(date +%s) - start) ))
+  (( left > 300 )) && left=300
+  if (( left > 30 )); then
+    stage compile "$left" "$py" -m pytest benchmarks/test_sampling.py --benchmark-only -q -p no:cacheprovider -k "compile or reference" --ddim-batch 1 --benchmark-json="$out/compile.json"
+  else
+    echo "compile skipped: ${left}s left" | tee -a "$status"
+  fi
+fi
+
+jsons=$(ls "$out"/sampling.json "$out"/compile.json 2>/dev/null)
+if [ -n "$jsons" ]; then
+  # shellcheck disable=SC2086
+  "$py" benchmarks/report.py $jsons --md "$out/report.md" --png "$out/report.png" && cat "$out/report.md"
+fi
+echo "total $(( $(date +%s) - start ))s"
+cat "$status"

@@ -1,0 +1,110 @@
+"""Profile one sampling step on a CUDA GPU: kernels per step before and after fusion, and
+the time a replayed step spends outside the UNet.
+
+    python benchmarks/profile_step.py [--model cifar10] [--batch 1] [--json out.json]
+
+- kernels per step: CUDA kernels launched by one eager step of the reference loop (plain
+  UNet, the official arithmetic) and of FastSampler's eager loop (fused UNet, fused step);
+- overhead per replayed step: the median time of one replayed step graph (UNet + noise +
+  fused step + advance) minus that of a graph holding the UNet forward alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from ddim_fast import FastSampler, ReferenceSampler, Schedule, UNet
+from ddim_fast.fuse import fused_copy
+
+
+def _kernels_in(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def _graph_time_us(fn, reps: int = 200) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(10):
+        g.replay()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / reps)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="cifar10")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_step.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dev = "cuda"
+    schedule = Schedule.linear()
+    model = UNet.from_config(args.model).eval().to(dev)
+    shape = (args.batch, model.in_channels, model.resolution, model.resolution)
+    x = torch.randn(shape, device=dev)
+    t = torch.full((args.batch,), 500, device=dev, dtype=torch.long)
+    res = {"device": torch.cuda.get_device_name(0), "model": args.model, "batch": args.batch, "torch": torch.__version__}
+
+    with torch.inference_mode():
+        ref = ReferenceSampler(model, schedule, steps=1, eta=0.5)
+        fast = FastSampler(model, schedule, steps=1, eta=0.5, cuda_graph=False)
+        ref.sample(x)
+        fast.sample(x)
+        res["kernels_per_step_reference"] = _kernels_in(lambda: ref.sample(x))
+        res["kernels_per_step_fast_eager"] = _kernels_in(lambda: fast.sample(x))
+        fused, sites = fused_copy(model)
+        res["fused_sites"] = sites
+        res["kernels_unet_plain"] = _kernels_in(lambda: model(x, t))
+        res["kernels_unet_fused"] = _kernels_in(lambda: fused(x, t))
+
+        # a replayed step against a graph of the UNet alone
+        from ddim_fast.graph import CapturedLoop
+
+        sampler = FastSampler(model, schedule, steps=2, eta=0.5)
+        loop = CapturedLoop(sampler, sampler._prepared_model(x.device), sampler._plan, x, False, "step", torch.cuda.graph_pool_handle(), capture=False)
+        fmodel = sampler._prepared_model(x.device)
+        res["us_unet_graph"] = _graph_time_us(lambda: fmodel(loop.x_buf, loop.t_buf))
+
+        def one_step():
+            loop.step.zero_()
+            loop._one_step(True)
+
+        res["us_step_graph"] = _graph_time_us(one_step)
+        res["us_overhead_per_step"] = res["us_step_graph"] - res["us_unet_graph"]
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

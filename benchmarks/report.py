@@ -1,0 +1,120 @@
+"""Turn pytest-benchmark JSON files into a markdown table and a log-log plot.
+
+    python benchmarks/report.py results/*.json [--md table.md] [--png plot.png]
+
+The table has, for each (model, batch): the median milliseconds of one sampling run per
+implementation and S, and the speed-ups of fast over the reference (and over torch.compile
+when measured), with the machine each file came from. The plot needs matplotlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+IMPL_ORDER = ["reference", "compile-fp32", "fast-fp32", "fast-bf16"]
+
+
+def load(paths):
+    """[(machine label, [benchmark dicts])]: files from the same machine and commit are
+    merged (a later file's number for the same implementation and S wins)."""
+    merged = {}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        merged.setdefault(machine_label(data.get("machine_info", {})), []).extend(data.get("benchmarks", []))
+    return list(merged.items())
+
+
+def machine_label(mi: dict) -> str:
+    dev = mi.get("gpu") or f"CPU: {mi.get('cpu_model', mi.get('processor', '?'))} ({mi.get('cpu_count', '?')} cores)"
+    commit = str(mi.get("commit", "?"))[:12]
+    return f"{dev}; torch {mi.get('torch', '?')}, triton {mi.get('triton', '-')}; commit {commit}"
+
+
+def sampling_rows(benchmarks):
+    """{(model, batch): {steps: {impl: median ms}}} for the test_sample benchmarks."""
+    table = defaultdict(lambda: defaultdict(dict))
+    for b in benchmarks:
+        info = b.get("extra_info", {})
+        if "steps" not in info or "impl" not in info:
+            continue
+        impl = info["impl"] if info["impl"] == "reference" else f"{info['impl']}-{info['dtype']}"
+        table[(info["model"], info["batch"])][info["steps"]][impl] = b["stats"]["median"] * 1e3
+    return table
+
+
+def markdown(files) -> str:
+    lines = []
+    for label, benchmarks in files:
+        for (model, batch), by_steps in sorted(sampling_rows(benchmarks).items()):
+            impls = [i for i in IMPL_ORDER if any(i in row for row in by_steps.values())]
+            impls += sorted({i for row in by_steps.values() for i in row} - set(impls))
+            lines.append(f"**{model} UNet, batch {batch}** — {label}\n")
+            head = ["S"] + [f"{i} (ms)" for i in impls] + ["fast / reference"]
+            if "compile-fp32" in impls:
+                head.append("fast / compile")
+            lines.append("| " + " | ".join(head) + " |")
+            lines.append("|" + "---|" * len(head))
+            for steps in sorted(by_steps):
+                row = by_steps[steps]
+                cells = [str(steps)] + [f"{row[i]:.1f}" if i in row else "-" for i in impls]
+                fast = row.get("fast-fp32")
+                cells.append(f"{row['reference'] / fast:.2f}x" if fast and "reference" in row else "-")
+                if "compile-fp32" in impls:
+                    cells.append(f"{row['compile-fp32'] / fast:.2f}x" if fast and "compile-fp32" in row else "-")
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot(files, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [(label, key, by) for label, bm in files for key, by in sorted(sampling_rows(bm).items())]
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
+    for ax, (label, (model, batch), by_steps) in zip(axes[0], groups):
+        impls = sorted({i for row in by_steps.values() for i in row}, key=lambda i: IMPL_ORDER.index(i) if i in IMPL_ORDER else 99)
+        for impl in impls:
+            pts = sorted((s, row[impl]) for s, row in by_steps.items() if impl in row)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("steps S")
+        ax.set_ylabel("ms per sampling run (median)")
+        ax.set_title(f"{model}, batch {batch}\n{label.split(';')[0]}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("files", nargs="+", help="pytest-benchmark JSON files (--benchmark-json)")
+    p.add_argument("--md", help="write the markdown table here (default: print it)")
+    p.add_argument("--png", help="write the plot here (needs matplotlib)")
+    args = p.parse_args(argv)
+    files = load(args.files)
+    text = markdown(files)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    if args.png:
+        try:
+            plot(files, args.png)
+        except ImportError:
+            print("report.py: matplotlib is not installed; no plot (pip install matplotlib)", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Each fused op against the eager PyTorch chain it replaces, at the shapes samplers use.
+
+    pytest benchmarks/test_kernels.py --benchmark-only
+
+extra_info["gbps"] is the bytes the op must move (read + write) over its median time;
+the `copy` benchmark of each group gives the machine's copy bandwidth to compare with.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddim_fast import ops
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+# (B, C, H, W): a CIFAR-10 batch and a large image batch
+STEP_SHAPES = [(64, 3, 32, 32), (4, 3, 256, 256)]
+# GroupNorm sites of the CIFAR-10 UNet: (C, H) per level, at the benchmark batch sizes
+GN_SHAPES = [(16, 128, 32), (16, 256, 16), (1, 256, 16), (64, 256, 8)] if not CUDA else [(64, 128, 32), (64, 256, 16), (1, 128, 32), (1, 256, 16)]
+GN_DTYPES = [torch.float32] if not CUDA else [torch.float16, torch.float32]
+
+A_T, A_S, SIGMA = 0.4, 0.7, 0.3
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _timed(benchmark, fn, nbytes, group, name):
+    benchmark.group = group
+    benchmark.extra_info.update(device=DEVICE, impl=name, bytes=nbytes)
+
+    def run():
+        fn()
+        _sync()
+
+    benchmark(run)
+    if benchmark.stats is not None:
+        benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
+
+
+def _eager_step(x, e, z):
+    """The official generalized_steps arithmetic: x0, then the update, as separate ops."""
+    at, an = torch.tensor(A_T), torch.tensor(A_S)
+    x0 = (x - e * (1 - at).sqrt()) / at.sqrt()
+    c1 = SIGMA
+    c2 = ((1 - an) - c1**2).sqrt()
+    return an.sqrt() * x0 + c1 * z + c2 * e
+
+
+@pytest.mark.parametrize("shape", STEP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", ["eager", "fused", "copy"])
+def test_ddim_step(benchmark, shape, impl):
+    g = torch.Generator().manual_seed(0)
+    x, e, z = (torch.randn(shape, generator=g).to(DEVICE) for _ in range(3))
+    out = torch.empty_like(x)
+    n = x.numel() * 4
+    if impl == "eager":
+        fn = lambda: _eager_step(x, e, z)  # noqa: E731
+    elif impl == "fused":
+        fn = lambda: ops.ddim_step(x, e, A_T, A_S, SIGMA, noise=z, out=out)  # noqa: E731
+    else:
+        fn = lambda: out.copy_(x)  # noqa: E731
+    _timed(benchmark, fn, 2 * n if impl == "copy" else 4 * n, f"ddim_step-{'x'.join(map(str, shape))}", impl)
+
+
+@pytest.mark.parametrize("shape", GN_SHAPES, ids=lambda s: f"b{s[0]}-c{s[1]}-{s[2]}x{s[2]}")
+@pytest.mark.parametrize("dtype", GN_DTYPES, ids=str)
+@pytest.mark.parametrize("impl", ["aten", "fused", "copy"])
+def test_group_norm_silu(benchmark, shape, dtype, impl):
+    b, c, h = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b, c, h, h, generator=g).to(DEVICE, dtype)
+    w, bias = torch.randn(c, generator=g).to(DEVICE, dtype), torch.randn(c, generator=g).to(DEVICE, dtype)
+    y = torch.empty_like(x)
+    n = x.numel() * x.element_size()
+    if impl == "aten":
+        fn = lambda: F.silu(F.group_norm(x, 32, w, bias, 1e-6))  # noqa: E731
+    elif impl == "fused":
+        fn = lambda: ops.group_norm_silu(x, 32, w, bias, 1e-6)  # noqa: E731
+    else:
+        fn = lambda: y.copy_(x)  # noqa: E731
+    _timed(benchmark, fn, 2 * n, f"group_norm_silu-b{b}-c{c}-{h}x{h}-{str(dtype).split('.')[-1]}", impl)
+

@@ -1,0 +1,88 @@
+"""Wall-clock time of sampling: the reference loop against FastSampler, for each S.
+
+    pytest benchmarks/test_sampling.py --benchmark-only
+
+Implementations (the benchmark name holds one of them):
+  reference  ReferenceSampler, fp32: the plain eager loop of the official DDIM code
+  fast       FastSampler with its defaults (fp32; a CUDA graph on GPU)
+  fast-bf16  FastSampler(dtype="bf16") (GPU)
+  compile    ReferenceSampler over torch.compile(model, mode=--ddim-compile-mode), fp32 (GPU)
+
+Groups pair the implementations for one (model, S, batch), so the table shows them side
+by side. Every timed call ends with a device synchronisation. S = 1000 runs two rounds.
+"""
+
+import functools
+
+import pytest
+import torch
+
+from ddim_fast import FastSampler, ReferenceSampler, Schedule
+
+from ._models import get_model, sample_shape
+
+SCHEDULE = Schedule.linear()
+
+
+def _impls(device):
+    if device == "cuda":
+        return [("reference", "fp32"), ("fast", "fp32"), ("fast", "bf16"), ("compile", "fp32")]
+    return [("reference", "fp32"), ("fast", "fp32")]
+
+
+def pytest_generate_tests(metafunc):
+    if "impl" not in metafunc.fixturenames:
+        return
+    opt = metafunc.config.getoption
+    cuda = torch.cuda.is_available()
+    steps = [int(v) for v in opt("--ddim-steps").split(",")]
+    batches = [int(v) for v in (opt("--ddim-batch") or ("1,64" if cuda else "1,16")).split(",")]
+    model = opt("--ddim-model") or ("cifar10" if cuda else "digits")
+    impls = _impls("cuda" if cuda else "cpu")
+    metafunc.parametrize("model", [model])
+    metafunc.parametrize("batch", batches, ids=lambda b: f"b{b}")
+    metafunc.parametrize("steps", steps, ids=lambda s: f"S{s}")
+    metafunc.parametrize("impl, dtype", impls, ids=[f"{i}-{d}" if i != "reference" else i for i, d in impls])
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(name, device, mode):
+    return torch.compile(get_model(name, device), mode=mode)
+
+
+def _sampler(impl, dtype, model, steps, bench_config):
+    if impl == "reference":
+        return ReferenceSampler(model, SCHEDULE, steps=steps)
+    if impl == "compile":
+        return ReferenceSampler(_compiled(bench_config["model"], bench_config["device"], bench_config["compile_mode"]), SCHEDULE, steps=steps)
+    return FastSampler(model, SCHEDULE, steps=steps, dtype=dtype)
+
+
+def test_sample(benchmark, bench_config, impl, dtype, model, batch, steps):
+    device = bench_config["device"]
+    net = get_model(model, device)
+    sampler = _sampler(impl, dtype, net, steps, bench_config)
+    g = torch.Generator(device=device).manual_seed(0)
+    x_T = torch.randn((batch, *sample_shape(net)), generator=g, device=device)
+    benchmark.group = f"sample-{model}-S{steps}-b{batch}"
+    benchmark.extra_info.update(impl=impl, dtype=dtype, steps=steps, batch=batch, model=model, device=device)
+
+    def run():
+        out = sampler.sample(x_T)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    if not benchmark.disabled:
+        # warm-up outside the clock: the graph capture (fast on GPU) or a short run
+        # (oneDNN primitives, torch.compile) of the same model
+        if impl == "fast" and device == "cuda":
+            run()
+        else:
+            warm = _sampler(impl, dtype, net, 2, bench_config)
+            warm.sample(x_T)
+    if steps >= 1000:
+        out = benchmark.pedantic(run, rounds=2, iterations=1)
+    else:
+        out = benchmark(run)
+    assert out.shape == x_T.shape and torch.isfinite(out).all()
