@@ -53,7 +53,7 @@ def make_options(schedule, steps, eta, skip, clip_x0, prediction, check_finite, 
     check_bool("use_clipped_model_output", use_clipped_model_output)
     grid = schedule.timesteps(steps, skip, steps_offset=steps_offset)
     if not isinstance(skip, str) and len(grid) != steps:
-        raise ValueError(f"skip as an explicit grid must hold `steps` = {steps} timesteps, got {len(grid)}")
+        raise ValueError(f"skip as an explicit grid holds {len(grid)} timesteps but steps={steps}; pass steps={len(grid)}")
     skip_key = skip if isinstance(skip, str) else tuple(grid)
     return SamplerOptions(steps, eta, skip_key, clip, prediction, check_finite, int(steps_offset), use_clipped_model_output, tuple(grid))
 

@@ -51,6 +51,7 @@ class ReferenceSampler:
             raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
         S.warn_if_training(model, "ReferenceSampler")
         self.model = model
+        self._model_dtype = S.model_dtype(model)
         self.schedule = schedule
         self.options = S.make_options(schedule, steps, eta, skip, clip_x0, prediction, check_finite, steps_offset, use_clipped_model_output)
         # validates alpha_t > 0 on the grid now, not an hour into a run
@@ -70,6 +71,10 @@ class ReferenceSampler:
             table = self.schedule.alphas_cumprod
         head = torch.tensor([self.schedule.final_alpha_cumprod], dtype=table.dtype)
         return torch.cat([head, table]).to(device=x.device, dtype=x.dtype)
+
+    def _model_input(self, x):
+        # an fp16/bf16 model gets its own dtype; the loop's arithmetic stays in x's
+        return x if self._model_dtype is None or x.dtype == self._model_dtype else x.to(self._model_dtype)
 
     def _x0_eps(self, x, out, at):
         p = self.options.prediction
@@ -99,7 +104,7 @@ class ReferenceSampler:
             t_next = torch.full((n,), s_i, dtype=torch.long, device=x.device)
             at = ac.index_select(0, t + 1).view(-1, *([1] * (x.dim() - 1)))
             at_next = ac.index_select(0, t_next + 1).view(-1, *([1] * (x.dim() - 1)))
-            et = S.call_model(self.model, x, t)
+            et = S.call_model(self.model, self._model_input(x), t)
             if i == 0:
                 S.check_model_output(et, x, i, t_i)
             x0_t, et = self._x0_eps(x, et.to(x.dtype), at)
@@ -147,7 +152,7 @@ class ReferenceSampler:
                 t = torch.full((n,), t_i, dtype=torch.long, device=x.device)
                 a_t = ac[t_i + 1]
                 a_s = ac[s_i + 1]
-                out = S.call_model(self.model, x, t)
+                out = S.call_model(self.model, self._model_input(x), t)
                 if i == 0:
                     S.check_model_output(out, x, i, t_i)
                 _, et = self._x0_eps(x, out.to(x.dtype), a_t)  # eps at the model's timestep
