@@ -183,6 +183,18 @@ class Schedule:
         return cls(betas, final_alpha_cumprod=final_alpha_cumprod)
 
     @classmethod
+    def from_diffusers_config(cls, config) -> tuple:
+        """(Schedule, sampler options) from a diffusers DDIMScheduler config; see
+        ddim_fast.diffusers_compat.schedule_from_diffusers_config. diffusers itself is not needed.
+
+            schedule, options = Schedule.from_diffusers_config(scheduler.config)
+            sampler = FastSampler(unet, schedule, steps=50, **options)
+        """
+        from .diffusers_compat import schedule_from_diffusers_config
+
+        return schedule_from_diffusers_config(config)
+
+    @classmethod
     def from_name(cls, name: str, num_train_timesteps: int = 1000, **kwargs) -> "Schedule":
         """By the official config's `beta_schedule` name (or diffusers' `squaredcos_cap_v2`)."""
         name = {"squaredcos_cap_v2": "cosine"}.get(name, name)

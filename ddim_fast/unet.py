@@ -281,17 +281,22 @@ class UNet(nn.Module):
         return cls(**_config_kwargs(config))
 
     @classmethod
-    def from_checkpoint(cls, path, config="cifar10", *, map_location="cpu", prefer_ema: bool = True) -> "UNet":
+    def from_checkpoint(cls, path, config=None, *, map_location="cpu", prefer_ema: bool = True) -> "UNet":
         """A UNet with weights from `path`, loaded with strict key checking.
 
-        `path` holds a bare state dict, or the official training checkpoint list
-        [state ('module.' keys), optimizer, epoch, step, ema] whose EMA weights are taken
-        when present (prefer_ema). config: a preset name or the official model config.
+        `path` holds a bare state dict (the converted DDPM checkpoints `model-*.ckpt` that the
+        official DDIM code uses), or the official training checkpoint list [state
+        ('module.' keys), optimizer, epoch, step, ema] whose EMA weights are taken when
+        present (prefer_ema). config: a preset name, the official model config, or None to
+        read the structure off the weights and take the matching preset's resolution.
         """
-        from .checkpoint import load_state_dict
+        from .checkpoint import describe_mismatch, infer_config, load_state_dict
 
-        model = cls.from_config(config)
         state = load_state_dict(path, map_location=map_location, prefer_ema=prefer_ema)
+        model = cls.from_config(infer_config(state) if config is None else config)
+        problems = describe_mismatch(model, state)
+        if problems:
+            raise ValueError(f"{path}: the checkpoint does not fit UNet({_short(model.config)}): {problems}")
         model.load_state_dict(state, strict=True)
         return model
 
@@ -301,6 +306,11 @@ class UNet(nn.Module):
         from .pretrained import load_pretrained
 
         return load_pretrained(name)
+
+
+def _short(cfg: dict) -> str:
+    keys = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "in_channels", "out_ch", "resolution")
+    return ", ".join(f"{k}={cfg[k]}" for k in keys)
 
 
 def _config_kwargs(config) -> dict:

@@ -107,5 +107,21 @@ def test_from_checkpoint_errors(tmp_path):
         UNet.from_checkpoint(tmp_path / "nope.ckpt")
     bad = tmp_path / "bad.ckpt"
     torch.save({"conv_in.weight": torch.zeros(1)}, bad)
-    with pytest.raises(RuntimeError, match="Missing key"):
+    with pytest.raises(ValueError, match=r"does not fit UNet\(ch=128.*327 missing keys: temb.dense.0.weight"):
         UNet.from_checkpoint(bad, config="cifar10")
+    small = tmp_path / "small.ckpt"
+    torch.save(tiny_unet().state_dict(), small)
+    with pytest.raises(ValueError, match="matches none of the presets"):
+        UNet.from_checkpoint(small)
+    with pytest.raises(ValueError, match=r"shape mismatches: conv_in.weight: checkpoint \(32, 1, 3, 3\) vs model \(32, 3, 3, 3\)"):
+        UNet.from_checkpoint(small, config=dict(ch=32, out_ch=1, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, in_channels=3, resolution=8))
+
+
+@pytest.mark.parametrize("preset", ["cifar10", "celeba"])
+def test_config_is_read_off_the_weights(tmp_path, preset):
+    src = UNet.from_config(preset)
+    path = tmp_path / "model.ckpt"
+    torch.save([{"module." + k: v for k, v in src.state_dict().items()}, {}, 1, 2], path)  # no EMA entry
+    got = UNet.from_checkpoint(path)
+    assert got.config == src.config
+    torch.testing.assert_close(got.conv_out.weight, src.conv_out.weight)

@@ -1,0 +1,105 @@
+"""diffusers interoperability: schedules, parity with diffusers' DDIM loop, the fusion pass
+on UNet2DModel, and the key mapping both ways. Skipped without diffusers."""
+
+import copy
+
+import pytest
+import torch
+
+from ddim_fast import FastSampler, ReferenceSampler, Schedule
+from ddim_fast.fuse import FusedGroupNormSiLU, fuse_groupnorm_silu, unfuse
+
+from .conftest import max_err, tiny_unet
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (pip install ddim-fast[diffusers])")
+from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
+
+from ddim_fast.diffusers_compat import diffusers_to_official, from_diffusers, official_to_diffusers, to_diffusers  # noqa: E402
+
+
+def _unet2d(seed=0):
+    torch.manual_seed(seed)
+    m = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                    norm_num_groups=32, attention_head_dim=None).eval()
+    with torch.no_grad():
+        m.conv_out.weight.mul_(10)
+    return m
+
+
+def _diffusers_loop(unet, scheduler, x, steps, eta, generator=None, use_clipped_model_output=False):
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        with torch.no_grad():
+            out = unet(x, t).sample
+        x = scheduler.step(out, t, x, eta=eta, generator=generator, use_clipped_model_output=use_clipped_model_output).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+@pytest.mark.parametrize("cfg", [
+    dict(),  # diffusers' defaults: clip_sample=True, set_alpha_to_one=True, leading
+    dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+    dict(prediction_type="v_prediction", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False),
+])
+@pytest.mark.parametrize("cls", [ReferenceSampler, FastSampler])
+def test_our_samplers_match_diffusers_ddim_loop(eta, cfg, cls):
+    unet = _unet2d()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, **cfg)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = _diffusers_loop(unet, scheduler, x_T.clone(), 10, eta, generator=torch.Generator().manual_seed(1))
+    schedule, options = Schedule.from_diffusers_config(scheduler.config)
+    got = cls(unet, schedule, steps=10, eta=eta, **options).sample(x_T, generator=torch.Generator().manual_seed(1))
+    assert max_err(got, expected) <= 1e-4 * (1 + expected.abs().max().item())
+
+
+def test_schedule_from_diffusers_config_matches_its_alphas():
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", set_alpha_to_one=False)
+    schedule, options = Schedule.from_diffusers_config(scheduler.config)
+    torch.testing.assert_close(schedule.alphas_cumprod, scheduler.alphas_cumprod.float(), rtol=1e-5, atol=1e-7)
+    assert schedule.final_alpha_cumprod == pytest.approx(float(scheduler.alphas_cumprod[0]), rel=1e-6)
+    assert options == dict(skip="leading", steps_offset=0, clip_x0=1.0, prediction="eps")
+    with pytest.raises(ValueError, match="thresholding=True is not supported"):
+        Schedule.from_diffusers_config({"thresholding": True})
+
+
+def test_fusion_pass_on_unet2dmodel():
+    unet = _unet2d()
+    fused = copy.deepcopy(unet)
+    n = fuse_groupnorm_silu(fused)
+    blocks = sum(1 for m in unet.modules() if type(m).__name__ == "ResnetBlock2D")
+    assert n == 2 * blocks + 1  # norm1 and norm2 of each ResnetBlock2D, and the output head
+    for m in fused.modules():
+        if type(m).__name__ == "ResnetBlock2D":
+            assert isinstance(m.nonlinearity, torch.nn.SiLU)  # the time path keeps its SiLU
+            assert isinstance(m.norm1, FusedGroupNormSiLU)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 900])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, t).sample, unet(x, t).sample, rtol=1e-4, atol=1e-4)
+    assert list(fused.state_dict()) == list(unet.state_dict())
+    unfuse(fused)
+    assert not any(isinstance(m, FusedGroupNormSiLU) for m in fused.modules())
+    assert not any("forward" in m.__dict__ for m in fused.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, t).sample, unet(x, t).sample)
+
+
+def test_fast_sampler_fuses_a_unet2dmodel():
+    unet = _unet2d()
+    sampler = FastSampler(unet, Schedule.linear(), steps=3)
+    sampler.sample(batch_size=1)
+    assert sampler.fused_sites == 2 * sum(1 for m in unet.modules() if type(m).__name__ == "ResnetBlock2D") + 1
+    assert not any(isinstance(m, FusedGroupNormSiLU) for m in unet.modules())
+
+
+def test_key_mapping_both_ways_gives_the_same_model():
+    ours = tiny_unet(in_channels=3, resolution=8)
+    theirs = to_diffusers(ours).eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 800])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x, t).sample, ours(x, t), rtol=1e-4, atol=1e-4)
+    back = from_diffusers(theirs).eval()
+    for k, v in ours.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v)
+    sd = ours.state_dict()
+    assert diffusers_to_official(official_to_diffusers(sd)).keys() == sd.keys()
