@@ -7,6 +7,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <optional>
+
 namespace ddim_fast {
 
 // What the model outputs (the `prediction` argument of the ops).
@@ -90,6 +92,46 @@ C10_HOST_DEVICE inline void x0_eps_from(int64_t prediction, V x, V m, V sa, V s1
     x0 = sa * x - s1m * m;
     eps = sa * m + s1m * x;
   }
+}
+
+// Checks of ddim_step's arguments, shared by every backend; the coefficients in fp32.
+inline StepCoefs check_ddim_step(const at::Tensor& x, const at::Tensor& model_output, double sqrt_alpha_t,
+                                 double sqrt_one_minus_alpha_t, double c_x0, double c_eps, double c_xt, double sigma,
+                                 const std::optional<at::Tensor>& noise, bool clip, double clip_min,
+                                 double clip_max, int64_t prediction, const at::Tensor& out,
+                                 const std::optional<at::Tensor>& x0_out) {
+  const char* op = "ddim_step";
+  check_dense(op, x);
+  check_prediction(op, prediction);
+  check_like(op, "model_output", x, model_output);
+  check_like(op, "out", x, out);
+  TORCH_CHECK(sigma >= 0, op, ": sigma must be >= 0, got ", sigma);
+  TORCH_CHECK(sigma == 0 || noise.has_value(), op, ": sigma is ", sigma, " > 0 but no noise tensor was given");
+  if (noise) check_like(op, "noise", x, *noise, /*allow_float32=*/true);
+  if (x0_out) check_like(op, "x0_out", x, *x0_out);
+  TORCH_CHECK(!clip || clip_min <= clip_max, op, ": clip range must have clip_min <= clip_max, got [", clip_min,
+              ", ", clip_max, "]");
+  return StepCoefs{static_cast<float>(sqrt_alpha_t), static_cast<float>(sqrt_one_minus_alpha_t),
+                   static_cast<float>(c_x0),         static_cast<float>(c_eps),
+                   static_cast<float>(c_xt),         static_cast<float>(sigma),
+                   static_cast<float>(clip_min),     static_cast<float>(clip_max)};
+}
+
+// Checks of predict_x0's arguments, shared by every backend.
+inline StepCoefs check_predict_x0(const at::Tensor& x, const at::Tensor& model_output, double sqrt_alpha_t,
+                                  double sqrt_one_minus_alpha_t, bool clip, double clip_min, double clip_max,
+                                  int64_t prediction, const at::Tensor& out,
+                                  const std::optional<at::Tensor>& eps_out) {
+  const char* op = "predict_x0";
+  check_dense(op, x);
+  check_prediction(op, prediction);
+  check_like(op, "model_output", x, model_output);
+  check_like(op, "out", x, out);
+  if (eps_out) check_like(op, "eps_out", x, *eps_out);
+  TORCH_CHECK(!clip || clip_min <= clip_max, op, ": clip range must have clip_min <= clip_max, got [", clip_min,
+              ", ", clip_max, "]");
+  return StepCoefs{static_cast<float>(sqrt_alpha_t), static_cast<float>(sqrt_one_minus_alpha_t), 0.f, 0.f, 0.f, 0.f,
+                   static_cast<float>(clip_min), static_cast<float>(clip_max)};
 }
 
 }  // namespace ddim_fast

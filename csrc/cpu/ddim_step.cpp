@@ -59,25 +59,11 @@ void ddim_step_cpu(const at::Tensor& x, const at::Tensor& model_output, double s
                    const std::optional<at::Tensor>& noise, bool clip, double clip_min, double clip_max,
                    int64_t prediction, bool clipped_eps, const at::Tensor& out,
                    const std::optional<at::Tensor>& x0_out) {
-  const char* op = "ddim_step";
-  check_dense(op, x);
-  check_prediction(op, prediction);
-  check_like(op, "model_output", x, model_output);
-  check_like(op, "out", x, out);
-  TORCH_CHECK(sigma >= 0, op, ": sigma must be >= 0, got ", sigma);
-  TORCH_CHECK(sigma == 0 || noise.has_value(), op, ": sigma is ", sigma, " > 0 but no noise tensor was given");
-  if (noise) check_like(op, "noise", x, *noise, /*allow_float32=*/true);
-  if (x0_out) check_like(op, "x0_out", x, *x0_out);
-  TORCH_CHECK(!clip || clip_min <= clip_max, op, ": clip range must have clip_min <= clip_max, got [", clip_min,
-              ", ", clip_max, "]");
+  const StepCoefs c = check_ddim_step(x, model_output, sqrt_alpha_t, sqrt_one_minus_alpha_t, c_x0, c_eps, c_xt,
+                                      sigma, noise, clip, clip_min, clip_max, prediction, out, x0_out);
   if (x.numel() == 0) return;
-
-  const StepCoefs c{static_cast<float>(sqrt_alpha_t), static_cast<float>(sqrt_one_minus_alpha_t),
-                    static_cast<float>(c_x0),         static_cast<float>(c_eps),
-                    static_cast<float>(c_xt),         static_cast<float>(sigma),
-                    static_cast<float>(clip_min),     static_cast<float>(clip_max)};
   const bool use_noise = noise.has_value() && sigma != 0;
-  dispatch_float(x.scalar_type(), op, [&](auto tag) {
+  dispatch_float(x.scalar_type(), "ddim_step", [&](auto tag) {
     using scalar_t = decltype(tag);
     scalar_t* x0p = x0_out ? x0_out->data_ptr<scalar_t>() : nullptr;
     if (use_noise && noise->scalar_type() != x.scalar_type()) {

@@ -46,18 +46,10 @@ void predict_kernel(const scalar_t* x, const scalar_t* m, scalar_t* x0_out, scal
 void predict_x0_cpu(const at::Tensor& x, const at::Tensor& model_output, double sqrt_alpha_t,
                     double sqrt_one_minus_alpha_t, bool clip, double clip_min, double clip_max, int64_t prediction,
                     const at::Tensor& out, const std::optional<at::Tensor>& eps_out) {
-  const char* op = "predict_x0";
-  check_dense(op, x);
-  check_prediction(op, prediction);
-  check_like(op, "model_output", x, model_output);
-  check_like(op, "out", x, out);
-  if (eps_out) check_like(op, "eps_out", x, *eps_out);
-  TORCH_CHECK(!clip || clip_min <= clip_max, op, ": clip range must have clip_min <= clip_max, got [", clip_min,
-              ", ", clip_max, "]");
+  const StepCoefs c = check_predict_x0(x, model_output, sqrt_alpha_t, sqrt_one_minus_alpha_t, clip, clip_min,
+                                       clip_max, prediction, out, eps_out);
   if (x.numel() == 0) return;
-  const StepCoefs c{static_cast<float>(sqrt_alpha_t), static_cast<float>(sqrt_one_minus_alpha_t), 0.f, 0.f, 0.f,
-                    0.f, static_cast<float>(clip_min), static_cast<float>(clip_max)};
-  dispatch_float(x.scalar_type(), op, [&](auto tag) {
+  dispatch_float(x.scalar_type(), "predict_x0", [&](auto tag) {
     using scalar_t = decltype(tag);
     predict_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), model_output.const_data_ptr<scalar_t>(),
                              out.data_ptr<scalar_t>(), eps_out ? eps_out->data_ptr<scalar_t>() : nullptr,

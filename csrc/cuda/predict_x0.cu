@@ -61,22 +61,15 @@ __global__ void predict_x0_kernel(const T* __restrict__ x, const T* __restrict__
 void predict_x0_cuda(const at::Tensor& x, const at::Tensor& model_output, double sqrt_alpha_t,
                      double sqrt_one_minus_alpha_t, bool clip, double clip_min, double clip_max, int64_t prediction,
                      const at::Tensor& out, const std::optional<at::Tensor>& eps_out) {
-  const char* op = "predict_x0";
-  check_dense(op, x);
-  check_prediction(op, prediction);
-  check_like(op, "model_output", x, model_output);
-  check_like(op, "out", x, out);
-  if (eps_out) check_like(op, "eps_out", x, *eps_out);
-  TORCH_CHECK(!clip || clip_min <= clip_max, op, ": clip range must have clip_min <= clip_max, got [", clip_min,
-              ", ", clip_max, "]");
+  const StepCoefs c = check_predict_x0(x, model_output, sqrt_alpha_t, sqrt_one_minus_alpha_t, clip, clip_min,
+                                       clip_max, prediction, out, eps_out);
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
-  const PredictArgs a{static_cast<float>(sqrt_alpha_t), static_cast<float>(sqrt_one_minus_alpha_t),
-                      static_cast<float>(clip_min), static_cast<float>(clip_max), prediction, clip};
+  const PredictArgs a{c.sa, c.s1m, c.lo, c.hi, prediction, clip};
   const int64_t n = x.numel();
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_float(x.scalar_type(), op, [&](auto tag) {
+  dispatch_float(x.scalar_type(), "predict_x0", [&](auto tag) {
     using T = decltype(tag);
     constexpr int V = kVecWidth<T>;
     const T* xp = x.const_data_ptr<T>();
