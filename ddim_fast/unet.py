@@ -136,6 +136,11 @@ class AttnBlock(nn.Module):
         if self.use_sdpa:  # (b, 1, hw, c): one head over all channels
             q, k, v = (m.reshape(b, 1, c, hh * ww).transpose(2, 3) for m in (q, k, v))
             h_ = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(b, c, hh, ww)
+        elif q.dim() == 4 and not q.is_contiguous() and q.is_contiguous(memory_format=torch.channels_last):
+            # the same product on (b, hw, c) views of channels_last storage: no copies
+            q, k, v = (m.permute(0, 2, 3, 1).reshape(b, hh * ww, c) for m in (q, k, v))
+            w_ = F.softmax(torch.bmm(q, k.transpose(1, 2)) * (int(c) ** (-0.5)), dim=2)
+            h_ = torch.bmm(w_, v).reshape(b, hh, ww, c).permute(0, 3, 1, 2)
         else:  # softmax(q k^T / sqrt(c)) v, as the official code computes it
             q = q.reshape(b, c, hh * ww).permute(0, 2, 1)
             w_ = torch.bmm(q, k.reshape(b, c, hh * ww)) * (int(c) ** (-0.5))

@@ -67,6 +67,16 @@ def test_attention_sdpa_matches_the_official_formula():
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_channels_last_attention_path_matches():
+    model = tiny_unet(in_channels=3, resolution=8)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([5, 600])
+    cl = model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        a = tiny_unet(in_channels=3, resolution=8)(x, t)
+        b = cl(x.contiguous(memory_format=torch.channels_last), t)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_bad_config_is_a_clear_error():
     with pytest.raises(ValueError, match="multiple of 32"):
         UNet(ch=48)
