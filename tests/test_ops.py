@@ -161,6 +161,8 @@ GN_SHAPES = [
     (3, 12, 1, 1, 4),  # one pixel
     (1, 32, 33, 35, 1),  # one group of everything, more than one tile
     (2, 6, 9, 9, 6),  # one channel per group
+    (3, 8, 7, 9, 1),  # one group, several samples: consecutive tasks share channel indices
+    (2, 4, 40, 30, 2),  # rows longer than the CPU kernel's 1024-value accumulation chunk
 ]
 
 

@@ -108,26 +108,71 @@ inline void apply_row(const T* x, T* y, int64_t n, const float* scale, const flo
   }
 }
 
+// apply_row (one value of scale/shift) on row x -> y while taking the moments of the next
+// task's row xn (same length) about kn: the output pass is bound by SiLU's arithmetic and
+// the statistics pass by reading memory, so doing both in one loop overlaps the two.
+template <typename T>
+inline void apply_row_with_moments(const T* x, T* y, int64_t n, float scale, float shift, const T* xn, float kn,
+                                   double& s, double& ss) {
+  s = 0;
+  ss = 0;
+  const Vec sv(scale), hv(shift), kv(kn);
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t c1 = std::min(n, c0 + kChunk);
+    Vec mv(0.f), mmv(0.f);
+    int64_t i = c0;
+    for (; i + kVec <= c1; i += kVec) {
+      const Vec v = load_f(xn + i) - kv;
+      mv = mv + v;
+      mmv = at::vec::fmadd(v, v, mmv);
+      store_f(y + i, silu_v(load_f(x + i) * sv + hv));
+    }
+    float st = 0.f, sst = 0.f;
+    for (; i < c1; ++i) {
+      const float v = static_cast<float>(xn[i]) - kn;
+      st += v;
+      sst += v * v;
+      y[i] = static_cast<T>(silu_f(static_cast<float>(x[i]) * scale + shift));
+    }
+    s += at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, mv) + st;
+    ss += at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, mmv) + sst;
+  }
+}
+
 template <typename T>
 void nchw_kernel(const T* x, T* y, const GroupNormArgs& a, double eps) {
   const int64_t N = a.N, C = a.C, G = a.G, D = C / G, HW = a.HW;
   std::vector<float> scale(N * C), shift(N * C);
-  // one task per (n, group): statistics over its D*HW values, then the output
+  // one task per (n, group): statistics over its D*HW values, then the output. Within a
+  // thread's range of tasks, the output pass of one task carries the statistics pass of
+  // the next (software pipelining); only the first task's statistics run on their own.
   at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> s(C), ss(C);
     std::vector<float> k(C);
+    auto row = [&](int64_t ng, int64_t d) { return (ng / G * C + ng % G * D + d) * HW; };
+    for (int64_t d = 0; d < D; ++d) {
+      const T* p = x + row(begin, d);
+      const int64_t c = begin % G * D + d;
+      k[c] = static_cast<float>(p[0]);
+      shifted_moments(p, HW, k[c], s[c], ss[c]);
+    }
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / G, g = ng % G;
-      for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-        const T* p = x + (n * C + c) * HW;
-        k[c] = static_cast<float>(p[0]);
-        shifted_moments(p, HW, k[c], s[c], ss[c]);
-      }
       finish_group(s.data(), ss.data(), k.data(), n, g, a, static_cast<double>(HW), eps, scale.data(),
                    shift.data());
-      for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-        const int64_t off = (n * C + c) * HW;
-        apply_row(x + off, y + off, HW, &scale[n * C + c], &shift[n * C + c], false);
+      // s, ss, k of this task are consumed: the next task may reuse the entries
+      const bool next = ng + 1 < end;
+      const int64_t gn = (ng + 1) % G;
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t c = g * D + d, off = row(ng, d);
+        if (next) {
+          const int64_t cn = gn * D + d;
+          const T* pn = x + row(ng + 1, d);
+          k[cn] = static_cast<float>(pn[0]);
+          apply_row_with_moments(x + off, y + off, HW, scale[n * C + c], shift[n * C + c], pn, k[cn], s[cn], ss[cn]);
+        } else {
+          apply_row(x + off, y + off, HW, &scale[n * C + c], &shift[n * C + c], false);
+        }
       }
     }
   });
