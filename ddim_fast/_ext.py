@@ -32,13 +32,18 @@ def _load_extension():
     return True, "loaded"
 
 
+_native = {}  # (op, device type) -> bool: the dispatcher query costs microseconds, ask it once
+
+
 @torch.compiler.assume_constant_result  # fixed per process: torch.compile may fold it
 def has_native_kernel(op: str, device_type: str) -> bool:
     """Whether ddim_fast::<op> has a kernel for "cpu" or "cuda" in the loaded extension."""
-    if not _load_extension()[0]:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"ddim_fast::{op}", key)
+    found = _native.get((op, device_type))
+    if found is None:
+        key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+        found = _load_extension()[0] and torch._C._dispatch_has_kernel_for_dispatch_key(f"ddim_fast::{op}", key)
+        _native[(op, device_type)] = found
+    return found
 
 
 @torch.compiler.assume_constant_result
