@@ -9,10 +9,11 @@ the CIFAR-10 UNet at batch 1 and 64.
 
 import os
 import platform
-import subprocess
 
 import pytest
 import torch
+
+from ddim_fast._machine import cpu_name, git_commit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -42,20 +43,11 @@ def bench_config(request):
     }
 
 
-def _git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def pytest_benchmark_update_machine_info(config, machine_info):
     import ddim_fast
 
     machine_info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    machine_info["cpu_model"] = _cpu_model()
+    machine_info["cpu_model"] = cpu_name()
     machine_info["cpu_count"] = os.cpu_count()
     machine_info["torch_threads"] = torch.get_num_threads()
     machine_info["torch"] = torch.__version__
@@ -68,16 +60,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         machine_info["triton"] = None
     machine_info["ddim_fast"] = ddim_fast.__version__
     machine_info["ddim_fast_backends"] = {k: v["available"] for k, v in ddim_fast.backends().items()}
-    machine_info["commit"] = _git_commit()
+    machine_info["commit"] = git_commit(HERE) or "unknown"
     machine_info["platform"] = platform.platform()
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()

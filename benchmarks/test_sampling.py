@@ -14,7 +14,6 @@ by side. Every timed call ends with a device synchronisation. S = 1000 runs two 
 
 import functools
 
-import pytest
 import torch
 
 from ddim_fast import FastSampler, ReferenceSampler, Schedule

@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ._machine import cpu_name, git_commit
 from ._validate import ETA_DDPM_NOISY, check_eta
 from .schedule import SKIP_TYPES, Schedule
 from .unet import PRESETS, UNet
@@ -76,12 +77,9 @@ def _eta(s: str):
 
 def _clip(s: str) -> float:
     try:
-        v = float(s)
-    except ValueError:
+        return _float_pos(s)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected the half-width r of [-r, r], a number > 0, got {s!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected the half-width r of [-r, r], a number > 0, got {s!r}")
-    return v
 
 
 def _skip(s: str):
@@ -513,7 +511,7 @@ def cmd_quality(args) -> int:
         raise CLIError(f"--model {args.model!r}: the quality metric is for 1 x 16 x 16 digits, got {model.in_channels} x {model.resolution} x {model.resolution}")
     _note(args, f"quality of {desc}: {settings.num_samples} samples per (S, eta) cell, {settings.num_reconstruct} reconstructions, {settings.model_calls():,} model calls on {device.type} ({torch.get_num_threads()} threads)")
     result = run_quality(model, schedule, settings, device=device, progress=not args.quiet, log=lambda s: _note(args, s))
-    result["meta"].update(model=desc, mode="quick" if args.quick else "full", commit=_git_commit(), cpu=_cpu_name(), cpu_count=os.cpu_count())
+    result["meta"].update(model=desc, mode="quick" if args.quick else "full", commit=git_commit(), cpu=cpu_name(), cpu_count=os.cpu_count())
     print(format_tables(result))
     for statement, holds in check_trends(result):
         print(f"{'[ok]  ' if holds else '[not]'} {statement}")
@@ -525,33 +523,6 @@ def cmd_quality(args) -> int:
             f.write("\n")
         print(f"wrote {args.json}")
     return 0
-
-
-def _git_commit() -> Optional[str]:
-    """The commit of the source tree this package runs from (None outside a git checkout)."""
-    import subprocess
-
-    try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (res.stdout.strip() or None) if res.returncode == 0 else None
-
-
-def _cpu_name() -> Optional[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or None
-
-
-# --- bench ---------------------------------------------------------------------------------------------
 
 
 def cmd_bench(args) -> int:
