@@ -7,6 +7,7 @@ Defaults fit the machine: on a CPU the embedded digits UNet at batch 1 and 16; o
 the CIFAR-10 UNet at batch 1 and 64.
 """
 
+import ctypes
 import os
 import platform
 
@@ -43,6 +44,30 @@ def bench_config(request):
     }
 
 
+def _steady_allocator() -> str:
+    """Pin glibc malloc's thresholds for the run, so that a timing does not depend on the
+    allocator's history. By default glibc serves a large allocation with a fresh mmap (page
+    faults on first touch) until some earlier free raises its dynamic threshold: on the
+    2-core VM the eager DDIM step at 64x3x32x32 measured 1.4 ms in one run and 0.18 ms in
+    the next, and aten GroupNorm+SiLU at 16x128x32x32 0.77 ms or 4.9 ms. With blocks up to
+    32 MB (glibc's maximum) served from a heap that is never trimmed, every implementation
+    reuses warm memory, as it would in a long sampling job. DDIM_FAST_BENCH_MALLOC=default
+    keeps glibc's behaviour."""
+    if os.environ.get("DDIM_FAST_BENCH_MALLOC", "") == "default":
+        return "glibc default (DDIM_FAST_BENCH_MALLOC=default)"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError):
+        return "default (not glibc)"
+    return "glibc: mmap threshold 32 MB, no trim" if ok else "glibc default (mallopt refused)"
+
+
+def pytest_configure(config):
+    config._ddim_malloc = _steady_allocator()
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     import ddim_fast
 
@@ -50,6 +75,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["cpu_model"] = cpu_name()
     machine_info["cpu_count"] = os.cpu_count()
     machine_info["torch_threads"] = torch.get_num_threads()
+    machine_info["malloc"] = getattr(config, "_ddim_malloc", None)
     machine_info["torch"] = torch.__version__
     machine_info["cuda"] = torch.version.cuda
     try:
