@@ -203,7 +203,7 @@ def main():
         cmdclass=_cmdclass(),
         install_requires=["torch>=2.4", "numpy", "pillow", "tqdm"],
         extras_require={
-            "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.9", "diffusers"],  # Triton < 3.9: its interpreter fails with NumPy >= 2.4
+            "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.9", "diffusers", "scipy"],  # Triton < 3.9: its interpreter fails with NumPy >= 2.4
             "triton": ["triton"],
             "diffusers": ["diffusers"],
         },
