@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
+from ._ext import has_native_kernel
 
 _SAVED = "_ddim_fast_unfused"  # on a parent module: {child name: original module}
 
@@ -55,17 +56,10 @@ class FusedGroupNormSiLU(nn.GroupNorm):
         return super().extra_repr() + ", fused with SiLU"
 
 
-_NATIVE = {}
-
-
 def _native_ok(x: torch.Tensor) -> bool:
-    """Whether x can go straight to the native op (a per-device answer, cached)."""
+    """Whether x can go straight to the native op (has_native_kernel caches the answer)."""
     dev = x.device.type
-    if dev not in _NATIVE:
-        from ._ext import has_native_kernel
-
-        _NATIVE[dev] = dev in ("cpu", "cuda") and has_native_kernel("group_norm_silu", dev)
-    if not _NATIVE[dev] or x.dtype == torch.float64:
+    if dev not in ("cpu", "cuda") or x.dtype == torch.float64 or not has_native_kernel("group_norm_silu", dev):
         return False
     return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
 
