@@ -217,3 +217,39 @@ def test_noise_is_drawn_when_not_given():
     z = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
     b = ops.ddim_step(x, m, 0.5, 0.9, 0.2, noise=z)
     torch.testing.assert_close(a, b)
+
+
+native_cpu = pytest.mark.skipif(not has_native_kernel("ddim_step", "cpu"), reason="the extension's CPU kernels are not built")
+
+
+@native_cpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 16, 8, 8)])  # with and without a scalar tail
+def test_cpu_low_precision_is_the_fp32_result_rounded(dtype, shape):
+    """fp16/bf16 storage, fp32 arithmetic: each output is the fp32 kernel's result on the
+    upcast inputs, rounded to nearest even (a truncating store would differ in about half
+    of the elements, well inside the float64 tests' tolerance)."""
+    x, m, z = _inputs(shape, dtype, "cpu", seed=11)
+    xf, mf = x.float(), m.float()
+    a_t, a_s, sigma = 0.37, 0.81, 0.2
+    args = dict(noise=z, clip=1.5, prediction="v", use_clipped_model_output=True, backend="cpu")
+    out, x0_out = _poison(torch.empty_like(x)), _poison(torch.empty_like(x))
+    ops.ddim_step(x, m, a_t, a_s, sigma, out=out, x0_out=x0_out, **args)
+    ref_x0 = torch.empty_like(xf)
+    ref = ops.ddim_step(xf, mf, a_t, a_s, sigma, x0_out=ref_x0, **args)
+    assert torch.equal(out, ref.to(dtype)) and torch.equal(x0_out, ref_x0.to(dtype))
+
+    out, eps_out = _poison(torch.empty_like(x)), _poison(torch.empty_like(x))
+    ops.predict_x0(x, m, a_t, clip=1.0, out=out, eps_out=eps_out, backend="cpu")
+    ref_eps = torch.empty_like(xf)
+    ref = ops.predict_x0(xf, mf, a_t, clip=1.0, eps_out=ref_eps, backend="cpu")
+    assert torch.equal(out, ref.to(dtype)) and torch.equal(eps_out, ref_eps.to(dtype))
+
+    C = shape[1]
+    g = torch.Generator().manual_seed(5)
+    w, b, ab = torch.randn(C, generator=g), torch.randn(C, generator=g), torch.randn(shape[0], C, generator=g)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xc = (x * 3 + 2).contiguous(memory_format=fmt)
+        y = ops.group_norm_silu(xc, 1, w.to(dtype), b.to(dtype), add_bias=ab.to(dtype), backend="cpu")
+        ref = ops.group_norm_silu(xc.float(), 1, w.to(dtype).float(), b.to(dtype).float(), add_bias=ab.to(dtype).float(), backend="cpu")
+        assert torch.equal(y, ref.to(dtype)), fmt

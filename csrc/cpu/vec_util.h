@@ -30,9 +30,9 @@ inline void store_f(T* p, Vec v) {
   if constexpr (std::is_same_v<T, float>) {
     v.store(p);
   } else {
-    float tmp[kVec];
-    v.store(tmp);
-    for (int64_t i = 0; i < kVec; ++i) p[i] = static_cast<T>(tmp[i]);
+    // A reduced-precision vector holds two fp32 vectors: convert (v, v) with round to
+    // nearest even, as static_cast<T> does, and store the first half.
+    at::vec::convert_from_float<T>(v, v).store(p, kVec);
   }
 }
 
