@@ -3,8 +3,8 @@
 // two reads and one write plus SiLU's read and write (and the bias add's read and write).
 //
 // Statistics are per (n, group) in fp32 from chunks flushed to double, over values
-// shifted by the channel's first element, so that a large mean does not cancel the
-// variance away.
+// shifted by one of the group's own values (NCHW: the group's first; channels_last: each
+// channel's first), so that a large mean does not cancel the variance away.
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
@@ -24,44 +24,6 @@ constexpr int64_t kChunk = 1024;  // fp32 partial sums are flushed to double thi
 
 inline Vec silu_v(Vec v) { return v / (Vec(1.f) + v.neg().exp_u20()); }  // exp_u20: ~20 ulp, several times faster than exp()
 inline float silu_f(float v) { return v / (1.f + std::exp(-v)); }
-
-// Sum and sum of squares of (p[i] - k) for i < n, accumulated in fp32 per chunk, in double
-// across chunks.
-template <typename T>
-inline void shifted_moments(const T* p, int64_t n, float k, double& s, double& ss) {
-  s = 0;
-  ss = 0;
-  const Vec kv(k);
-  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-    const int64_t c1 = std::min(n, c0 + kChunk);
-    // two accumulator pairs: the adds of one do not wait on the other's
-    Vec sv(0.f), ssv(0.f), sv2(0.f), ssv2(0.f);
-    int64_t i = c0;
-    for (; i + 2 * kVec <= c1; i += 2 * kVec) {
-      const Vec v = load_f(p + i) - kv;
-      const Vec w = load_f(p + i + kVec) - kv;
-      sv = sv + v;
-      ssv = at::vec::fmadd(v, v, ssv);
-      sv2 = sv2 + w;
-      ssv2 = at::vec::fmadd(w, w, ssv2);
-    }
-    for (; i + kVec <= c1; i += kVec) {
-      const Vec v = load_f(p + i) - kv;
-      sv = sv + v;
-      ssv = at::vec::fmadd(v, v, ssv);
-    }
-    sv = sv + sv2;
-    ssv = ssv + ssv2;
-    float st = 0.f, sst = 0.f;
-    for (; i < c1; ++i) {
-      const float v = static_cast<float>(p[i]) - k;
-      st += v;
-      sst += v * v;
-    }
-    s += at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, sv) + st;
-    ss += at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, ssv) + sst;
-  }
-}
 
 // scale/shift per (n, c) from the per-channel moments about k_c, such that
 // y = silu(x * scale + shift).
@@ -108,71 +70,134 @@ inline void apply_row(const T* x, T* y, int64_t n, const float* scale, const flo
   }
 }
 
-// apply_row (one value of scale/shift) on row x -> y while taking the moments of the next
-// task's row xn (same length) about kn: the output pass is bound by SiLU's arithmetic and
-// the statistics pass by reading memory, so doing both in one loop overlaps the two.
+// Moments of one group's values about a shift, accumulated in fp32 vectors and flushed to
+// double once kChunk values are pending (at most ~2*kChunk/kVec values per lane ever sit in
+// an fp32 partial sum). The rows of a group go into one accumulator, so a group costs one
+// horizontal reduction however short its rows (8x8 rows: one instead of one per channel).
+struct GroupMoments {
+  Vec s{0.f}, ss{0.f};
+  float st = 0.f, sst = 0.f;  // scalar tails
+  int64_t pending = 0;
+  double sum = 0, sumsq = 0;
+
+  void flush() {
+    sum += at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, s) + st;
+    sumsq += at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, ss) + sst;
+    s = ss = Vec(0.f);
+    st = sst = 0.f;
+    pending = 0;
+  }
+  void counted(int64_t n) {
+    pending += n;
+    if (pending >= kChunk) flush();
+  }
+};
+
+// Adds (p[i] - k) for i < n to m.
+template <typename T>
+inline void accumulate_row(const T* p, int64_t n, float k, GroupMoments& m) {
+  const Vec kv(k);
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t c1 = std::min(n, c0 + kChunk);
+    Vec s2(0.f), ss2(0.f);  // a second pair: the adds of one do not wait on the other's
+    int64_t i = c0;
+    for (; i + 2 * kVec <= c1; i += 2 * kVec) {
+      const Vec v = load_f(p + i) - kv;
+      const Vec w = load_f(p + i + kVec) - kv;
+      m.s = m.s + v;
+      m.ss = at::vec::fmadd(v, v, m.ss);
+      s2 = s2 + w;
+      ss2 = at::vec::fmadd(w, w, ss2);
+    }
+    for (; i + kVec <= c1; i += kVec) {
+      const Vec v = load_f(p + i) - kv;
+      m.s = m.s + v;
+      m.ss = at::vec::fmadd(v, v, m.ss);
+    }
+    m.s = m.s + s2;
+    m.ss = m.ss + ss2;
+    for (; i < c1; ++i) {
+      const float v = static_cast<float>(p[i]) - k;
+      m.st += v;
+      m.sst += v * v;
+    }
+    m.counted(c1 - c0);
+  }
+}
+
+// apply_row (one value of scale/shift) on row x -> y while adding the next group's row xn
+// (same length) about kn to mn: the output pass is bound by SiLU's arithmetic and the
+// statistics pass by reading memory, so doing both in one loop overlaps the two.
 template <typename T>
 inline void apply_row_with_moments(const T* x, T* y, int64_t n, float scale, float shift, const T* xn, float kn,
-                                   double& s, double& ss) {
-  s = 0;
-  ss = 0;
+                                   GroupMoments& mn) {
   const Vec sv(scale), hv(shift), kv(kn);
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t c1 = std::min(n, c0 + kChunk);
-    Vec mv(0.f), mmv(0.f);
     int64_t i = c0;
     for (; i + kVec <= c1; i += kVec) {
       const Vec v = load_f(xn + i) - kv;
-      mv = mv + v;
-      mmv = at::vec::fmadd(v, v, mmv);
+      mn.s = mn.s + v;
+      mn.ss = at::vec::fmadd(v, v, mn.ss);
       store_f(y + i, silu_v(load_f(x + i) * sv + hv));
     }
-    float st = 0.f, sst = 0.f;
     for (; i < c1; ++i) {
       const float v = static_cast<float>(xn[i]) - kn;
-      st += v;
-      sst += v * v;
+      mn.st += v;
+      mn.sst += v * v;
       y[i] = static_cast<T>(silu_f(static_cast<float>(x[i]) * scale + shift));
     }
-    s += at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, mv) + st;
-    ss += at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, mmv) + sst;
+    mn.counted(c1 - c0);
   }
 }
 
 template <typename T>
 void nchw_kernel(const T* x, T* y, const GroupNormArgs& a, double eps) {
   const int64_t N = a.N, C = a.C, G = a.G, D = C / G, HW = a.HW;
-  std::vector<float> scale(N * C), shift(N * C);
-  // one task per (n, group): statistics over its D*HW values, then the output. Within a
-  // thread's range of tasks, the output pass of one task carries the statistics pass of
-  // the next (software pipelining); only the first task's statistics run on their own.
+  const float* w = a.weight.const_data_ptr<float>();
+  const float* b = a.bias.const_data_ptr<float>();
+  const float* ab = a.add_bias.defined() ? a.add_bias.const_data_ptr<float>() : nullptr;
+  const double count = static_cast<double>(D * HW);
+  // Task ng = (n, group) owns the contiguous block x[ng * D * HW, (ng + 1) * D * HW): the
+  // moments of h = x + ab_c over it, about k = h at the block's first element (so that a
+  // mean far from 0 does not cancel the variance away), then the output. Within a thread's
+  // range of tasks, the output pass of one task carries the statistics pass of the next
+  // (software pipelining); only the first task's statistics run on their own.
+  auto block = [&](int64_t ng) { return x + ng * D * HW; };
+  auto ab_of = [&](int64_t ng, int64_t d) { return ab ? ab[ng / G * C + ng % G * D + d] : 0.f; };
+  auto shift_of = [&](int64_t ng) { return static_cast<float>(block(ng)[0]) + ab_of(ng, 0); };
   at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> s(C), ss(C);
-    std::vector<float> k(C);
-    auto row = [&](int64_t ng, int64_t d) { return (ng / G * C + ng % G * D + d) * HW; };
-    for (int64_t d = 0; d < D; ++d) {
-      const T* p = x + row(begin, d);
-      const int64_t c = begin % G * D + d;
-      k[c] = static_cast<float>(p[0]);
-      shifted_moments(p, HW, k[c], s[c], ss[c]);
-    }
+    std::vector<float> scale(D), shift(D);
+    GroupMoments m;
+    float k = shift_of(begin);
+    // h - k = x - (k - ab_c): one subtraction per value, as without add_bias
+    for (int64_t d = 0; d < D; ++d) accumulate_row(block(begin) + d * HW, HW, k - ab_of(begin, d), m);
     for (int64_t ng = begin; ng < end; ++ng) {
-      const int64_t n = ng / G, g = ng % G;
-      finish_group(s.data(), ss.data(), k.data(), n, g, a, static_cast<double>(HW), eps, scale.data(),
-                   shift.data());
-      // s, ss, k of this task are consumed: the next task may reuse the entries
-      const bool next = ng + 1 < end;
-      const int64_t gn = (ng + 1) % G;
+      m.flush();
+      const double mean_k = m.sum / count;  // mean of h - k
+      const double var = std::max(m.sumsq / count - mean_k * mean_k, 0.0);
+      const double rstd = 1.0 / std::sqrt(var + eps);
+      const double mean = k + mean_k;
+      const int64_t c0 = ng % G * D;
       for (int64_t d = 0; d < D; ++d) {
-        const int64_t c = g * D + d, off = row(ng, d);
-        if (next) {
-          const int64_t cn = gn * D + d;
-          const T* pn = x + row(ng + 1, d);
-          k[cn] = static_cast<float>(pn[0]);
-          apply_row_with_moments(x + off, y + off, HW, scale[n * C + c], shift[n * C + c], pn, k[cn], s[cn], ss[cn]);
-        } else {
-          apply_row(x + off, y + off, HW, &scale[n * C + c], &shift[n * C + c], false);
+        // y = silu((x + ab_c - mean) * rstd * w_c + b_c) = silu(x * scale + shift)
+        const double sc = rstd * w[c0 + d];
+        scale[d] = static_cast<float>(sc);
+        shift[d] = static_cast<float>((ab_of(ng, d) - mean) * sc + b[c0 + d]);
+      }
+      const T* xb = block(ng);
+      T* yb = y + ng * D * HW;
+      if (ng + 1 < end) {
+        GroupMoments mn;
+        const float kn = shift_of(ng + 1);
+        for (int64_t d = 0; d < D; ++d) {
+          apply_row_with_moments(xb + d * HW, yb + d * HW, HW, scale[d], shift[d], block(ng + 1) + d * HW,
+                                 kn - ab_of(ng + 1, d), mn);
         }
+        m = mn;
+        k = kn;
+      } else {
+        for (int64_t d = 0; d < D; ++d) apply_row(xb + d * HW, yb + d * HW, HW, &scale[d], &shift[d], false);
       }
     }
   });
