@@ -48,6 +48,8 @@ def _check_like(op: str, name: str, x: torch.Tensor, t, allow_float32: bool = Fa
 
 
 def _check_alpha(op: str, name: str, a) -> float:
+    if type(a) is float and 0.0 < a <= 1.0:  # the common case, without the ABC checks below
+        return a
     if isinstance(a, torch.Tensor):
         if a.numel() != 1:
             raise ValueError(f"{op}: {name} must be a number (or a one-element tensor), got a tensor of shape {tuple(a.shape)}")
@@ -83,7 +85,7 @@ def _pick_backend(op: str, x: torch.Tensor, backend):
         return backend
     if x.dtype == torch.float64:
         return "torch"
-    dev = x.device.type
+    dev = "cpu" if x.is_cpu else ("cuda" if x.is_cuda else x.device.type)  # .is_* cost a fifth of .device.type
     if dev in ("cpu", "cuda") and has_native_kernel(op, dev):
         return dev
     if dev == "cuda" and triton_status()[0]:
@@ -109,6 +111,8 @@ def _is_dense(t: torch.Tensor) -> bool:
 
 def _dense_layout(*tensors) -> bool:
     """All tensors dense and laid out like the first (one flat index addresses all)."""
+    if all(t is None or t.is_contiguous() for t in tensors):  # the common case (shapes are equal)
+        return True
     x = tensors[0]
     if not _is_dense(x):
         return False
@@ -161,7 +165,7 @@ def ddim_step(
     _check_like(op, "eps", x, eps)
     a_t = _check_alpha(op, "alpha_t", alpha_t)
     a_s = _check_alpha(op, "alpha_prev", alpha_prev)
-    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma < 0:
+    if type(sigma) is not float and (isinstance(sigma, bool) or not isinstance(sigma, numbers.Real)) or not math.isfinite(sigma) or sigma < 0:
         raise ValueError(f"{op}: sigma must be a finite number >= 0, got {sigma!r}")
     sigma = float(sigma)
     if not ddpm_mean and sigma * sigma > (1.0 - a_s) * (1 + 1e-6) + 1e-12:
@@ -278,12 +282,12 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps: float = 1e-6, *,
     _check_tensor(op, "x", x)
     if x.dim() < 2:
         raise ValueError(f"{op}: x must be (N, C, *spatial), got shape {tuple(x.shape)}")
-    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups <= 0:
+    if type(num_groups) is not int and (isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral)) or num_groups <= 0:
         raise ValueError(f"{op}: num_groups must be a positive int, got {num_groups!r}")
     C = x.shape[1]
     if C % num_groups:
         raise ValueError(f"{op}: num_groups must divide the number of channels: C = {C}, num_groups = {num_groups}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
+    if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)) or not eps > 0:
         raise ValueError(f"{op}: eps must be a number > 0, got {eps!r}")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
