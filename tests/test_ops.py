@@ -15,9 +15,11 @@ from ddim_fast._ext import has_native_kernel
 
 from .conftest import requires_cuda, requires_triton_interpreter
 
+native_cpu = pytest.mark.skipif(not has_native_kernel("ddim_step", "cpu"), reason="the extension's CPU kernels are not built")
+
 # (backend, device) pairs: the native CPU op, Triton under its interpreter, plain PyTorch
 BACKENDS = [
-    pytest.param("cpu", "cpu", marks=pytest.mark.skipif(not has_native_kernel("ddim_step", "cpu"), reason="the extension's CPU kernels are not built")),
+    pytest.param("cpu", "cpu", marks=native_cpu),
     pytest.param("triton", "cpu", marks=requires_triton_interpreter),
     pytest.param("torch", "cpu"),
     pytest.param("cuda", "cuda", marks=requires_cuda),
@@ -217,9 +219,6 @@ def test_noise_is_drawn_when_not_given():
     z = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
     b = ops.ddim_step(x, m, 0.5, 0.9, 0.2, noise=z)
     torch.testing.assert_close(a, b)
-
-
-native_cpu = pytest.mark.skipif(not has_native_kernel("ddim_step", "cpu"), reason="the extension's CPU kernels are not built")
 
 
 @native_cpu

@@ -80,6 +80,14 @@ struct GroupMoments {
   int64_t pending = 0;
   double sum = 0, sumsq = 0;
 
+  void add(Vec v) {
+    s = s + v;
+    ss = at::vec::fmadd(v, v, ss);
+  }
+  void add(float v) {
+    st += v;
+    sst += v * v;
+  }
   void flush() {
     sum += at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, s) + st;
     sumsq += at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, ss) + sst;
@@ -99,28 +107,16 @@ inline void accumulate_row(const T* p, int64_t n, float k, GroupMoments& m) {
   const Vec kv(k);
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t c1 = std::min(n, c0 + kChunk);
-    Vec s2(0.f), ss2(0.f);  // a second pair: the adds of one do not wait on the other's
+    GroupMoments m2;  // a second vector pair: the adds of one do not wait on the other's
     int64_t i = c0;
     for (; i + 2 * kVec <= c1; i += 2 * kVec) {
-      const Vec v = load_f(p + i) - kv;
-      const Vec w = load_f(p + i + kVec) - kv;
-      m.s = m.s + v;
-      m.ss = at::vec::fmadd(v, v, m.ss);
-      s2 = s2 + w;
-      ss2 = at::vec::fmadd(w, w, ss2);
+      m.add(load_f(p + i) - kv);
+      m2.add(load_f(p + i + kVec) - kv);
     }
-    for (; i + kVec <= c1; i += kVec) {
-      const Vec v = load_f(p + i) - kv;
-      m.s = m.s + v;
-      m.ss = at::vec::fmadd(v, v, m.ss);
-    }
-    m.s = m.s + s2;
-    m.ss = m.ss + ss2;
-    for (; i < c1; ++i) {
-      const float v = static_cast<float>(p[i]) - k;
-      m.st += v;
-      m.sst += v * v;
-    }
+    for (; i + kVec <= c1; i += kVec) m.add(load_f(p + i) - kv);
+    m.s = m.s + m2.s;
+    m.ss = m.ss + m2.ss;
+    for (; i < c1; ++i) m.add(static_cast<float>(p[i]) - k);
     m.counted(c1 - c0);
   }
 }
@@ -136,15 +132,11 @@ inline void apply_row_with_moments(const T* x, T* y, int64_t n, float scale, flo
     const int64_t c1 = std::min(n, c0 + kChunk);
     int64_t i = c0;
     for (; i + kVec <= c1; i += kVec) {
-      const Vec v = load_f(xn + i) - kv;
-      mn.s = mn.s + v;
-      mn.ss = at::vec::fmadd(v, v, mn.ss);
+      mn.add(load_f(xn + i) - kv);
       store_f(y + i, silu_v(load_f(x + i) * sv + hv));
     }
     for (; i < c1; ++i) {
-      const float v = static_cast<float>(xn[i]) - kn;
-      mn.st += v;
-      mn.sst += v * v;
+      mn.add(static_cast<float>(xn[i]) - kn);
       y[i] = static_cast<T>(silu_f(static_cast<float>(x[i]) * scale + shift));
     }
     mn.counted(c1 - c0);
