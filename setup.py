@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -196,9 +196,9 @@ def main():
         long_description=open(os.path.join(ROOT, "README.md")).read(),
         long_description_content_type="text/markdown",
         python_requires=">=3.10",
-        packages=["ddim_fast", "ddim_fast.data", "ddim_fast.pretrained", "ddim_fast.kernels"],
+        packages=find_packages(include=["ddim_fast", "ddim_fast.*"]) + ["ddim_fast.kernels"],
         package_dir={"ddim_fast": "ddim_fast", "ddim_fast.kernels": "kernels"},
-        package_data={"ddim_fast.pretrained": ["*.pt"], "ddim_fast.data": ["*.npz", "README.md"]},
+        package_data={"ddim_fast.apps.pretrained": ["*.pt"], "ddim_fast.apps.data": ["*.npz", "README.md"]},
         ext_modules=_extensions(),
         cmdclass=_cmdclass(),
         install_requires=["torch>=2.4", "numpy", "pillow", "tqdm"],

@@ -14,7 +14,7 @@ import platform
 import pytest
 import torch
 
-from ddim_fast._machine import cpu_name, git_commit
+from ddim_fast.apps.machine import cpu_name, git_commit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -18,7 +18,7 @@ import sys
 import torch
 
 from ddim_fast import FastSampler, ReferenceSampler, Schedule, UNet
-from ddim_fast.fuse import fused_copy
+from ddim_fast.models.fuse import fused_copy
 
 
 def _kernels_in(fn) -> int:
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         res["kernels_unet_fused"] = _kernels_in(lambda: fused(x, t))
 
         # a replayed step against a graph of the UNet alone
-        from ddim_fast.graph import CapturedLoop
+        from ddim_fast.sampling.graph import CapturedLoop
 
         sampler = FastSampler(model, schedule, steps=2, eta=0.5)
         loop = CapturedLoop(sampler, sampler._prepared_model(x.device), sampler._plan, x, False, "step", torch.cuda.graph_pool_handle(), capture=False)

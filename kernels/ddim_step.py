@@ -3,7 +3,7 @@
 Reads x and the model output (and z when the noise comes as a tensor); writes x_prev
 (and x̂₀ when asked): 3-5 passes over memory instead of the ~11 of the eager chain.
 The step's coefficients come from a device table indexed by a device-side step
-counter, so one captured CUDA graph serves every step (ddim_fast.graph).
+counter, so one captured CUDA graph serves every step (ddim_fast.sampling.graph).
 """
 
 from __future__ import annotations

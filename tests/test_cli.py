@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ddim_fast.cli import main, slerp
+from ddim_fast.cli import main
+from ddim_fast.sampling.noise import slerp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

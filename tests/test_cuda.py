@@ -146,7 +146,7 @@ def test_fast_rng_has_the_right_moments():
 
 
 def test_eager_cuda_path_uses_the_native_op():
-    from ddim_fast._ext import has_native_kernel
+    from ddim_fast.ops.extension import has_native_kernel
 
     if not has_native_kernel("ddim_step", "cuda"):
         pytest.skip("the extension was built without CUDA kernels")

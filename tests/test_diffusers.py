@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from ddim_fast import FastSampler, ReferenceSampler, Schedule
-from ddim_fast.fuse import FusedGroupNormSiLU, fuse_groupnorm_silu, unfuse
+from ddim_fast.models.fuse import FusedGroupNormSiLU, fuse_groupnorm_silu, unfuse
 
 from .conftest import max_err, tiny_unet
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is an optional dependency (pip install ddim-fast[diffusers])")
 from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
 
-from ddim_fast.diffusers_compat import diffusers_to_official, from_diffusers, official_to_diffusers, to_diffusers  # noqa: E402
+from ddim_fast.models.diffusers_compat import diffusers_to_official, from_diffusers, official_to_diffusers, to_diffusers  # noqa: E402
 
 
 def _unet2d(seed=0):

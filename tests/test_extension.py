@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ddim_fast import backends, ops
-from ddim_fast._ext import _load_extension, has_native_kernel
+from ddim_fast.ops.extension import _load_extension, has_native_kernel
 
 pytestmark = pytest.mark.skipif(not _load_extension()[0], reason="the native extension is not built")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddim_fast import FastSampler, ReferenceSampler, SamplerOutput, Schedule
-from ddim_fast.fuse import FusedGroupNormSiLU
+from ddim_fast.models.fuse import FusedGroupNormSiLU
 
 from .conftest import max_err, tiny_unet
 

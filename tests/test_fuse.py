@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ddim_fast.fuse import FusedGroupNormSiLU, fuse_groupnorm_silu, fused_copy, unfuse
+from ddim_fast.models.fuse import FusedGroupNormSiLU, fuse_groupnorm_silu, fused_copy, unfuse
 
 from .conftest import tiny_unet
 

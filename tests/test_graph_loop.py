@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from ddim_fast import FastSampler, ReferenceSampler, Schedule
-from ddim_fast import graph as G
-from ddim_fast.schedule import encoding_plan
+from ddim_fast.sampling import graph as G
+from ddim_fast.core.plan import encoding_plan
 
 from .conftest import max_err, requires_triton_interpreter, tiny_unet
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ddim_fast import ops
-from ddim_fast._ext import has_native_kernel
+from ddim_fast.ops.extension import has_native_kernel
 
 from .conftest import requires_cuda, requires_triton_interpreter
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ddim_fast import Schedule, UNet
-from ddim_fast.data import DIGITS_PATH, load_digits
-from ddim_fast.pretrained import (
+from ddim_fast.apps.data import DIGITS_PATH, load_digits
+from ddim_fast.apps.pretrained import (
     CLASSIFIERS,
     HERE,
     MODELS,
@@ -19,8 +19,8 @@ from ddim_fast.pretrained import (
     read_pretrained,
     save_pretrained,
 )
-from ddim_fast.quality import DigitClassifier
-from ddim_fast.train import DIGITS_MODEL_CONFIG, TrainConfig, diffusion_loss, lr_at, train_diffusion
+from ddim_fast.apps.classifier import DigitClassifier
+from ddim_fast.apps.train import DIGITS_MODEL_CONFIG, TrainConfig, diffusion_loss, lr_at, train_diffusion
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from ddim_fast import FastSampler
-from ddim_fast.data import load_digits
-from ddim_fast.pretrained import load_pretrained, load_schedule
-from ddim_fast.quality import (
+from ddim_fast.apps.data import load_digits
+from ddim_fast.apps.pretrained import load_pretrained, load_schedule
+from ddim_fast.apps.quality import (
     DigitMetric,
     QualitySettings,
     check_trends,
@@ -17,11 +17,11 @@ from ddim_fast.quality import (
     fid_from_features,
     format_tables,
     frechet_distance,
-    indexed_noise,
     reconstruction_table,
     run_quality,
     to_uint8_levels,
 )
+from ddim_fast.sampling.noise import indexed_noise
 
 
 def _spd(d, seed, rank=None):

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ddim_fast import FastSampler, ReferenceSampler, Schedule, ops
-from ddim_fast.schedule import timestep_grid
+from ddim_fast.core.grids import timestep_grid
 
 from .conftest import max_err, tiny_unet
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ddim_fast import Schedule
-from ddim_fast.schedule import encoding_plan, sampling_plan, timestep_grid
+from ddim_fast.core.grids import timestep_grid
+from ddim_fast.core.plan import encoding_plan, sampling_plan
 
 
 # --- beta schedules -----------------------------------------------------------------------

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ddim_fast import UNet
-from ddim_fast.unet import get_timestep_embedding
+from ddim_fast.models.unet import get_timestep_embedding
 
 from .conftest import tiny_unet
 

@@ -1,0 +1,11 @@
+"""The applications layer: what is built on the samplers. It imports the sampling, models,
+ops and base layers, never the command line.
+
+    pretrained    the embedded models (digits UNet, digit classifier), registered with UNet.from_pretrained
+    data          the embedded 16x16 digits data set
+    classifier    the digit classifier behind the quality metric
+    quality       FID on classifier features and the paper's Tables 1 and 2 on the digits model
+    train         training the embedded models
+    distributed   sample generation sharded across torchrun processes, restartable
+    machine       what a measurement records about where it ran (commit, CPU)
+"""

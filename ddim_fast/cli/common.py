@@ -1,0 +1,172 @@
+"""What the commands share: the device, progress, the model named on the command line, the
+samplers built from the arguments, images out, timing."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..apps.pretrained import FORMAT, MODELS, load_schedule
+from ..core.schedule import Schedule
+from ..models.checkpoint import describe_mismatch, extract_state_dict, infer_config
+from ..models.presets import PRESETS
+from ..models.unet import UNet
+from ..sampling import FastSampler, ReferenceSampler
+from .args import DTYPES, CLIError
+
+
+def pick_device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: CUDA is not available on this machine (torch sees no GPU); use --device cpu")
+    return torch.device(name)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def note(args, msg: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(msg, file=sys.stderr)
+
+
+def progress_bar(args, total: int, desc: str, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=getattr(args, "quiet", False), dynamic_ncols=True, leave=False)
+
+
+def set_threads(args, default: Optional[int] = None) -> None:
+    n = getattr(args, "threads", None) or default
+    if n:
+        torch.set_num_threads(n)
+
+
+def load_model(spec: str, config: Optional[str], device: torch.device, args=None) -> tuple[UNet, Schedule, str]:
+    """(model in eval mode on `device`, its schedule, a description) for --model / --config.
+
+    spec: an embedded model ("digits"), a preset ("cifar10", "celeba", "lsun": random
+    weights, for timing), or a file: a ddim-fast pretrained file (from `ddim-fast train`)
+    or a checkpoint (a state dict or the official training checkpoint) of the preset
+    named by `config` (None: the structure is read off the weights). Presets and checkpoints use the linear schedule (T = 1000).
+    """
+    if config is not None and config not in PRESETS:
+        raise CLIError(f"--config {config!r}: unknown preset; expected one of {', '.join(PRESETS)}")
+    if spec in MODELS:
+        if config is not None:
+            raise CLIError(f"--config applies to a checkpoint file, not to the embedded model {spec!r}")
+        return UNet.from_pretrained(spec).to(device), load_schedule(spec), f"embedded {spec!r}"
+    if spec in PRESETS:
+        if config is not None:
+            raise CLIError(f"--config applies to a checkpoint file, not to the preset {spec!r}")
+        torch.manual_seed(0)
+        if args is not None:
+            note(args, f"note: --model {spec} has random weights (for timing); pass a checkpoint file for real samples")
+        return UNet.from_config(spec).eval().to(device), Schedule.linear(), f"preset {spec!r} (random weights)"
+    if not os.path.isfile(spec):
+        raise CLIError(f"--model {spec!r}: not a file, nor an embedded model ({', '.join(MODELS)}) or a preset ({', '.join(PRESETS)})")
+    try:
+        obj = torch.load(spec, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a bad argument here
+        raise CLIError(f"--model {spec!r}: cannot read it as a torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if isinstance(obj, dict) and obj.get("format") == FORMAT and obj.get("kind") == "unet":
+        if config is not None:
+            raise CLIError(f"--config: {spec!r} is a ddim-fast pretrained file that names its own config")
+        model = UNet(**obj["config"])
+        model.load_state_dict(obj["state_dict"], strict=True)
+        return model.eval().to(device), Schedule.from_spec(obj["schedule"]), f"file {spec!r}"
+    try:
+        state = extract_state_dict(obj, source=spec)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CLIError(f"--model {spec!r}: {e}") from None
+    if config is None:
+        try:
+            config = infer_config(state)
+        except ValueError as e:
+            raise CLIError(f"--model {spec!r}: {e}; pass --config") from None
+    model = UNet.from_config(config)
+    problems = describe_mismatch(model, state)
+    if problems:
+        raise CLIError(f"--model {spec!r} does not fit {_config_name(config)}: {problems}")
+    model.load_state_dict(state, strict=True)
+    return model.eval().to(device), Schedule.linear(), f"checkpoint {spec!r} ({_config_name(config)})"
+
+
+def _config_name(config) -> str:
+    if isinstance(config, str):
+        return config
+    keys = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution")
+    return "UNet(" + ", ".join(f"{k}={config[k]}" for k in keys if k in config) + ")"
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Images (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C), clamped and rounded."""
+    return torch.round((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def pil_image(img: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(img[..., 0], mode="L") if img.shape[-1] == 1 else Image.fromarray(img)
+
+
+def save_grid(images: np.ndarray, path: str, *, ncol: Optional[int] = None, scale: int = 1, pad: int = 2) -> tuple[int, int]:
+    """Write uint8 images (N, H, W, C) as one PNG grid (ncol columns, default ~sqrt(N)); returns (width, height)."""
+    n, h, w, c = images.shape
+    ncol = ncol or max(1, math.ceil(math.sqrt(n)))
+    nrow = math.ceil(n / ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 96, dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = images[i]
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    mkdir_for(path)
+    pil_image(grid).save(path)
+    return grid.shape[1], grid.shape[0]
+
+
+def mkdir_for(path: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+
+
+def auto_scale(args, resolution: int) -> int:
+    return args.scale if args.scale is not None else max(1, 64 // resolution)
+
+
+def _sampler_kwargs(args) -> dict:
+    return dict(steps=args.steps, eta=args.eta, skip=args.skip, clip_x0=False if args.clip is None else args.clip)
+
+
+def fast_sampler(model, schedule, args, **over):
+    kw = _sampler_kwargs(args)
+    kw.update(over)
+    return FastSampler(model, schedule, cuda_graph=not getattr(args, "no_graph", False), dtype=DTYPES[getattr(args, "dtype", "fp32")], **kw)
+
+
+def reference_sampler(model, schedule, args, **over):
+    dtype = DTYPES[getattr(args, "dtype", "fp32")]
+    ref_model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    kw = _sampler_kwargs(args)
+    kw.update(over)
+    return ReferenceSampler(ref_model, schedule, **kw)
+
+
+def time_run(device: torch.device, fn, *a, **kw):
+    """(fn(*a, **kw), wall-clock seconds), synchronising the GPU before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn(*a, **kw)
+    sync(device)
+    return out, time.perf_counter() - t0

@@ -1,0 +1,58 @@
+"""`ddim-fast quality`: the paper's Tables 1 and 2 on the embedded digits model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ..apps.machine import cpu_name, git_commit
+from ..apps.quality import FULL, QUICK, QualitySettings, check_trends, format_tables, run_quality
+from .args import CLIError, common_args, eta_arg, nonneg_int, positive_int
+from .common import load_model, mkdir_for, note, pick_device, set_threads
+
+
+def cmd_quality(args) -> int:
+    set_threads(args)
+    device = pick_device(args.device)
+    base = QUICK if args.quick else FULL
+    over = {k: v for k, v in dict(num_samples=args.num_samples, num_reconstruct=args.num_reconstruct, batch_size=args.batch_size, seed=args.seed).items() if v is not None}
+    for k in ("steps", "etas", "recon_steps"):
+        v = getattr(args, k)
+        if v is not None:
+            over[k] = tuple(v)
+    settings = QualitySettings(**{**base.__dict__, **over}).validate()
+    model, schedule, desc = load_model(args.model, args.config, device, args)
+    if (model.in_channels, model.resolution) != (1, 16):
+        raise CLIError(f"--model {args.model!r}: the quality metric is for 1 x 16 x 16 digits, got {model.in_channels} x {model.resolution} x {model.resolution}")
+    note(args, f"quality of {desc}: {settings.num_samples} samples per (S, eta) cell, {settings.num_reconstruct} reconstructions, {settings.model_calls():,} model calls on {device.type} ({torch.get_num_threads()} threads)")
+    result = run_quality(model, schedule, settings, device=device, progress=not args.quiet, log=lambda s: note(args, s))
+    result["meta"].update(model=desc, mode="quick" if args.quick else "full", commit=git_commit(), cpu=cpu_name(), cpu_count=os.cpu_count())
+    print(format_tables(result))
+    for statement, holds in check_trends(result):
+        print(f"{'[ok]  ' if holds else '[not]'} {statement}")
+    print(f"took {result['meta']['seconds']['total']:.0f} s")
+    if args.json:
+        mkdir_for(args.json)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """The quality command."""
+    q = sub.add_parser("quality", help="the paper's Table 1 (FID over S x eta) and Table 2 (reconstruction) on the digits model", description="FID of the embedded classifier's features and its mean confidence, for S x eta, and the encode-decode reconstruction error over S. Full: 1000 samples per cell, 256 reconstructions (about 55 minutes on 2 CPU cores); --quick: 250 and 50 (about 12 minutes). FID on few samples is noisy and biased upwards: compare cells of one run, and see the real-data floor it prints.")
+    common_args(q)
+    q.add_argument("--quick", action="store_true", help="fewer samples: 250 per cell, 50 reconstructions")
+    q.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
+    q.add_argument("--num-samples", type=positive_int, default=None, help="override: samples per (S, eta) cell (>= 2)")
+    q.add_argument("--num-reconstruct", type=nonneg_int, default=None, help="override: real images to encode and decode")
+    q.add_argument("--batch-size", type=positive_int, default=None, help="override: images per sampler call")
+    q.add_argument("--seed", type=nonneg_int, default=None, help="override: the seed (default 0)")
+    q.add_argument("--steps", type=positive_int, nargs="+", default=None, help="override: S of the FID table (default 10 20 50 100 1000)")
+    q.add_argument("--etas", type=eta_arg, nargs="+", default=None, help="override: eta of the FID table (default 0 0.2 0.5 1 ddpm_noisy)")
+    q.add_argument("--recon-steps", type=positive_int, nargs="+", default=None, help="override: S of the reconstruction table")
+    q.set_defaults(func=cmd_quality)

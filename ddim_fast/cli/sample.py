@@ -1,0 +1,153 @@
+"""`ddim-fast sample` (a grid and/or a folder of PNGs, sharded under torchrun) and
+`ddim-fast interpolate` (slerp between the x_T of two seeds)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ..apps.distributed import World, batches, finish, generate, init_world
+from ..sampling.noise import derive_seed, indexed_noise, slerp
+from .args import DTYPES, CLIError, common_args, nonneg_int, positive_int, sampling_args
+from .common import auto_scale, fast_sampler, load_model, note, pick_device, pil_image, progress_bar, reference_sampler, save_grid, set_threads, time_run, to_uint8
+
+
+def cmd_sample(args) -> int:
+    set_threads(args)
+    world = _world_for(args)
+    device = pick_device(args.device) if world.size == 1 or args.device == "cpu" else _rank_device(args, world)
+    try:
+        model, schedule, desc = load_model(args.model, args.config, device, args if world.is_main else None)
+        if args.out is None and args.out_dir is None:
+            args.out = "samples.png"
+        sampler = fast_sampler(model, schedule, args)
+        shape = (model.in_channels, model.resolution, model.resolution)
+        n, bs = args.num_samples, args.batch_size
+        seconds = 0.0
+        first_batch = None
+
+        def sample_batch(b: int, start: int, count: int) -> np.ndarray:
+            nonlocal seconds, first_batch
+            x_T = indexed_noise(args.seed, start, count, shape).to(device)
+            if first_batch is None:
+                first_batch = x_T
+            # step noise (η > 0): one stream per batch, on the sampling device (graph-safe on CUDA)
+            g = torch.Generator(device=device).manual_seed(derive_seed(args.seed, 1, b))
+            x, dt = time_run(device, sampler.sample, x_T, generator=g)
+            seconds += dt
+            return to_uint8(x)
+
+        bar = progress_bar(args if world.is_main else _Quiet(), n if world.size == 1 else -(-n // world.size), "sample", "img")
+        if args.out_dir:
+            images = generate(sample_batch, n, bs, args.out_dir, world, write_png=lambda img, path: pil_image(img).save(path), on_batch=bar.update)
+        else:
+            images = np.concatenate([sample_batch(b, start, count) for b, start, count in _batches_with(bar, n, bs)])
+        bar.close()
+    finally:
+        finish(world)
+    rank_note = f", rank {world.rank} of {world.size}" if world.size > 1 else ""
+    made = f"{n} samples" if world.size == 1 else "this rank's samples"
+    per = f": {1000 * seconds / n:.2f} ms/sample" if world.size == 1 and seconds > 0 else ""
+    print(f"{made} in {seconds:.2f} s{per} (FastSampler, {desc}, S={args.steps}, eta={args.eta}, batch {bs}, {device.type} {args.dtype}{rank_note})")
+    if images is None:  # not rank 0 of a sharded run
+        return 0
+    if args.out:
+        w, h = save_grid(images, args.out, scale=auto_scale(args, model.resolution))
+        print(f"wrote {args.out} ({w}x{h} grid of {n})")
+    if args.out_dir:
+        print(f"wrote {n} PNGs and samples.npz (uint8 {tuple(images.shape)}, key arr_0) to {args.out_dir}")
+    if args.compare:
+        _compare(model, schedule, sampler, first_batch if first_batch is not None else indexed_noise(args.seed, 0, min(bs, n), shape).to(device), args, device)
+    return 0
+
+
+class _Quiet:
+    quiet = True
+
+
+def _batches_with(bar, n: int, bs: int):
+    for b, start, count in batches(n, bs):
+        yield b, start, count
+        bar.update(count)
+
+
+def _world_for(args):
+    """The torchrun process group when launched by torchrun (WORLD_SIZE > 1), else one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return World(0, 1, 0, False)
+    if args.out_dir is None:
+        raise CLIError("sample under torchrun needs --out-dir (each rank writes shards there; rank 0 merges them)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: CUDA is not available on this machine (torch sees no GPU); use --device cpu")
+    use_cuda = args.device != "cpu" and torch.cuda.is_available()
+    return init_world("cuda" if use_cuda else "cpu")
+
+
+def _rank_device(args, world) -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if world.local_rank >= torch.cuda.device_count():
+        raise CLIError(f"LOCAL_RANK {world.local_rank} but only {torch.cuda.device_count()} GPU(s) are visible")
+    return torch.device("cuda", world.local_rank)
+
+
+def _compare(model, schedule, fast, x_T, args, device) -> None:
+    """Time ReferenceSampler and FastSampler on one batch (one warm-up run each, then one timed run)."""
+    ref = reference_sampler(model, schedule, args)
+    x_ref = x_T.to(DTYPES[args.dtype])
+    gen = lambda: torch.Generator(device=device).manual_seed(derive_seed(args.seed, 1, 0))  # noqa: E731
+    note(args, f"timing ReferenceSampler vs FastSampler on a batch of {x_T.shape[0]} (one warm-up run each)")
+    ref.sample(x_ref, generator=gen())
+    _, t_ref = time_run(device, ref.sample, x_ref, generator=gen())
+    fast.sample(x_T, generator=gen())
+    _, t_fast = time_run(device, fast.sample, x_T, generator=gen())
+    n = x_T.shape[0]
+    print(f"reference {1000 * t_ref / n:.2f} ms/sample, fast {1000 * t_fast / n:.2f} ms/sample ({t_ref / t_fast:.2f}x)")
+
+
+def cmd_interpolate(args) -> int:
+    set_threads(args)
+    device = pick_device(args.device)
+    model, schedule, desc = load_model(args.model, args.config, device, args)
+    shape = (model.in_channels, model.resolution, model.resolution)
+    a, b = (indexed_noise(s, 0, 1, shape)[0] for s in args.seeds)  # sample 0 of each seed
+    alphas = [i / (args.frames - 1) for i in range(args.frames)]
+    x_T = torch.stack([slerp(a, b, al) for al in alphas]).to(device)
+    args.eta = 0.0
+    sampler = fast_sampler(model, schedule, args)
+    out = []
+    bar = progress_bar(args, args.frames, "interpolate", "img")
+    for i in range(0, args.frames, args.batch_size):
+        out.append(to_uint8(sampler.sample(x_T[i : i + args.batch_size])))
+        bar.update(min(args.batch_size, args.frames - i))
+    bar.close()
+    w, h = save_grid(np.concatenate(out), args.out, ncol=args.frames, scale=auto_scale(args, model.resolution))
+    print(f"wrote {args.out} ({w}x{h}): {args.frames} frames from seed {args.seeds[0]} to seed {args.seeds[1]} (slerp of x_T, S={args.steps}, eta=0, {desc})")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """The sample and interpolate commands."""
+    s = sub.add_parser("sample", help="draw samples to a grid PNG and/or a folder of PNGs + samples.npz", description="Draw samples with FastSampler. Sample i's x_T depends only on (--seed, i), so with eta=0 the same --seed gives the same images whatever --batch-size (with eta > 0 the step noise is drawn per batch).")
+    common_args(s)
+    sampling_args(s)
+    s.add_argument("--num-samples", type=positive_int, default=64, help="how many samples (default 64)")
+    s.add_argument("--batch-size", type=positive_int, default=64, help="samples per sampler call (default 64)")
+    s.add_argument("--seed", type=nonneg_int, default=0, help="sample i's x_T comes from (seed, i) (default 0)")
+    s.add_argument("--out", default=None, metavar="PNG", help="an image grid (default samples.png when --out-dir is not given)")
+    s.add_argument("--out-dir", default=None, metavar="DIR", help="one PNG per sample (000000.png, ...) and samples.npz (uint8 NHWC, key arr_0, for FID tools)")
+    s.add_argument("--scale", type=positive_int, default=None, help="enlarge the grid by this integer factor (default: to at least 64 px per image)")
+    s.add_argument("--compare", action="store_true", help="also time ReferenceSampler vs FastSampler on the first batch")
+    s.set_defaults(func=cmd_sample)
+
+    it = sub.add_parser("interpolate", help="slerp between the x_T of two seeds, as a row of frames", description="Spherical interpolation between sample 0 of --seeds A and of B (the x_T that `sample --seed A` starts its first image from), sampled with eta = 0.")
+    common_args(it)
+    sampling_args(it, eta=False)
+    it.add_argument("--seeds", type=nonneg_int, nargs=2, default=[0, 1], metavar=("A", "B"), help="the two seeds (default 0 1)")
+    it.add_argument("--frames", type=positive_int, default=8, help="frames, ends included (default 8; at least 2)")
+    it.add_argument("--batch-size", type=positive_int, default=64)
+    it.add_argument("--scale", type=positive_int, default=None, help="enlarge the grid by this integer factor (default: to at least 64 px per image)")
+    it.add_argument("--out", default="interpolation.png", help="the PNG to write (default interpolation.png)")
+    it.set_defaults(func=cmd_interpolate)

@@ -1,0 +1,16 @@
+"""The base layer: schedules, timestep grids, step plans and argument checks, in float64
+math on NumPy and plain torch tensors. It imports no other layer of ddim_fast and never
+torch.nn.
+
+    checks    argument checks shared by every layer
+    grids     timestep grids (uniform, quad, leading, trailing, linspace, explicit)
+    schedule  Schedule: betas and α_t; from a name, a spec or a diffusers config
+    plan      StepPlan: the coefficients of each sampling or encoding step
+    options   the validated options both samplers take
+"""
+
+from .grids import SKIP_TYPES, timestep_grid
+from .plan import COEF_COLUMNS, StepPlan, encoding_plan, sampling_plan
+from .schedule import Schedule
+
+__all__ = ["Schedule", "StepPlan", "sampling_plan", "encoding_plan", "timestep_grid", "SKIP_TYPES", "COEF_COLUMNS"]

@@ -1,0 +1,69 @@
+"""Timestep grids: which of the T training timesteps the S sampling steps visit."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .checks import check_num_train_timesteps, check_steps
+
+SKIP_TYPES = ("uniform", "quad", "leading", "trailing", "linspace")
+
+
+def timestep_grid(T: int, steps: int, skip="uniform", steps_offset: int = 0) -> list[int]:
+    """The S training timesteps τ that sampling visits, in increasing order.
+
+    skip:
+      "uniform"  range(0, T, T // S), the official default; its first S points when S does
+                 not divide T (the official code then runs ceil(T / (T // S)) steps).
+                 Equals diffusers' "leading" with steps_offset 0.
+      "quad"     int(linspace(0, sqrt(0.8 T), S)²), the official CIFAR-10 choice (for large
+                 S it repeats small timesteps, as the official code does; a repeated point
+                 is an identity step).
+      "leading"  i * (T // S) + steps_offset (diffusers).
+      "trailing" round(arange(T, 0, -T / S)) - 1 (diffusers).
+      "linspace" round(linspace(0, T - 1, S)) (diffusers).
+      a sequence of distinct ints in [0, T): that grid (sorted).
+    """
+    T = check_num_train_timesteps(T)
+    steps = check_steps(steps, T)
+    if not isinstance(skip, str):
+        return _explicit_grid(skip, T)
+    if isinstance(steps_offset, bool) or not isinstance(steps_offset, numbers.Integral) or steps_offset < 0:
+        raise ValueError(f"steps_offset must be a non-negative int, got {steps_offset!r}")
+    if steps_offset and skip != "leading":
+        raise ValueError(f"steps_offset applies to skip='leading' only, got skip={skip!r} with steps_offset={steps_offset}")
+    if skip == "uniform":
+        grid = list(range(0, T, T // steps))[:steps]
+    elif skip == "quad":
+        grid = [int(v) for v in np.linspace(0, np.sqrt(T * 0.8), steps) ** 2]
+    elif skip == "leading":
+        grid = [i * (T // steps) + int(steps_offset) for i in range(steps)]
+        if grid[-1] >= T:
+            raise ValueError(f"skip='leading' with steps_offset={steps_offset} reaches t={grid[-1]} >= T={T}")
+    elif skip == "trailing":
+        grid = sorted(int(v) for v in (np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1)[:steps])
+    elif skip == "linspace":
+        grid = [int(v) for v in np.linspace(0, T - 1, steps).round().astype(np.int64)]
+    else:
+        raise ValueError(f"unknown skip type {skip!r}; expected one of {SKIP_TYPES} or a list of timesteps")
+    return grid
+
+
+def _explicit_grid(skip, T: int) -> list[int]:
+    try:
+        values = list(skip)
+    except TypeError:
+        raise TypeError(f"skip must be one of {SKIP_TYPES} or a sequence of ints, got {skip!r}") from None
+    if not values:
+        raise ValueError("skip as an explicit grid must hold at least one timestep, got an empty sequence")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"skip as an explicit grid must hold ints, got {v!r} in {values!r}")
+        if not 0 <= v < T:
+            raise ValueError(f"skip as an explicit grid must hold timesteps in [0, {T}), got {v}")
+    if len(set(values)) != len(values):
+        dup = sorted({v for v in values if values.count(v) > 1})
+        raise ValueError(f"skip as an explicit grid must hold distinct timesteps; repeated: {dup}")
+    return sorted(int(v) for v in values)

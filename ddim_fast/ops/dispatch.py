@@ -1,0 +1,312 @@
+"""The fused ops, with input checks and backend dispatch.
+
+    ddim_step(x, eps, alpha_t, alpha_prev, sigma, noise=None, clip=None, out=None)
+    predict_x0(x, eps, alpha_t, clip=None, out=None)
+    group_norm_silu(x, num_groups, weight, bias, eps=1e-6)
+
+Backends (`backend=`): "cpu" and "cuda" (the native extension), "triton" (CUDA tensors,
+or CPU tensors under TRITON_INTERPRET=1), "torch" (plain PyTorch, anywhere). By default
+each call takes the best one built for the tensor's device: the native op, else Triton
+(CUDA), else PyTorch, warning once when a fused backend is missing. float64 tensors go
+to the PyTorch backend, which computes in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from ..core.checks import PREDICTION_CODE, check_clip, check_prediction
+from . import fallback
+from .extension import backends, has_native_kernel, triton_status, warn_once
+
+BACKENDS = ("cpu", "cuda", "triton", "torch")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# --- checks -------------------------------------------------------------------------------
+
+
+def _check_tensor(op: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{op}: {name} must be a floating-point tensor (float32, float16, bfloat16, float64), got {t.dtype}")
+
+
+def _check_like(op: str, name: str, x: torch.Tensor, t, allow_float32: bool = False) -> None:
+    _check_tensor(op, name, t)
+    if t.shape != x.shape:
+        raise ValueError(f"{op}: {name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{op}: {name} must be on x's device {x.device}, got {t.device}")
+    if t.dtype != x.dtype and not (allow_float32 and t.dtype == torch.float32):
+        extra = " (or float32)" if allow_float32 else ""
+        raise TypeError(f"{op}: {name} must have x's dtype {x.dtype}{extra}, got {t.dtype}")
+
+
+def _check_alpha(op: str, name: str, a) -> float:
+    if type(a) is float and 0.0 < a <= 1.0:  # the common case, without the ABC checks below
+        return a
+    if isinstance(a, torch.Tensor):
+        if a.numel() != 1:
+            raise ValueError(f"{op}: {name} must be a number (or a one-element tensor), got a tensor of shape {tuple(a.shape)}")
+        a = a.item()  # eager API only: the samplers pass Python floats
+    if isinstance(a, bool) or not isinstance(a, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a number in (0, 1], got {type(a).__name__} {a!r}")
+    a = float(a)
+    if not (0.0 < a <= 1.0):
+        raise ValueError(f"{op}: {name} must be in (0, 1], got {a}")
+    return a
+
+
+def _pick_backend(op: str, x: torch.Tensor, backend):
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {BACKENDS}")
+        dev = x.device.type
+        if backend in ("cpu", "cuda"):
+            if backend != dev:
+                raise ValueError(f"{op}: backend {backend!r} needs {backend} tensors, got x on {x.device}")
+            if not has_native_kernel(op, dev):
+                raise RuntimeError(f"{op}: backend {backend!r} is not available: {backends()[dev]['reason']}")
+            if x.dtype == torch.float64:
+                raise TypeError(f"{op}: backend {backend!r} takes float32, float16 or bfloat16; use backend='torch' for float64")
+        elif backend == "triton":
+            ok, why = triton_status()
+            if not ok:
+                raise RuntimeError(f"{op}: backend 'triton' is not available: {why}")
+            if x.dtype == torch.float64:
+                raise TypeError(f"{op}: backend 'triton' takes float32, float16 or bfloat16; use backend='torch' for float64")
+        return backend
+    if x.dtype == torch.float64:
+        return "torch"
+    dev = "cpu" if x.is_cpu else ("cuda" if x.is_cuda else x.device.type)  # .is_* cost a fifth of .device.type
+    if dev in ("cpu", "cuda") and has_native_kernel(op, dev):
+        return dev
+    if dev == "cuda" and triton_status()[0]:
+        return "triton"
+    if dev in ("cpu", "cuda"):
+        warn_once(f"native-{dev}", f"ddim_fast: the fused native {dev} ops are off ({backends()[dev]['reason']}); using the PyTorch fallback")
+    return "torch"
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """No gaps, no overlaps: some permutation of the dims is contiguous."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s > 1), key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _dense_layout(*tensors) -> bool:
+    """All tensors dense and laid out like the first (one flat index addresses all)."""
+    if all(t is None or t.is_contiguous() for t in tensors):  # the common case (shapes are equal)
+        return True
+    x = tensors[0]
+    if not _is_dense(x):
+        return False
+    for t in tensors[1:]:
+        if t is None:
+            continue
+        if not _is_dense(t):
+            return False
+        if any(s > 1 and a != b for s, a, b in zip(x.shape, x.stride(), t.stride())):
+            return False
+    return True
+
+
+# --- ddim_step --------------------------------------------------------------------------
+
+
+def ddim_step(
+    x,
+    eps,
+    alpha_t,
+    alpha_prev,
+    sigma,
+    noise=None,
+    clip=None,
+    out=None,
+    *,
+    prediction: str = "eps",
+    use_clipped_model_output: bool = False,
+    ddpm_mean: bool = False,
+    x0_out=None,
+    generator=None,
+    backend=None,
+):
+    """One DDIM step from x_t to x_prev (Eq. 12 of the DDIM paper), fused in one pass.
+
+        x0     = (x - sqrt(1 - alpha_t) * eps) / sqrt(alpha_t)      (clamped if `clip`)
+        x_prev = sqrt(alpha_prev) * x0 + sqrt(1 - alpha_prev - sigma²) * eps + sigma * noise
+
+    x, eps: (B, C, H, W) or any shape, the same dtype (fp32, fp16, bf16, fp64); `eps` is
+    the model output, read as eps, x0 or v by `prediction`. alpha_t, alpha_prev in (0, 1]
+    and sigma >= 0 with sigma² <= 1 - alpha_prev. noise: x's shape (fp32 or x's dtype),
+    drawn with `generator` if sigma > 0 and none is given. clip: None, r (for [-r, r]) or
+    (lo, hi). out: written and returned (may be x); allocated when None. x0_out: receives
+    x0 when given. use_clipped_model_output: eps recomputed from the clamped x0.
+    ddpm_mean: the DDPM posterior mean instead of the DDIM direction (the official
+    "ddpm_noisy" update; sigma is then the DDPM sigma-hat).
+    """
+    op = "ddim_step"
+    _check_tensor(op, "x", x)
+    _check_like(op, "eps", x, eps)
+    a_t = _check_alpha(op, "alpha_t", alpha_t)
+    a_s = _check_alpha(op, "alpha_prev", alpha_prev)
+    if type(sigma) is not float and (isinstance(sigma, bool) or not isinstance(sigma, numbers.Real)) or not math.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"{op}: sigma must be a finite number >= 0, got {sigma!r}")
+    sigma = float(sigma)
+    if not ddpm_mean and sigma * sigma > (1.0 - a_s) * (1 + 1e-6) + 1e-12:
+        raise ValueError(f"{op}: sigma² must be <= 1 - alpha_prev = {1 - a_s:.6g}, got sigma = {sigma:.6g} (sigma² = {sigma * sigma:.6g})")
+    if a_t == 1.0 and prediction != "eps":
+        raise ValueError(f"{op}: alpha_t = 1 leaves no noise to predict; prediction {prediction!r} needs alpha_t < 1")
+    code = PREDICTION_CODE[check_prediction(prediction)]
+    clip = check_clip(clip)
+    if ddpm_mean:
+        beta = max(1.0 - a_t / a_s, 0.0)
+        coefs = (math.sqrt(a_t), math.sqrt(1 - a_t), math.sqrt(a_s) * beta / (1 - a_t), 0.0, math.sqrt(1 - beta) * (1 - a_s) / (1 - a_t), sigma)
+    else:
+        coefs = (math.sqrt(a_t), math.sqrt(1 - a_t), math.sqrt(a_s), math.sqrt(max(1 - a_s - sigma * sigma, 0.0)), 0.0, sigma)
+    if sigma > 0 and noise is None:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    if noise is not None:
+        _check_like(op, "noise", x, noise, allow_float32=True)
+    if out is None:
+        out = torch.empty_like(x)
+    else:
+        _check_like(op, "out", x, out)
+    if x0_out is not None:
+        _check_like(op, "x0_out", x, x0_out)
+    return step(x, eps, coefs, noise, clip, code, use_clipped_model_output, out, x0_out, backend=backend)
+
+
+def step(x, model_output, coefs, noise, clip, prediction: int, clipped_eps: bool, out, x0_out=None, *, backend=None):
+    """ddim_step on checked arguments with precomputed coefficients (the samplers' entry).
+
+    coefs: 6 floats (sqrt_alpha_t, sqrt_one_minus_alpha_t, c_x0, c_eps, c_xt, sigma);
+    clip: None or (lo, hi); prediction: 0 eps, 1 x0, 2 v.
+    """
+    be = _pick_backend("ddim_step", x, backend)
+    if be == "torch":
+        return fallback.ddim_step(x, model_output, coefs, noise, clip, prediction, clipped_eps, out, x0_out)
+    if not _dense_layout(x, model_output, noise, out, x0_out):
+        # a kernel addresses all operands with one flat index: compute on dense copies
+        xc = x.contiguous()
+        tmp_out = torch.empty_like(xc)
+        tmp_x0 = torch.empty_like(xc) if x0_out is not None else None
+        step(xc, model_output.contiguous(), coefs, None if noise is None else noise.contiguous(), clip, prediction, clipped_eps, tmp_out, tmp_x0, backend=be)
+        if x0_out is not None:
+            x0_out.copy_(tmp_x0)
+        return out.copy_(tmp_out)
+    if be == "triton":
+        from ..kernels import ddim_step as tk
+
+        tk.ddim_step(x, model_output, coefs, noise, clip, prediction, clipped_eps, out, x0_out)
+        return out
+    lo, hi = clip if clip is not None else (0.0, 0.0)
+    torch.ops.ddim_fast.ddim_step(x, model_output, *coefs, noise, clip is not None, lo, hi, prediction, clipped_eps, out, x0_out)
+    return out
+
+
+# --- predict_x0 -----------------------------------------------------------------------------
+
+
+def predict_x0(x, eps, alpha_t, clip=None, out=None, *, prediction: str = "eps", eps_out=None, backend=None):
+    """x̂₀ = (x - sqrt(1 - alpha_t) * eps) / sqrt(alpha_t), clamped if `clip`, in one pass.
+
+    eps is the model output, read as eps, x0 or v by `prediction`. eps_out, when given,
+    receives eps recomputed from the clamped x̂₀ (diffusers' use_clipped_model_output).
+    Returns `out` (allocated when None).
+    """
+    op = "predict_x0"
+    _check_tensor(op, "x", x)
+    _check_like(op, "eps", x, eps)
+    a_t = _check_alpha(op, "alpha_t", alpha_t)
+    code = PREDICTION_CODE[check_prediction(prediction)]
+    clip = check_clip(clip)
+    if a_t == 1.0 and (code != 0 or eps_out is not None):
+        raise ValueError(f"{op}: alpha_t = 1 leaves no noise: eps cannot be recovered from x0 there")
+    if out is None:
+        out = torch.empty_like(x)
+    else:
+        _check_like(op, "out", x, out)
+    if eps_out is not None:
+        _check_like(op, "eps_out", x, eps_out)
+    sa, s1m = math.sqrt(a_t), math.sqrt(1.0 - a_t)
+    be = _pick_backend(op, x, backend)
+    if be == "torch":
+        return fallback.predict_x0(x, eps, sa, s1m, clip, code, out, eps_out)
+    if not _dense_layout(x, eps, out, eps_out):
+        xc = x.contiguous()
+        tmp = torch.empty_like(xc)
+        tmp_eps = torch.empty_like(xc) if eps_out is not None else None
+        predict_x0(xc, eps.contiguous(), a_t, clip, tmp, prediction=prediction, eps_out=tmp_eps, backend=be)
+        if eps_out is not None:
+            eps_out.copy_(tmp_eps)
+        return out.copy_(tmp)
+    if be == "triton":
+        from ..kernels import predict_x0 as tk
+
+        tk.predict_x0(x, eps, sa, s1m, clip, code, out, eps_out)
+        return out
+    lo, hi = clip if clip is not None else (0.0, 0.0)
+    torch.ops.ddim_fast.predict_x0(x, eps, sa, s1m, clip is not None, lo, hi, code, out, eps_out)
+    return out
+
+
+# --- group_norm_silu -----------------------------------------------------------------------
+
+
+def group_norm_silu(x, num_groups, weight=None, bias=None, eps: float = 1e-6, *, add_bias=None, backend=None):
+    """silu(group_norm(x + add_bias[:, :, None, None], num_groups, weight, bias, eps)) in one kernel.
+
+    x: (N, C, *spatial), NCHW or channels_last (the output keeps x's layout); C divisible
+    by num_groups; weight, bias: (C,) or None; add_bias: (N, C) or None (the ResNet block's
+    time-embedding projection, added before the norm). Statistics in fp32 (fp64 for fp64).
+    Not differentiable: under autograd use the module path (ddim_fast.models.fuse), which falls
+    back to PyTorch when gradients are needed.
+    """
+    op = "group_norm_silu"
+    _check_tensor(op, "x", x)
+    if x.dim() < 2:
+        raise ValueError(f"{op}: x must be (N, C, *spatial), got shape {tuple(x.shape)}")
+    if type(num_groups) is not int and (isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral)) or num_groups <= 0:
+        raise ValueError(f"{op}: num_groups must be a positive int, got {num_groups!r}")
+    C = x.shape[1]
+    if C % num_groups:
+        raise ValueError(f"{op}: num_groups must divide the number of channels: C = {C}, num_groups = {num_groups}")
+    if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)) or not eps > 0:
+        raise ValueError(f"{op}: eps must be a number > 0, got {eps!r}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        _check_tensor(op, name, p)
+        if tuple(p.shape) != (C,):
+            raise ValueError(f"{op}: {name} must have shape ({C},), got {tuple(p.shape)}")
+        if p.device != x.device:
+            raise ValueError(f"{op}: {name} must be on x's device {x.device}, got {p.device}")
+    if add_bias is not None:
+        _check_tensor(op, "add_bias", add_bias)
+        if tuple(add_bias.shape) != (x.shape[0], C):
+            raise ValueError(f"{op}: add_bias must have shape ({x.shape[0]}, {C}), got {tuple(add_bias.shape)}")
+        if add_bias.device != x.device:
+            raise ValueError(f"{op}: add_bias must be on x's device {x.device}, got {add_bias.device}")
+    be = _pick_backend(op, x, backend)
+    if be == "torch":
+        return fallback.group_norm_silu(x, num_groups, weight, bias, float(eps), add_bias)
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    if not (x.is_contiguous() or channels_last):
+        x = x.contiguous()
+    if be == "triton":
+        from ..kernels import group_norm_silu as tk
+
+        return tk.group_norm_silu(x, int(num_groups), weight, bias, float(eps), add_bias)
+    return torch.ops.ddim_fast.group_norm_silu(x, int(num_groups), weight, bias, add_bias, float(eps))

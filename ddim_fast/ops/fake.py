@@ -1,0 +1,24 @@
+"""Fake (meta) kernels of the native ops, so they trace under torch.compile.
+
+Registered once the extension has defined the ops (ops.extension loads this).
+"""
+
+import torch
+
+
+def register() -> None:
+    @torch.library.register_fake("ddim_fast::ddim_step")
+    def _ddim_step(x, model_output, sqrt_alpha_t, sqrt_one_minus_alpha_t, c_x0, c_eps, c_xt, sigma, noise, clip, clip_min, clip_max, prediction, clipped_eps, out, x0_out):
+        torch._check(model_output.shape == x.shape, lambda: f"ddim_step: model_output must have x's shape {tuple(x.shape)}")
+        torch._check(out.shape == x.shape, lambda: f"ddim_step: out must have x's shape {tuple(x.shape)}")
+        return None
+
+    @torch.library.register_fake("ddim_fast::predict_x0")
+    def _predict_x0(x, model_output, sqrt_alpha_t, sqrt_one_minus_alpha_t, clip, clip_min, clip_max, prediction, out, eps_out):
+        torch._check(out.shape == x.shape, lambda: f"predict_x0: out must have x's shape {tuple(x.shape)}")
+        return None
+
+    @torch.library.register_fake("ddim_fast::group_norm_silu")
+    def _group_norm_silu(x, num_groups, weight, bias, add_bias, eps):
+        torch._check(x.dim() >= 2, lambda: f"group_norm_silu: x must be (N, C, *spatial), got {tuple(x.shape)}")
+        return torch.empty_like(x)

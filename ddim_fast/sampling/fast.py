@@ -1,0 +1,244 @@
+"""FastSampler: the same samples as ReferenceSampler, with fused kernels and no per-step overhead.
+
+- The model runs as a fused copy (GroupNorm+SiLU in one kernel) sharing the caller's
+  weights; the caller's module is not changed (fuse="inplace" asks for that).
+- Each step is one fused op (x̂₀, clamp, update and noise in one pass) writing into a
+  static buffer; coefficients and timesteps are computed once, before the loop.
+- On CUDA (cuda_graph=True) the steps replay a captured CUDA graph (sampling/graph.py);
+  elsewhere, or if the model cannot be captured, the eager loop below runs.
+
+With the same generator it draws the same noise as ReferenceSampler (see its docstring
+for the order), so the two agree to float rounding for any η.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+
+from .. import ops
+from ..core.checks import PREDICTION_CODE, check_bool
+from ..core.options import check_dtype, make_options
+from ..core.plan import StepPlan, encoding_plan, sampling_plan
+from ..core.schedule import Schedule
+from ..models.prepare import model_dtype, prepare_model
+from . import common as S
+from .graph import GRAPH_MODES, GraphCache
+from .noise import initial_noise
+
+
+class FastSampler:
+    """DDIM sampling with fused kernels and, on CUDA, a captured sampling loop.
+
+    The first eight arguments are ReferenceSampler's (same meaning, same defaults).
+    Further options, keyword-only:
+
+    cuda_graph: replay a captured CUDA graph on CUDA (default True; falls back to the
+        eager loop with one warning if the model cannot be captured).
+    fuse: True (default) fuses GroupNorm+SiLU in a copy of the model that shares its
+        weights; "inplace" fuses the caller's module itself; False runs the model as is.
+    dtype: sampling dtype ("fp32", "fp16", "bf16" or a torch dtype); default the model's.
+        A dtype other than the model's runs a cast copy of the model.
+    channels_last: run the model on channels_last tensors, with a channels_last copy of
+        its conv weights; default (None): on the CPU, where oneDNN convolutions are faster so.
+    fast_rng: on CUDA, draw the noise inside the step kernel (Philox) instead of
+        torch.randn: one pass less for η > 0, but not the reference's stream (checked by
+        moments, not bit for bit).
+    graph_cache_size: how many captured graphs to keep (LRU), one per
+        (batch, shape, dtype, device, task).
+    graph_mode: "step" (one captured step replayed S times, the default) or "loop"
+        (all S steps captured in one graph: less launch work, more capture time and
+        graph memory; for small S).
+    backend: force the backend of the step op ("cpu", "cuda", "triton", "torch").
+    """
+
+    def __init__(
+        self,
+        model,
+        schedule: Schedule,
+        steps: int = 50,
+        eta=0.0,
+        skip="uniform",
+        clip_x0=False,
+        prediction: str = "eps",
+        check_finite: bool = False,
+        *,
+        steps_offset: int = 0,
+        use_clipped_model_output: bool = False,
+        cuda_graph: bool = True,
+        fuse=True,
+        dtype=None,
+        channels_last: Optional[bool] = None,
+        fast_rng: bool = False,
+        graph_cache_size: int = 4,
+        graph_mode: str = "step",
+        backend: Optional[str] = None,
+    ):
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
+        self.options = make_options(schedule, steps, eta, skip, clip_x0, prediction, check_finite, steps_offset, use_clipped_model_output)
+        self.schedule = schedule
+        self.cuda_graph = check_bool("cuda_graph", cuda_graph)
+        if channels_last is not None:
+            check_bool("channels_last", channels_last)
+        self._channels_last_opt = channels_last
+        self.fast_rng = check_bool("fast_rng", fast_rng)
+        if fuse not in (True, False, "inplace"):
+            raise ValueError(f"fuse must be True, False or 'inplace', got {fuse!r}")
+        if isinstance(graph_cache_size, bool) or not isinstance(graph_cache_size, int) or graph_cache_size < 1:
+            raise ValueError(f"graph_cache_size must be an int >= 1, got {graph_cache_size!r}")
+        if graph_mode not in GRAPH_MODES:
+            raise ValueError(f"graph_mode must be one of {GRAPH_MODES}, got {graph_mode!r}")
+        self.graph_mode = graph_mode
+        if backend is not None and backend not in ops.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {ops.BACKENDS}")
+        self.backend = backend
+        S.warn_if_training(model, "FastSampler")
+        self.model = model
+        self.dtype = check_dtype(dtype) or model_dtype(model) or torch.float32
+        self._fuse = fuse
+        self.fused_sites = 0
+        self._prepared = None  # (device, model as run there)
+        self._plan = sampling_plan(schedule, list(self.options.grid), self.options.eta)
+        self._encode_plan: Optional[StepPlan] = None
+        self._prediction = PREDICTION_CODE[self.options.prediction]
+        self._graphs = None  # graph.GraphCache, made on first CUDA use
+        self._graph_cache_size = graph_cache_size
+        self._lock = threading.Lock()  # one sample() at a time per sampler: buffers are shared
+
+    # --- set-up ------------------------------------------------------------------------------
+    def _prepared_model(self, device: torch.device):
+        """The model as this sampler runs it on `device`, made once per device.
+
+        A copy that shares the caller's weights (a cast copy if `dtype` differs), with
+        GroupNorm+SiLU fused, channels_last conv weights (a copy of those, when asked) and,
+        on CUDA, SDPA attention. fuse="inplace" changes the caller's module instead.
+        """
+        if self._prepared is not None and self._prepared[0] == device:
+            return self._prepared[1]
+        model, self.fused_sites = prepare_model(self.model, device=device, dtype=self.dtype, fuse=self._fuse, channels_last=self._channels_last(device))
+        self._prepared = (device, model)
+        return model
+
+    def _channels_last(self, device: torch.device) -> bool:
+        # auto: channels_last on the CPU, where oneDNN convolutions then skip a reorder
+        return (device.type == "cpu") if self._channels_last_opt is None else self._channels_last_opt
+
+    @property
+    def timesteps(self) -> list:
+        """The model timesteps in sampling order."""
+        return list(self._plan.timesteps)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        fmt = torch.channels_last if (self._channels_last(x.device) and x.dim() == 4) else torch.contiguous_format
+        return x.to(dtype=self.dtype, memory_format=fmt, copy=True)
+
+    # --- public -------------------------------------------------------------------------------
+    def sample(self, x_T=None, *, batch_size=None, generator=None, shape=None, return_x0: bool = False, return_trajectory: bool = False):
+        """Sample x0 from x_T (drawn from `generator` when not given); see ReferenceSampler.sample.
+
+        The result has the sampling dtype and x_T's memory format is not kept (contiguous).
+        """
+        x = initial_noise(self.model, x_T, batch_size, generator, shape, None, None)
+        return self._run(self._plan, x, generator, return_x0, return_trajectory, "sampling")
+
+    def encode(self, x0, *, return_trajectory: bool = False):
+        """DDIM inversion (η = 0) of x0 along the same grid; see ReferenceSampler.encode."""
+        x = S.check_input(self.model, x0, "x0")
+        if self._encode_plan is None:
+            self._encode_plan = encoding_plan(self.schedule, list(self.options.grid))
+        res = self._run(self._encode_plan, x, None, False, return_trajectory, "encoding")
+        return (res.sample, res.trajectory) if return_trajectory else res
+
+    # --- the loops ----------------------------------------------------------------------------
+    def _run(self, plan: StepPlan, x, generator, return_x0, return_trajectory, what):
+        encoding = what == "encoding"
+        want_extra = return_x0 or return_trajectory
+        if x.shape[0] == 0:
+            x = self._layout(x)
+            return S.SamplerOutput(x, [] if return_x0 else None, [x] if return_trajectory else None) if want_extra else x
+        if self.fast_rng and x.device.type != "cuda":
+            raise ValueError(f"fast_rng draws the noise inside the CUDA step kernel; x is on {x.device} (use fast_rng=False there)")
+        with self._lock, torch.inference_mode():
+            x = self._layout(x)
+            if x.device.type == "cuda" and self.cuda_graph and not want_extra and not self.options.check_finite:
+                if self._graphs is None:
+                    self._graphs = GraphCache(self._graph_cache_size, self.graph_mode)
+                out = self._graphs.run(self, plan, x, generator, encoding)
+                if out is not None:
+                    return out
+            return self._eager(plan, x, generator, return_x0, return_trajectory, encoding)
+
+    def _eager(self, plan: StepPlan, x, generator, return_x0, return_trajectory, encoding):
+        """The loop over static buffers: one model call and one fused op per step."""
+        o = self.options
+        n, dev = x.shape[0], x.device
+        model = self._prepared_model(dev)
+        t_table = torch.tensor(plan.timesteps, dtype=torch.long, device=dev).repeat_interleave(n).view(plan.steps, n)
+        noisy = [plan.draws_noise(i) for i in range(plan.steps)]
+        step = self._philox_stepper(plan, x, generator, encoding) if (self.fast_rng and any(noisy)) else self._op_stepper(plan, x, generator, encoding)
+        x0_preds = [] if return_x0 else None
+        xs = [x.clone()] if return_trajectory else None
+        for i in range(plan.steps):
+            out = S.call_model(model, x, t_table[i])
+            if i == 0:
+                S.check_model_output(out, x, i, plan.timesteps[i])
+            if out.dtype != x.dtype:
+                out = out.to(x.dtype)
+            x0_out = torch.empty_like(x) if return_x0 else None
+            step(i, out, noisy[i], x0_out)  # x updated in place
+            if o.check_finite:
+                S.check_finite(x, i, plan.timesteps[i], "encoding" if encoding else "sampling")
+            if return_x0:
+                x0_preds.append(x0_out)
+            if return_trajectory:
+                xs.append(x.clone())
+        if return_x0 or return_trajectory:
+            return S.SamplerOutput(x, x0_preds, xs)
+        return x
+
+    def _op_stepper(self, plan: StepPlan, x, generator, encoding):
+        """step(i, model_output, noisy, x0_out): the fused op, noise from the reference's stream."""
+        rows = [tuple(float(v) for v in r) for r in plan.coefs]
+        clip = None if encoding else self.options.clip
+        clipped_eps = self.options.use_clipped_model_output and not encoding
+        z = torch.empty(x.shape, dtype=torch.float32, device=x.device) if any(plan.draws_noise(i) for i in range(plan.steps)) else None
+        # a generator on another device draws there, then the draw moves (as ReferenceSampler does)
+        z_gen = torch.empty(x.shape, dtype=torch.float32, device=generator.device) if (z is not None and generator is not None and generator.device != x.device) else None
+
+        def step(i, out, noisy, x0_out):
+            noise = None
+            if noisy:
+                noise = z.copy_(torch.randn(x.shape, generator=generator, out=z_gen)) if z_gen is not None else torch.randn(x.shape, generator=generator, out=z)
+            ops.step(x, out, rows[i], noise, clip, self._prediction, clipped_eps, x, x0_out, backend=self.backend)
+
+        return step
+
+    def _philox_stepper(self, plan: StepPlan, x, generator, encoding):
+        """step(i, ...): the Triton step kernel drawing its own noise (fast_rng, CUDA only)."""
+        from ..kernels import ddim_step as tk
+
+        dev = x.device
+        source = generator if generator is not None else torch.cuda.default_generators[dev.index or 0]
+        table = torch.tensor(plan.coefs, dtype=torch.float32, device=dev)
+        row = torch.zeros(1, dtype=torch.int32, device=dev)
+        seed = torch.randint(0, 2**62, (1,), generator=source, device=dev)
+        clip = None if encoding else self.options.clip
+        clipped_eps = self.options.use_clipped_model_output and not encoding
+        has_xt = bool((plan.coefs[:, 4] != 0).any())
+
+        def step(i, out, noisy, x0_out):
+            row.fill_(i)
+            tk.launch(x, out, table, row, x, prediction=self._prediction, clip=clip, clipped_eps=clipped_eps, seed=seed if noisy else None, has_xt=has_xt, x0_out=x0_out)
+
+        return step
+
+    def __repr__(self) -> str:
+        o = self.options
+        return (
+            f"FastSampler(steps={o.steps}, eta={o.eta!r}, skip={o.skip!r}, clip_x0={o.clip}, prediction={o.prediction!r}, "
+            f"dtype={self.dtype}, cuda_graph={self.cuda_graph}, fused_sites={self.fused_sites})"
+        )
+

@@ -1,0 +1,218 @@
+"""The captured sampling loop: CUDA graphs replayed with no host work between steps.
+
+One step is (model forward; noise draw if σ > 0; fused Triton step; advance), and all
+of it reads its inputs from static device buffers:
+
+    x_buf      (B, C, H, W)  the sample, updated in place by the step kernel
+    t_buf      (B,) int64    the model's timestep input
+    t_table    (S + 1, B)    the timesteps of every step (a spare last row)
+    coefs      (S, 6) fp32   the coefficients of every step (core.plan.COEF_COLUMNS)
+    step       (1,) int32    the device-side step counter that selects both rows
+    z_buf      (B, C, H, W)  fp32 noise, drawn with torch.randn inside the graph
+
+The step kernel reads coefs[step]; the advance kernel then does step += 1 and
+t_buf = t_table[step]. So one captured step graph serves every step ("step" mode),
+replayed S times; or the S steps are captured into one graph ("loop" mode). A step with
+σ = 0 replays a second graph without the noise draw, so the generator is consumed
+exactly as ReferenceSampler consumes it: same generator, same noise, same samples.
+
+Noise comes from a sampler-owned CUDA generator registered with the graphs; each run
+copies the caller's generator state in and back out, so the caller's generator
+advances as if the eager loop had run. With fast_rng=True the step kernel draws the
+noise itself (Philox, seed from the generator once per run): one pass less, but not
+the reference's stream.
+
+Graphs are cached per (shape, dtype, layout, device, task) with a bound (LRU); a
+changed key captures anew. A model that cannot be captured (a host sync, data-dependent
+control flow) makes the sampler fall back to the eager loop, with one warning that
+names the reason.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+
+from ..core.plan import StepPlan
+
+GRAPH_MODES = ("step", "loop")
+
+
+def _kernels():
+    from ..kernels import ddim_step as k
+
+    return k
+
+
+class CapturedLoop:
+    """Static buffers and the captured graphs of one (shape, dtype, device, task)."""
+
+    def __init__(self, sampler, model, plan: StepPlan, x: torch.Tensor, encoding: bool, mode: str, pool, capture: bool = True):
+        """capture=False runs the same steps on the same buffers without a graph (any
+        device; the CPU under TRITON_INTERPRET=1 in tests)."""
+        k = _kernels()
+        dev = x.device
+        n = x.shape[0]
+        self.plan = plan
+        self.mode = mode
+        self.encoding = encoding
+        self.noisy = [plan.draws_noise(i) for i in range(plan.steps)]
+        self.fast_rng = sampler.fast_rng and any(self.noisy)
+        self.x_buf = torch.empty_like(x)
+        self.x_buf.copy_(x)
+        rows = torch.tensor(list(plan.timesteps) + [plan.timesteps[-1]], dtype=torch.long, device=dev)
+        self.t_table = rows.repeat_interleave(n).view(plan.steps + 1, n).contiguous()
+        self.t_buf = self.t_table[0].clone()
+        self.coefs = torch.tensor(plan.coefs, dtype=torch.float32, device=dev).contiguous()
+        self.step = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.z_buf = torch.empty(x.shape, dtype=torch.float32, device=dev) if any(self.noisy) and not self.fast_rng else None
+        self.seed = torch.zeros(1, dtype=torch.int64, device=dev) if self.fast_rng else None
+        self.gen = torch.Generator(device=dev) if self.z_buf is not None else None
+        self.clip = None if encoding else sampler.options.clip
+        self.clipped_eps = sampler.options.use_clipped_model_output and not encoding
+        self.prediction = sampler._prediction
+        self.has_xt = bool((plan.coefs[:, 4] != 0).any())
+        self._k = k
+        self._model = model
+        self._shape = tuple(x.shape)
+
+        self.graphs = {}
+        if not capture:
+            return
+        # warm-up on a side stream: lazy initialisation, cuDNN/Triton autotuning, Triton compiles
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for noisy in sorted(set(self.noisy)):
+                for _ in range(2):
+                    self._reset()
+                    self._one_step(noisy)
+        torch.cuda.current_stream(dev).wait_stream(side)
+
+        if mode == "loop":
+            g = torch.cuda.CUDAGraph()
+            self._register(g)
+            self._reset()
+            with torch.cuda.graph(g, pool=pool):
+                for i in range(plan.steps):
+                    self._one_step(self.noisy[i])
+            self.graphs["loop"] = g
+        else:
+            for noisy in sorted(set(self.noisy)):
+                g = torch.cuda.CUDAGraph()
+                self._register(g)
+                self._reset()
+                with torch.cuda.graph(g, pool=pool):
+                    self._one_step(noisy)
+                self.graphs[noisy] = g
+
+    def _register(self, g):
+        if self.gen is not None:
+            g.register_generator_state(self.gen)
+
+    def _reset(self):
+        self.step.zero_()
+        self.t_buf.copy_(self.t_table[0])
+
+    def _one_step(self, noisy: bool):
+        out = self._model(self.x_buf, self.t_buf)
+        out = getattr(out, "sample", out)
+        if out.dtype != self.x_buf.dtype:
+            out = out.to(self.x_buf.dtype)
+        noise = None
+        if noisy and self.z_buf is not None:
+            noise = torch.randn(self._shape, generator=self.gen, device=self.x_buf.device, dtype=torch.float32, out=self.z_buf)
+        self._k.launch(
+            self.x_buf,
+            out,
+            self.coefs,
+            self.step,
+            self.x_buf,
+            prediction=self.prediction,
+            clip=self.clip,
+            clipped_eps=self.clipped_eps,
+            noise=noise,
+            seed=self.seed if (noisy and self.fast_rng) else None,
+            has_xt=self.has_xt,
+        )
+        self._k.advance(self.step, self.t_table, self.t_buf)
+
+    def run(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """Sample from x (already in this loop's shape, dtype and layout). No host sync."""
+        dev = self.x_buf.device
+        self.x_buf.copy_(x)
+        self._reset()
+        if generator is not None:
+            source = generator
+        else:
+            source = torch.cuda.default_generators[dev.index or 0] if dev.type == "cuda" else torch.default_generator
+        if self.gen is not None:
+            self.gen.set_state(source.get_state())
+        if self.seed is not None:
+            self.seed.copy_(torch.randint(0, 2**62, (1,), generator=source, device=dev))
+        if not self.graphs:  # not captured: the same steps, launched one by one
+            for i in range(self.plan.steps):
+                self._one_step(self.noisy[i])
+        elif self.mode == "loop":
+            self.graphs["loop"].replay()
+        else:
+            for i in range(self.plan.steps):
+                self.graphs[self.noisy[i]].replay()
+        if self.gen is not None:
+            source.set_state(self.gen.get_state())
+        return self.x_buf.clone()
+
+
+class GraphCache:
+    """Captured loops of one sampler, least recently used dropped first."""
+
+    def __init__(self, size: int, mode: str = "step"):
+        if mode not in GRAPH_MODES:
+            raise ValueError(f"graph_mode must be one of {GRAPH_MODES}, got {mode!r}")
+        self.size = size
+        self.mode = mode
+        self._entries: "OrderedDict[tuple, CapturedLoop]" = OrderedDict()
+        self._pool = None
+        self.disabled_reason: Optional[str] = None
+
+    def key(self, x: torch.Tensor, encoding: bool) -> tuple:
+        fmt = "channels_last" if (x.dim() == 4 and not x.is_contiguous()) else "contiguous"
+        return (tuple(x.shape), x.dtype, fmt, x.device, "encode" if encoding else "sample")
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def run(self, sampler, plan: StepPlan, x: torch.Tensor, generator, encoding: bool):
+        """The result, or None when the caller should run the eager loop instead."""
+        if self.disabled_reason is not None:
+            return None
+        if generator is not None and generator.device.type != "cuda":
+            warnings.warn("FastSampler: a CPU generator cannot feed a CUDA graph; running the eager loop (pass a CUDA generator for the captured loop)", RuntimeWarning, stacklevel=4)
+            return None
+        key = self.key(x, encoding)
+        entry = self._entries.get(key)
+        if entry is None:
+            model = sampler._prepared_model(x.device)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            try:
+                entry = CapturedLoop(sampler, model, plan, x, encoding, self.mode, self._pool)
+            except Exception as e:  # noqa: BLE001 - any failure to capture means: run eagerly
+                torch.cuda.synchronize(x.device)
+                self.disabled_reason = f"{type(e).__name__}: {e}".splitlines()[0]
+                warnings.warn(
+                    f"FastSampler: the model could not be captured in a CUDA graph ({self.disabled_reason}); "
+                    "falling back to the eager fused loop (slower at small batch). Pass cuda_graph=False to silence this.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                return None
+            self._entries[key] = entry
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        else:
+            self._entries.move_to_end(key)
+        return entry.run(x, generator)

@@ -1,0 +1,173 @@
+"""The reference sampler: the plain eager loop of the official DDIM code.
+
+It follows ermongroup/ddim's `generalized_steps` (η in [0, 1]) and `ddpm_steps`
+(η = "ddpm_noisy") step for step, with tensor arithmetic in x's dtype, so that it is what
+users compare against and what the fast sampler must match. It is deliberately plain:
+no fused kernels, no preallocation, one model call and a handful of small ops per step.
+
+Noise order (shared with FastSampler, so both agree for any η with the same generator):
+x_T, when not given, is `torch.randn((B, C, H, W), generator=g)` in float32; then each
+step whose σ > 0 draws one `torch.randn(x.shape, generator=g)` in float32, in sampling
+order. The last step (to x0) has σ = 0 and draws nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.options import make_options
+from ..core.plan import encoding_plan, sampling_plan
+from ..core.schedule import Schedule
+from ..models.prepare import model_dtype
+from . import common as S
+from .noise import initial_noise, noise_like
+
+
+class ReferenceSampler:
+    """DDIM sampling as the official code does it.
+
+    model: any callable model(x, t) -> eps (or x0, or v, per `prediction`); t is an int64
+    tensor of shape (B,) on x's device; outputs with a `.sample` attribute are accepted.
+    schedule: a ddim_fast.Schedule. steps: S, the number of model calls. eta: in [0, 1]
+    (0: deterministic DDIM, 1: DDPM's posterior variance) or "ddpm_noisy" (σ̂ with the
+    DDPM posterior mean). skip: the timestep grid ("uniform", "quad", "leading",
+    "trailing", "linspace" or a list). clip_x0: False, True (±1), r or (lo, hi).
+    check_finite: raise as soon as a step makes NaN or Inf (a host sync per step).
+    steps_offset: for skip="leading". use_clipped_model_output: with a clamp, recompute
+    eps from the clamped x̂₀ (diffusers' option; the official code does not clamp).
+    """
+
+    def __init__(
+        self,
+        model,
+        schedule: Schedule,
+        steps: int = 50,
+        eta=0.0,
+        skip="uniform",
+        clip_x0=False,
+        prediction: str = "eps",
+        check_finite: bool = False,
+        *,
+        steps_offset: int = 0,
+        use_clipped_model_output: bool = False,
+    ):
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
+        S.warn_if_training(model, "ReferenceSampler")
+        self.model = model
+        self._model_dtype = model_dtype(model)
+        self.schedule = schedule
+        self.options = make_options(schedule, steps, eta, skip, clip_x0, prediction, check_finite, steps_offset, use_clipped_model_output)
+        # validates alpha_t > 0 on the grid now, not an hour into a run
+        self._plan = sampling_plan(schedule, list(self.options.grid), self.options.eta)
+
+    @property
+    def timesteps(self) -> list:
+        """The model timesteps in sampling order."""
+        return list(self._plan.timesteps)
+
+    def _alphas(self, x: torch.Tensor) -> torch.Tensor:
+        # index t + 1 of [α_{-1}, α_0, ..., α_{T-1}], as the official compute_alpha does; the
+        # float32 table (as the official code keeps it), or the float64 one for float64 x
+        if x.dtype == torch.float64:
+            table = torch.from_numpy(self.schedule.alphas_cumprod64)
+        else:
+            table = self.schedule.alphas_cumprod
+        head = torch.tensor([self.schedule.final_alpha_cumprod], dtype=table.dtype)
+        return torch.cat([head, table]).to(device=x.device, dtype=x.dtype)
+
+    def _model_input(self, x):
+        # an fp16/bf16 model gets its own dtype; the loop's arithmetic stays in x's
+        return x if self._model_dtype is None or x.dtype == self._model_dtype else x.to(self._model_dtype)
+
+    def _x0_eps(self, x, out, at):
+        p = self.options.prediction
+        if p == "eps":
+            return (x - out * (1 - at).sqrt()) / at.sqrt(), out
+        if p == "x0":
+            return out, (x - at.sqrt() * out) / (1 - at).sqrt()
+        return at.sqrt() * x - (1 - at).sqrt() * out, at.sqrt() * out + (1 - at).sqrt() * x
+
+    @torch.no_grad()
+    def sample(self, x_T=None, *, batch_size=None, generator=None, shape=None, return_x0: bool = False, return_trajectory: bool = False):
+        """Sample x0 from x_T (drawn from `generator` when not given).
+
+        Returns the sample (B, C, H, W), or a SamplerOutput(sample, x0_preds, trajectory)
+        when return_x0 or return_trajectory is set.
+        """
+        o = self.options
+        x = initial_noise(self.model, x_T, batch_size, generator, shape, None, None)
+        n = x.shape[0]
+        x0_preds = [] if return_x0 else None
+        xs = [x] if return_trajectory else None
+        if n == 0:
+            return S.SamplerOutput(x, x0_preds, xs) if (return_x0 or return_trajectory) else x
+        ac = self._alphas(x)
+        for i, (t_i, s_i) in enumerate(zip(self._plan.timesteps, self._plan.prev)):
+            t = torch.full((n,), t_i, dtype=torch.long, device=x.device)
+            t_next = torch.full((n,), s_i, dtype=torch.long, device=x.device)
+            at = ac.index_select(0, t + 1).view(-1, *([1] * (x.dim() - 1)))
+            at_next = ac.index_select(0, t_next + 1).view(-1, *([1] * (x.dim() - 1)))
+            et = S.call_model(self.model, self._model_input(x), t)
+            if i == 0:
+                S.check_model_output(et, x, i, t_i)
+            x0_t, et = self._x0_eps(x, et.to(x.dtype), at)
+            if o.clip is not None:
+                x0_t = x0_t.clamp(*o.clip)
+                if o.use_clipped_model_output:
+                    et = (x - at.sqrt() * x0_t) / (1 - at).sqrt()
+            if return_x0:
+                x0_preds.append(x0_t)
+            noise = noise_like(x, generator).to(x.dtype) if self._plan.draws_noise(i) else None
+            if o.ddpm_noisy:  # ddpm_steps: DDPM posterior mean, variance beta_t
+                beta_t = 1 - at / at_next
+                mean = ((at_next.sqrt() * beta_t) * x0_t + ((1 - beta_t).sqrt() * (1 - at_next)) * x) / (1.0 - at)
+                x = mean if noise is None else mean + torch.exp(0.5 * beta_t.log()) * noise
+            else:  # generalized_steps
+                c1 = o.eta * ((1 - at / at_next) * (1 - at_next) / (1 - at)).sqrt()
+                c2 = ((1 - at_next) - c1**2).sqrt()
+                if noise is None:
+                    x = at_next.sqrt() * x0_t + c2 * et
+                else:
+                    x = at_next.sqrt() * x0_t + c1 * noise + c2 * et
+            if o.check_finite:
+                S.check_finite(x, i, t_i)
+            if return_trajectory:
+                xs.append(x)
+        if return_x0 or return_trajectory:
+            return S.SamplerOutput(x, x0_preds, xs)
+        return x
+
+    @torch.no_grad()
+    def encode(self, x0, *, return_trajectory: bool = False):
+        """DDIM inversion (η = 0): x0 -> x_T along the same grid, forward in t.
+
+        Each step s -> t evaluates the model at t on x_s, then x_t = sqrt(α_t) x̂₀ +
+        sqrt(1 - α_t) eps with x̂₀ = (x_s - sqrt(1 - α_s) eps) / sqrt(α_s).
+        Returns x_T, or (x_T, trajectory) when return_trajectory is set.
+        """
+        x = S.check_input(self.model, x0, "x0")
+        plan = encoding_plan(self.schedule, list(self.options.grid))
+        xs = [x] if return_trajectory else None
+        n = x.shape[0]
+        if n > 0:
+            ac = self._alphas(x)
+            for i, (t_i, s_i) in enumerate(zip(plan.timesteps, plan.prev)):
+                t = torch.full((n,), t_i, dtype=torch.long, device=x.device)
+                a_t = ac[t_i + 1]
+                a_s = ac[s_i + 1]
+                out = S.call_model(self.model, self._model_input(x), t)
+                if i == 0:
+                    S.check_model_output(out, x, i, t_i)
+                _, et = self._x0_eps(x, out.to(x.dtype), a_t)  # eps at the model's timestep
+                x0_t = (x - (1 - a_s).sqrt() * et) / a_s.sqrt()
+                x = a_t.sqrt() * x0_t + (1 - a_t).sqrt() * et
+                if self.options.check_finite:
+                    S.check_finite(x, i, t_i, "encoding")
+                if return_trajectory:
+                    xs.append(x)
+        return (x, xs) if return_trajectory else x
+
+    def __repr__(self) -> str:
+        o = self.options
+        return f"ReferenceSampler(steps={o.steps}, eta={o.eta!r}, skip={o.skip!r}, clip_x0={o.clip}, prediction={o.prediction!r})"
