@@ -1,4 +1,5 @@
-// Argument checks of ddim_fast::group_norm_silu, shared by the CPU and CUDA kernels.
+// Argument checks of ddim_fast's GroupNorm ops (group_norm_silu, group_norm_act,
+// add_group_norm_act), shared by the CPU and CUDA kernels.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -16,14 +17,15 @@ struct GroupNormArgs {
   int64_t N, C, HW, G;
   Layout layout;
   at::Tensor weight, bias;  // (C,) fp32, contiguous
-  at::Tensor add_bias;      // (N, C) fp32, contiguous, or undefined
+  at::Tensor add_bias;      // (N, C) or (C,) fp32, contiguous, or undefined
+  int64_t add_bias_stride_n = 0;  // C for (N, C), 0 for one (C,) row shared by every sample
 };
 
-inline GroupNormArgs check_group_norm_silu(const at::Tensor& x, int64_t num_groups,
-                                           const std::optional<at::Tensor>& weight,
-                                           const std::optional<at::Tensor>& bias,
-                                           const std::optional<at::Tensor>& add_bias, double eps) {
-  const char* op = "group_norm_silu";
+// `op` names the operator in error messages. A residual, when given, must be laid out like x.
+inline GroupNormArgs check_group_norm(const char* op, const at::Tensor& x, int64_t num_groups,
+                                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                      const std::optional<at::Tensor>& add_bias, double eps,
+                                      const at::Tensor* residual = nullptr) {
   TORCH_CHECK(is_supported_float(x.scalar_type()), op, ": x must be float32, float16 or bfloat16, got ",
               x.scalar_type());
   TORCH_CHECK(x.dim() >= 2, op, ": x must be (N, C, *spatial), got shape ", x.sizes());
@@ -57,12 +59,15 @@ inline GroupNormArgs check_group_norm_silu(const at::Tensor& x, int64_t num_grou
   a.weight = param(weight, "weight", true);
   a.bias = param(bias, "bias", false);
   if (add_bias.has_value()) {
-    TORCH_CHECK(add_bias->dim() == 2 && add_bias->size(0) == N && add_bias->size(1) == C, op,
-                ": add_bias must have shape (", N, ", ", C, "), got ", add_bias->sizes());
+    const bool row = add_bias->dim() == 1 && add_bias->size(0) == C;
+    TORCH_CHECK(row || (add_bias->dim() == 2 && add_bias->size(0) == N && add_bias->size(1) == C), op,
+                ": add_bias must have shape (", N, ", ", C, ") or (", C, ",), got ", add_bias->sizes());
     TORCH_CHECK(add_bias->device() == x.device(), op, ": add_bias must be on x's device ", x.device(), ", got ",
                 add_bias->device());
     a.add_bias = add_bias->to(at::kFloat).contiguous();
+    a.add_bias_stride_n = row ? 0 : C;
   }
+  if (residual != nullptr) check_like(op, "residual", x, *residual);
   return a;
 }
 

@@ -1,7 +1,7 @@
 // Operator schemas of ddim_fast, declared once. Each backend registers its kernels in
 // its own file: csrc/cpu/<op>.cpp (TORCH_LIBRARY_IMPL(ddim_fast, CPU, m)) and
 // csrc/cuda/<op>.cu (TORCH_LIBRARY_IMPL(ddim_fast, CUDA, m)). Fake kernels for
-// torch.compile are registered from Python (ddim_fast/_fake.py).
+// torch.compile are registered from Python (ddim_fast/ops/fake.py).
 //
 // Scalars come as doubles (Python floats); kernels compute in fp32 whatever the storage.
 // `prediction` is what the model outputs: 0 = eps, 1 = x0, 2 = v (see common.h).
@@ -24,11 +24,21 @@ TORCH_LIBRARY(ddim_fast, m) {
   m.def(
       "predict_x0(Tensor x, Tensor model_output, float sqrt_alpha_t, float sqrt_one_minus_alpha_t, "
       "bool clip, float clip_min, float clip_max, int prediction, Tensor(a!) out, Tensor(b!)? eps_out) -> ()");
-  // silu(group_norm(x + add_bias[:, :, None, None], num_groups, weight, bias, eps)), statistics
-  // in fp32. x is (N, C, *spatial), NCHW or channels_last; add_bias is (N, C) or absent.
+  // silu(group_norm(x + add_bias[..., None, None], num_groups, weight, bias, eps)), statistics
+  // in fp32. x is (N, C, *spatial), NCHW or channels_last; add_bias is (N, C), (C,) (one row
+  // for every sample) or absent.
   m.def(
       "group_norm_silu(Tensor x, int num_groups, Tensor? weight, Tensor? bias, Tensor? add_bias, "
       "float eps) -> Tensor");
+  // The same with the SiLU optional: act(group_norm(x + add_bias)), act = SiLU or identity.
+  m.def(
+      "group_norm_act(Tensor x, int num_groups, Tensor? weight, Tensor? bias, Tensor? add_bias, "
+      "float eps, bool silu) -> Tensor");
+  // A residual add first: s = x + residual (written: a UNet still needs it as the next skip),
+  // y = act(group_norm(s + add_bias)). Returns (s, y); residual has x's shape, dtype and layout.
+  m.def(
+      "add_group_norm_act(Tensor x, Tensor residual, int num_groups, Tensor? weight, Tensor? bias, "
+      "Tensor? add_bias, float eps, bool silu) -> (Tensor, Tensor)");
 }
 
 // `import ddim_fast._C` loads this library, and with it the registrations above.

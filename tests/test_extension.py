@@ -10,7 +10,7 @@ pytestmark = pytest.mark.skipif(not _load_extension()[0], reason="the native ext
 
 
 def test_operators_are_registered():
-    for op in ("ddim_step", "predict_x0", "group_norm_silu"):
+    for op in ("ddim_step", "predict_x0", "group_norm_silu", "group_norm_act", "add_group_norm_act"):
         assert hasattr(torch.ops.ddim_fast, op)
         assert has_native_kernel(op, "cpu")
     b = backends()
@@ -49,6 +49,17 @@ def test_opcheck_group_norm_silu(channels_last):
     torch.library.opcheck(torch.ops.ddim_fast.group_norm_silu.default, (x, 4, torch.randn(8), torch.randn(8), torch.randn(2, 8), 1e-6))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_group_norm_act(channels_last, dtype):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 8, 5, 5).to(dtype).contiguous(memory_format=fmt)
+    r = torch.randn(2, 8, 5, 5).to(dtype).contiguous(memory_format=fmt)
+    w, b = torch.randn(8), torch.randn(8)
+    torch.library.opcheck(torch.ops.ddim_fast.group_norm_act.default, (x, 4, w, b, torch.randn(8), 1e-6, False))
+    torch.library.opcheck(torch.ops.ddim_fast.add_group_norm_act.default, (x, r, 4, w, b, torch.randn(2, 8), 1e-6, True))
+
+
 def test_native_errors_say_what_was_expected():
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(RuntimeError, match=r"ddim_step: model_output must have x's shape \[2, 3, 4, 4\], got \[2, 3, 4\]"):
@@ -63,6 +74,13 @@ def test_native_errors_say_what_was_expected():
         torch.ops.ddim_fast.group_norm_silu(x, 3, torch.ones(4), None, None, 1e-6)
     with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16, got Double"):
         torch.ops.ddim_fast.group_norm_silu(x.double(), 3, None, None, None, 1e-6)
+    y = torch.randn(2, 4, 4, 4)
+    with pytest.raises(RuntimeError, match=r"add_group_norm_act: residual must have x's shape \[2, 4, 4, 4\], got \[2, 4, 4\]"):
+        torch.ops.ddim_fast.add_group_norm_act(y, torch.randn(2, 4, 4), 2, None, None, None, 1e-6, True)
+    with pytest.raises(RuntimeError, match=r"add_group_norm_act: residual must have x's memory layout"):
+        torch.ops.ddim_fast.add_group_norm_act(y, torch.randn(2, 4, 4, 4).contiguous(memory_format=torch.channels_last), 2, None, None, None, 1e-6, True)
+    with pytest.raises(RuntimeError, match=r"group_norm_act: add_bias must have shape \(2, 4\) or \(4,\), got \[3\]"):
+        torch.ops.ddim_fast.group_norm_act(y, 2, None, None, torch.randn(3), 1e-6, False)
 
 
 def test_torch_compile_fullgraph_calls_the_ops():

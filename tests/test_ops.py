@@ -150,11 +150,12 @@ def test_predict_x0(backend, device, dtype, atol, rtol, prediction, clip):
     _close(eps_out, eps, dtype, atol * max(1.0, eps.abs().max().item()), rtol)
 
 
-def _ref_gn_silu(x, G, w, b, eps, add_bias):
+def _ref_gn_silu(x, G, w, b, eps, add_bias, silu=True):
     h = x.double()
     if add_bias is not None:
-        h = h + add_bias.double()[:, :, None, None]
-    return F.silu(F.group_norm(h, G, None if w is None else w.double(), None if b is None else b.double(), eps))
+        h = h + add_bias.double().reshape(*add_bias.shape, 1, 1)  # (N, C) or (C,)
+    y = F.group_norm(h, G, None if w is None else w.double(), None if b is None else b.double(), eps)
+    return F.silu(y) if silu else y
 
 
 GN_SHAPES = [
@@ -192,12 +193,81 @@ def test_group_norm_silu(backend, device, dtype, atol, rtol, N, C, H, W, G, chan
     _close(y, ref, dtype, atol * 10, rtol, torch_err)
 
 
+# (silu, residual, add_bias): the ResNet block's norm1 after an add (silu, residual),
+# the attention norm after an add (no silu), norm2 with one time-embedding row shared
+# by the batch (C,) or one per sample (N, C)
+GN_ACT_CASES = [(True, True, None), (False, True, None), (True, False, "row"), (True, True, "row"), (False, False, "per_sample"), (False, True, "per_sample")]
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("N, C, H, W, G", GN_SHAPES[:4] + GN_SHAPES[5:])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("silu, residual, add", GN_ACT_CASES)
+def test_group_norm_act(backend, device, dtype, atol, rtol, N, C, H, W, G, channels_last, silu, residual, add):
+    g = torch.Generator().manual_seed(N * C + H + 7)
+    x = (torch.randn(N, C, H, W, generator=g) * 3 + 5).to(device=device, dtype=dtype)
+    r = (torch.randn(N, C, H, W, generator=g) * 2 - 1).to(device=device, dtype=dtype) if residual else None
+    w, b = torch.randn(C, generator=g).to(device), torch.randn(C, generator=g).to(device)  # fp32, as the lean model keeps them
+    ab = {None: None, "row": torch.randn(C, generator=g), "per_sample": torch.randn(N, C, generator=g)}[add]
+    ab = None if ab is None else ab.to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        r = None if r is None else r.contiguous(memory_format=torch.channels_last)
+    out = ops.group_norm_act(x, G, w, b, 1e-6, silu=silu, add_bias=ab, residual=r, backend=backend)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if residual:
+        s, y = out
+        s_ref = x.double() + r.double()
+        # the sum is rounded to x's dtype once, as torch's own add rounds it
+        torch_s = (x + r).double()
+        _close(s, s_ref, dtype, atol, rtol, (torch_s - s_ref).abs().max().item() if dtype != torch.float32 else None)
+        assert s.dtype == dtype and s.is_contiguous(memory_format=fmt)
+        h = x + r  # what a separate add feeds the norm
+    else:
+        y, h, s_ref = out, x, x.double()
+    ref = _ref_gn_silu(s_ref, G, w, b, 1e-6, ab, silu)
+    torch_err = None
+    if dtype != torch.float32:  # PyTorch's own error at this precision, from the same rounded input
+        hh = h.float() + (0 if ab is None else ab.reshape(*ab.shape, 1, 1))
+        yt = F.group_norm(hh, G, w, b, 1e-6)
+        torch_err = ((F.silu(yt) if silu else yt).to(dtype).double() - ref).abs().max().item()
+    assert y.shape == x.shape and y.dtype == dtype and y.is_contiguous(memory_format=fmt)
+    _close(y, ref, dtype, atol * 10, rtol, torch_err)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_group_norm_act_residual_layout_follows_x(backend, device):
+    """A residual in the other layout is taken as it is; s and y keep x's layout."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 5, 6, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+    r = torch.randn(2, 8, 5, 6, generator=g).to(device)  # NCHW
+    s, y = ops.group_norm_act(x, 4, residual=r, backend=backend)
+    assert s.is_contiguous(memory_format=torch.channels_last) and y.is_contiguous(memory_format=torch.channels_last)
+    _close(s, x.double() + r.double(), torch.float32, 1e-6, 1e-6)
+    _close(y, _ref_gn_silu(x.double() + r.double(), 4, None, None, 1e-6, None), torch.float32, 1e-5, 1e-5)
+
+
+def test_group_norm_act_bad_input():
+    x = torch.randn(2, 8, 4, 4)
+    with pytest.raises(ValueError, match=r"add_group_norm_act: residual must have x's shape \(2, 8, 4, 4\), got \(2, 8, 4\)"):
+        ops.group_norm_act(x, 4, residual=torch.randn(2, 8, 4))
+    with pytest.raises(TypeError, match="add_group_norm_act: residual must have x's dtype torch.float32, got torch.bfloat16"):
+        ops.group_norm_act(x, 4, residual=x.bfloat16())
+    with pytest.raises(ValueError, match=r"group_norm_act: add_bias must have shape \(2, 8\) or \(8,\), got \(3, 8\)"):
+        ops.group_norm_act(x, 4, add_bias=torch.randn(3, 8))
+    with pytest.raises(TypeError, match="silu must be True or False"):
+        ops.group_norm_act(x, 4, silu=1)
+
+
 @pytest.mark.parametrize("backend, device", BACKENDS)
 def test_empty_inputs(backend, device):
     x = torch.empty(0, 4, 3, 3, device=device)
     assert ops.ddim_step(x, x.clone(), 0.5, 0.9, 0.0, backend=backend).shape == x.shape
     assert ops.predict_x0(x, x.clone(), 0.5, backend=backend).shape == x.shape
     assert ops.group_norm_silu(x, 2, backend=backend).shape == x.shape
+    s, y = ops.group_norm_act(x, 2, residual=x.clone(), silu=False, backend=backend)
+    assert s.shape == y.shape == x.shape
 
 
 def test_default_backend_on_cpu():
@@ -252,6 +322,13 @@ def test_cpu_low_precision_is_the_fp32_result_rounded(dtype, shape):
         y = ops.group_norm_silu(xc, 1, w.to(dtype), b.to(dtype), add_bias=ab.to(dtype), backend="cpu")
         ref = ops.group_norm_silu(xc.float(), 1, w.to(dtype).float(), b.to(dtype).float(), add_bias=ab.to(dtype).float(), backend="cpu")
         assert torch.equal(y, ref.to(dtype)), fmt
+        # with a residual: the sum as torch's add rounds it, then the norm of that stored sum
+        r = m.contiguous(memory_format=fmt)
+        for silu in (True, False):
+            s, y = ops.group_norm_act(xc, 1, w, b, add_bias=ab[0], residual=r, silu=silu, backend="cpu")
+            assert torch.equal(s, xc + r), fmt
+            ref = ops.group_norm_act(s.float(), 1, w, b, add_bias=ab[0], silu=silu, backend="cpu")
+            assert torch.equal(y, ref.to(dtype)), (fmt, silu)
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
@@ -276,3 +353,7 @@ def test_group_norm_silu_mean_much_larger_than_spread(backend, device, channels_
     y = ops.group_norm_silu(x, G, w.to(device), b.to(device), 1e-6, add_bias=ab, backend=backend)
     ref = _ref_gn_silu(x, G, w.to(device), b.to(device), 1e-6, ab)
     _close(y, ref, torch.float32, 2e-3, 1e-3)
+    # the same moments with the large mean split between x and a residual
+    r = torch.full_like(x, 400.0)
+    s, y = ops.group_norm_act(x - 400.0, G, w.to(device), b.to(device), 1e-6, add_bias=ab, residual=r, backend=backend)
+    _close(y, _ref_gn_silu(s.double(), G, w.to(device), b.to(device), 1e-6, ab), torch.float32, 2e-3, 1e-3)

@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from ddim_fast.kernels.ddim_step import _ddim_step_kernel, _advance_kernel
-    from ddim_fast.kernels.group_norm_silu import _group_norm_silu_kernel
+    from ddim_fast.kernels.group_norm_silu import _group_norm_kernel
     from ddim_fast.kernels.predict_x0 import _predict_x0_kernel
 
     target = GPUTarget("cuda", 90, 32)
@@ -45,10 +45,12 @@ SCRIPT = textwrap.dedent(
         sig = {"x_ptr": f"*{dt}", "m_ptr": f"*{dt}", "x0_ptr": f"*{dt}", "eps_ptr": f"*{dt}", "n": "i32", "sa": "fp32",
                "s1m": "fp32", "clip_lo": "fp32", "clip_hi": "fp32"}
         build(_predict_x0_kernel, sig, {"PREDICTION": 2, "CLIP": True, "WRITE_EPS": True, "BLOCK": 1024})
-        sig = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": "*fp32", "b_ptr": "*fp32", "ab_ptr": "*fp32", "C": "i32",
-               "HW": "i32", "D": "i32", "G": "i32", "stride_c": "i32", "stride_p": "i32", "eps": "fp32"}
-        for has_w, has_add, bp, bd in ((True, True, 256, 4), (False, False, 1, 1024), (True, False, 512, 2)):
-            build(_group_norm_silu_kernel, sig, {"HAS_W": has_w, "HAS_ADD": has_add, "BLOCK_P": bp, "BLOCK_D": bd})
+        sig = {"x_ptr": f"*{dt}", "r_ptr": f"*{dt}", "s_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": "*fp32", "b_ptr": "*fp32",
+               "ab_ptr": "*fp32", "C": "i32", "HW": "i32", "D": "i32", "G": "i32", "stride_c": "i32", "stride_p": "i32",
+               "ab_stride_n": "i32", "eps": "fp32"}
+        for has_w, has_add, has_res, silu, bp, bd in ((True, True, False, True, 256, 4), (False, False, True, True, 1, 1024),
+                                                      (True, False, True, False, 512, 2), (True, True, True, True, 128, 16)):
+            build(_group_norm_kernel, sig, {"HAS_W": has_w, "HAS_ADD": has_add, "HAS_RES": has_res, "SILU": silu, "BLOCK_P": bp, "BLOCK_D": bd})
     build(_advance_kernel, {"step_ptr": "*i32", "t_table_ptr": "*i64", "t_ptr": "*i64", "B": "i32"}, {"BLOCK": 64})
     print("compiled", n)
     '''

@@ -1,6 +1,8 @@
-// CPU kernel of ddim_fast::group_norm_silu: (bias add +) GroupNorm + SiLU.
-// Reads x twice (statistics, then output) and writes y once, instead of GroupNorm's
-// two reads and one write plus SiLU's read and write (and the bias add's read and write).
+// CPU kernels of ddim_fast's GroupNorm ops: (residual add +) (bias add +) GroupNorm
+// (+ SiLU). Reads x twice (statistics, then output) and writes y once, instead of
+// GroupNorm's two reads and one write plus SiLU's read and write (and the bias add's read
+// and write). With a residual, a first pass writes s = x + residual (rounded to x's dtype,
+// as a separate add would store it) and the rest reads s: one op instead of two.
 //
 // Statistics are per (n, group) in fp32 from chunks flushed to double, over values
 // shifted by one of the group's own values (NCHW: the group's first; channels_last: each
@@ -11,6 +13,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../group_norm_silu.h"
@@ -25,15 +29,34 @@ constexpr int64_t kChunk = 1024;  // fp32 partial sums are flushed to double thi
 inline Vec silu_v(Vec v) { return v / (Vec(1.f) + v.neg().exp_u20()); }  // exp_u20: ~20 ulp, several times faster than exp()
 inline float silu_f(float v) { return v / (1.f + std::exp(-v)); }
 
+template <bool SILU>
+inline Vec act_v(Vec v) {
+  if constexpr (SILU) return silu_v(v);
+  return v;
+}
+template <bool SILU>
+inline float act_f(float v) {
+  if constexpr (SILU) return silu_f(v);
+  return v;
+}
+
+// out[i] = a[i] + b[i] for i < n, in fp32 and rounded to T (what a separate add stores).
+template <typename T>
+inline void add_rows(const T* a, const T* b, T* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + kVec <= n; i += kVec) store_f(out + i, load_f(a + i) + load_f(b + i));
+  for (; i < n; ++i) out[i] = static_cast<T>(static_cast<float>(a[i]) + static_cast<float>(b[i]));
+}
+
 // scale/shift per (n, c) from the per-channel moments about k_c, such that
-// y = silu(x * scale + shift).
+// y = act(x * scale + shift).
 inline void finish_group(const double* s, const double* ss, const float* k, int64_t n, int64_t g,
                          const GroupNormArgs& a, double count_per_channel, double eps, float* scale,
                          float* shift) {
   const int64_t D = a.C / a.G;
   const float* w = a.weight.const_data_ptr<float>();
   const float* b = a.bias.const_data_ptr<float>();
-  const float* ab = a.add_bias.defined() ? a.add_bias.const_data_ptr<float>() + n * a.C : nullptr;
+  const float* ab = a.add_bias.defined() ? a.add_bias.const_data_ptr<float>() + n * a.add_bias_stride_n : nullptr;
   double sum = 0, sumsq = 0;
   for (int64_t d = 0; d < D; ++d) {
     const int64_t c = g * D + d;
@@ -54,19 +77,19 @@ inline void finish_group(const double* s, const double* ss, const float* k, int6
   }
 }
 
-template <typename T>
+template <typename T, bool SILU>
 inline void apply_row(const T* x, T* y, int64_t n, const float* scale, const float* shift, bool per_element) {
   // per_element: scale/shift vary along the row (channels_last); else one value for the row.
   int64_t i = 0;
   if (per_element) {
     for (; i + kVec <= n; i += kVec) {
-      store_f(y + i, silu_v(load_f(x + i) * Vec::loadu(scale + i) + Vec::loadu(shift + i)));
+      store_f(y + i, act_v<SILU>(load_f(x + i) * Vec::loadu(scale + i) + Vec::loadu(shift + i)));
     }
-    for (; i < n; ++i) y[i] = static_cast<T>(silu_f(static_cast<float>(x[i]) * scale[i] + shift[i]));
+    for (; i < n; ++i) y[i] = static_cast<T>(act_f<SILU>(static_cast<float>(x[i]) * scale[i] + shift[i]));
   } else {
     const Vec sv(*scale), hv(*shift);
-    for (; i + kVec <= n; i += kVec) store_f(y + i, silu_v(load_f(x + i) * sv + hv));
-    for (; i < n; ++i) y[i] = static_cast<T>(silu_f(static_cast<float>(x[i]) * *scale + *shift));
+    for (; i + kVec <= n; i += kVec) store_f(y + i, act_v<SILU>(load_f(x + i) * sv + hv));
+    for (; i < n; ++i) y[i] = static_cast<T>(act_f<SILU>(static_cast<float>(x[i]) * *scale + *shift));
   }
 }
 
@@ -124,7 +147,7 @@ inline void accumulate_row(const T* p, int64_t n, float k, GroupMoments& m) {
 // apply_row (one value of scale/shift) on row x -> y while adding the next group's row xn
 // (same length) about kn to mn: the output pass is bound by SiLU's arithmetic and the
 // statistics pass by reading memory, so doing both in one loop overlaps the two.
-template <typename T>
+template <typename T, bool SILU>
 inline void apply_row_with_moments(const T* x, T* y, int64_t n, float scale, float shift, const T* xn, float kn,
                                    GroupMoments& mn) {
   const Vec sv(scale), hv(shift), kv(kn);
@@ -133,22 +156,26 @@ inline void apply_row_with_moments(const T* x, T* y, int64_t n, float scale, flo
     int64_t i = c0;
     for (; i + kVec <= c1; i += kVec) {
       mn.add(load_f(xn + i) - kv);
-      store_f(y + i, silu_v(load_f(x + i) * sv + hv));
+      store_f(y + i, act_v<SILU>(load_f(x + i) * sv + hv));
     }
     for (; i < c1; ++i) {
       mn.add(static_cast<float>(xn[i]) - kn);
-      y[i] = static_cast<T>(silu_f(static_cast<float>(x[i]) * scale + shift));
+      y[i] = static_cast<T>(act_f<SILU>(static_cast<float>(x[i]) * scale + shift));
     }
     mn.counted(c1 - c0);
   }
 }
 
-template <typename T>
-void nchw_kernel(const T* x, T* y, const GroupNormArgs& a, double eps) {
+// x: the input; with a residual r, sum_out = x + r is written first and the norm reads it.
+template <typename T, bool SILU>
+void nchw_kernel(const T* x, const T* r, T* sum_out, T* y, const GroupNormArgs& a, double eps) {
   const int64_t N = a.N, C = a.C, G = a.G, D = C / G, HW = a.HW;
   const float* w = a.weight.const_data_ptr<float>();
   const float* b = a.bias.const_data_ptr<float>();
   const float* ab = a.add_bias.defined() ? a.add_bias.const_data_ptr<float>() : nullptr;
+  const int64_t ab_n = a.add_bias_stride_n;
+  const T* xin = x;
+  if (r != nullptr) x = sum_out;  // the norm's input from here on
   const double count = static_cast<double>(D * HW);
   // Task ng = (n, group) owns the contiguous block x[ng * D * HW, (ng + 1) * D * HW): the
   // moments of h = x + ab_c over it, about k = h at the block's first element (so that a
@@ -156,9 +183,12 @@ void nchw_kernel(const T* x, T* y, const GroupNormArgs& a, double eps) {
   // range of tasks, the output pass of one task carries the statistics pass of the next
   // (software pipelining); only the first task's statistics run on their own.
   auto block = [&](int64_t ng) { return x + ng * D * HW; };
-  auto ab_of = [&](int64_t ng, int64_t d) { return ab ? ab[ng / G * C + ng % G * D + d] : 0.f; };
+  auto ab_of = [&](int64_t ng, int64_t d) { return ab ? ab[ng / G * ab_n + ng % G * D + d] : 0.f; };
   auto shift_of = [&](int64_t ng) { return static_cast<float>(block(ng)[0]) + ab_of(ng, 0); };
   at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+    if (r != nullptr) {  // this range's blocks of the sum, before any of them is read
+      add_rows(xin + begin * D * HW, r + begin * D * HW, sum_out + begin * D * HW, (end - begin) * D * HW);
+    }
     std::vector<float> scale(D), shift(D);
     GroupMoments m;
     float k = shift_of(begin);
@@ -172,7 +202,7 @@ void nchw_kernel(const T* x, T* y, const GroupNormArgs& a, double eps) {
       const double mean = k + mean_k;
       const int64_t c0 = ng % G * D;
       for (int64_t d = 0; d < D; ++d) {
-        // y = silu((x + ab_c - mean) * rstd * w_c + b_c) = silu(x * scale + shift)
+        // y = act((x + ab_c - mean) * rstd * w_c + b_c) = act(x * scale + shift)
         const double sc = rstd * w[c0 + d];
         scale[d] = static_cast<float>(sc);
         shift[d] = static_cast<float>((ab_of(ng, d) - mean) * sc + b[c0 + d]);
@@ -183,21 +213,26 @@ void nchw_kernel(const T* x, T* y, const GroupNormArgs& a, double eps) {
         GroupMoments mn;
         const float kn = shift_of(ng + 1);
         for (int64_t d = 0; d < D; ++d) {
-          apply_row_with_moments(xb + d * HW, yb + d * HW, HW, scale[d], shift[d], block(ng + 1) + d * HW,
-                                 kn - ab_of(ng + 1, d), mn);
+          apply_row_with_moments<T, SILU>(xb + d * HW, yb + d * HW, HW, scale[d], shift[d],
+                                          block(ng + 1) + d * HW, kn - ab_of(ng + 1, d), mn);
         }
         m = mn;
         k = kn;
       } else {
-        for (int64_t d = 0; d < D; ++d) apply_row(xb + d * HW, yb + d * HW, HW, &scale[d], &shift[d], false);
+        for (int64_t d = 0; d < D; ++d) {
+          apply_row<T, SILU>(xb + d * HW, yb + d * HW, HW, &scale[d], &shift[d], false);
+        }
       }
     }
   });
 }
 
-template <typename T>
-void channels_last_kernel(const T* x, T* y, const GroupNormArgs& a, double eps) {
+// x: the input; with a residual r, each row of sum_out = x + r is written as the
+// statistics pass reaches it, and read back (the norm's input is the stored sum).
+template <typename T, bool SILU>
+void channels_last_kernel(const T* x, const T* r, T* sum_out, T* y, const GroupNormArgs& a, double eps) {
   const int64_t N = a.N, C = a.C, G = a.G, HW = a.HW;
+  const T* src = r != nullptr ? sum_out : x;  // what the statistics and output passes read
   constexpr int64_t kPix = 64;  // pixels per statistics task
   const int64_t chunks = (HW + kPix - 1) / kPix;
   // per-chunk per-channel moments about k_c (the channel's value at pixel 0)
@@ -207,12 +242,24 @@ void channels_last_kernel(const T* x, T* y, const GroupNormArgs& a, double eps) 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / chunks, ch = task % chunks;
       const T* xn = x + n * HW * C;
-      for (int64_t c = 0; c < C; ++c) k[c] = static_cast<float>(xn[c]);
+      if (r != nullptr) {  // the shift: the sum at pixel 0, rounded as stored (whichever task stores it)
+        const T* rn = r + n * HW * C;
+        for (int64_t c = 0; c < C; ++c) {
+          k[c] = static_cast<float>(static_cast<T>(static_cast<float>(xn[c]) + static_cast<float>(rn[c])));
+        }
+      } else {
+        for (int64_t c = 0; c < C; ++c) k[c] = static_cast<float>(xn[c]);
+      }
       std::fill(sf.begin(), sf.end(), 0.f);
       std::fill(ssf.begin(), ssf.end(), 0.f);
       const int64_t p1 = std::min(HW, (ch + 1) * kPix);
       for (int64_t p = ch * kPix; p < p1; ++p) {
         const T* row = xn + p * C;
+        if (r != nullptr) {
+          T* srow = sum_out + n * HW * C + p * C;
+          add_rows(row, r + n * HW * C + p * C, srow, C);
+          row = srow;
+        }
         int64_t c = 0;
         for (; c + kVec <= C; c += kVec) {
           const Vec v = load_f(row + c) - Vec::loadu(k.data() + c);
@@ -246,7 +293,7 @@ void channels_last_kernel(const T* x, T* y, const GroupNormArgs& a, double eps) 
           sst[c] += ss[(n * chunks + ch) * C + c];
         }
       }
-      for (int64_t c = 0; c < C; ++c) k[c] = static_cast<float>(x[n * HW * C + c]);
+      for (int64_t c = 0; c < C; ++c) k[c] = static_cast<float>(src[n * HW * C + c]);
       for (int64_t g = 0; g < G; ++g) {
         finish_group(st.data(), sst.data(), k.data(), n, g, a, static_cast<double>(HW), eps, scale.data(),
                      shift.data());
@@ -256,26 +303,65 @@ void channels_last_kernel(const T* x, T* y, const GroupNormArgs& a, double eps) 
   at::parallel_for(0, N * HW, 16, [&](int64_t begin, int64_t end) {
     for (int64_t np = begin; np < end; ++np) {
       const int64_t n = np / HW;
-      apply_row(x + np * C, y + np * C, C, &scale[n * C], &shift[n * C], true);
+      apply_row<T, SILU>(src + np * C, y + np * C, C, &scale[n * C], &shift[n * C], true);
     }
   });
+}
+
+// y = act(group_norm(x [+ residual] + add_bias)); s receives x + residual when given.
+void run(const GroupNormArgs& a, const at::Tensor& x, const at::Tensor* residual, at::Tensor* s, at::Tensor& y,
+         double eps, bool silu) {
+  if (x.numel() == 0) return;
+  dispatch_float(x.scalar_type(), "group_norm", [&](auto tag) {
+    using T = decltype(tag);
+    const T* r = residual ? residual->const_data_ptr<T>() : nullptr;
+    T* sp = s ? s->data_ptr<T>() : nullptr;
+    auto go = [&](auto silu_tag) {
+      constexpr bool SILU = decltype(silu_tag)::value;
+      if (a.layout == Layout::kNCHW) {
+        nchw_kernel<T, SILU>(x.const_data_ptr<T>(), r, sp, y.data_ptr<T>(), a, eps);
+      } else {
+        channels_last_kernel<T, SILU>(x.const_data_ptr<T>(), r, sp, y.data_ptr<T>(), a, eps);
+      }
+    };
+    if (silu) {
+      go(std::true_type{});
+    } else {
+      go(std::false_type{});
+    }
+  });
+}
+
+at::Tensor group_norm_act_cpu(const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& add_bias,
+                              double eps, bool silu) {
+  const GroupNormArgs a = check_group_norm("group_norm_act", x, num_groups, weight, bias, add_bias, eps);
+  at::Tensor y = at::empty_like(x);  // keeps x's memory format
+  run(a, x, nullptr, nullptr, y, eps, silu);
+  return y;
 }
 
 at::Tensor group_norm_silu_cpu(const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& add_bias,
                                double eps) {
-  const GroupNormArgs a = check_group_norm_silu(x, num_groups, weight, bias, add_bias, eps);
-  at::Tensor y = at::empty_like(x);  // keeps x's memory format
-  if (x.numel() == 0) return y;
-  dispatch_float(x.scalar_type(), "group_norm_silu", [&](auto tag) {
-    using T = decltype(tag);
-    if (a.layout == Layout::kNCHW) {
-      nchw_kernel<T>(x.const_data_ptr<T>(), y.data_ptr<T>(), a, eps);
-    } else {
-      channels_last_kernel<T>(x.const_data_ptr<T>(), y.data_ptr<T>(), a, eps);
-    }
-  });
+  const GroupNormArgs a = check_group_norm("group_norm_silu", x, num_groups, weight, bias, add_bias, eps);
+  at::Tensor y = at::empty_like(x);
+  run(a, x, nullptr, nullptr, y, eps, /*silu=*/true);
   return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_group_norm_act_cpu(const at::Tensor& x, const at::Tensor& residual,
+                                                          int64_t num_groups,
+                                                          const std::optional<at::Tensor>& weight,
+                                                          const std::optional<at::Tensor>& bias,
+                                                          const std::optional<at::Tensor>& add_bias, double eps,
+                                                          bool silu) {
+  const GroupNormArgs a =
+      check_group_norm("add_group_norm_act", x, num_groups, weight, bias, add_bias, eps, &residual);
+  at::Tensor s = at::empty_like(x);
+  at::Tensor y = at::empty_like(x);
+  run(a, x, &residual, &s, y, eps, silu);
+  return {s, y};
 }
 
 }  // namespace
@@ -283,6 +369,8 @@ at::Tensor group_norm_silu_cpu(const at::Tensor& x, int64_t num_groups, const st
 
 TORCH_LIBRARY_IMPL(ddim_fast, CPU, m) {
   m.impl("group_norm_silu", &cpu::group_norm_silu_cpu);
+  m.impl("group_norm_act", &cpu::group_norm_act_cpu);
+  m.impl("add_group_norm_act", &cpu::add_group_norm_act_cpu);
 }
 
 }  // namespace ddim_fast

@@ -4,6 +4,7 @@ base layer (ddim_fast.core) and the Triton kernels (ddim_fast.kernels) only.
     ddim_step(x, eps, alpha_t, alpha_prev, sigma, noise=None, clip=None, out=None)
     predict_x0(x, eps, alpha_t, clip=None, out=None)
     group_norm_silu(x, num_groups, weight, bias, eps=1e-6)
+    group_norm_act(x, num_groups, weight, bias, eps=1e-6, silu=True, residual=None)  # (s, y) with a residual
 
     dispatch   input checks and backend choice; `step` is the samplers' checked entry
     extension  loading the native extension ddim_fast._C; `backends()` says what is there
@@ -11,7 +12,7 @@ base layer (ddim_fast.core) and the Triton kernels (ddim_fast.kernels) only.
     fallback   the plain-PyTorch backend (and the float64 path)
 """
 
-from .dispatch import BACKENDS, ddim_step, group_norm_silu, predict_x0, step
+from .dispatch import BACKENDS, ddim_step, group_norm_act, group_norm_silu, predict_x0, step
 from .extension import backends, has_native_kernel
 
-__all__ = ["ddim_step", "predict_x0", "group_norm_silu", "step", "BACKENDS", "backends", "has_native_kernel"]
+__all__ = ["ddim_step", "predict_x0", "group_norm_silu", "group_norm_act", "step", "BACKENDS", "backends", "has_native_kernel"]

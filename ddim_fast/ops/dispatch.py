@@ -3,6 +3,7 @@
     ddim_step(x, eps, alpha_t, alpha_prev, sigma, noise=None, clip=None, out=None)
     predict_x0(x, eps, alpha_t, clip=None, out=None)
     group_norm_silu(x, num_groups, weight, bias, eps=1e-6)
+    group_norm_act(x, num_groups, weight, bias, eps=1e-6, silu=True, residual=None)
 
 Backends (`backend=`): "cpu" and "cuda" (the native extension), "triton" (CUDA tensors,
 or CPU tensors under TRITON_INTERPRET=1), "torch" (plain PyTorch, anywhere). By default
@@ -262,19 +263,38 @@ def predict_x0(x, eps, alpha_t, clip=None, out=None, *, prediction: str = "eps",
     return out
 
 
-# --- group_norm_silu -----------------------------------------------------------------------
+# --- group_norm_silu, group_norm_act ---------------------------------------------------------
 
 
 def group_norm_silu(x, num_groups, weight=None, bias=None, eps: float = 1e-6, *, add_bias=None, backend=None):
-    """silu(group_norm(x + add_bias[:, :, None, None], num_groups, weight, bias, eps)) in one kernel.
+    """silu(group_norm(x + add_bias[..., None, None], num_groups, weight, bias, eps)) in one kernel.
 
     x: (N, C, *spatial), NCHW or channels_last (the output keeps x's layout); C divisible
-    by num_groups; weight, bias: (C,) or None; add_bias: (N, C) or None (the ResNet block's
-    time-embedding projection, added before the norm). Statistics in fp32 (fp64 for fp64).
-    Not differentiable: under autograd use the module path (ddim_fast.models.fuse), which falls
-    back to PyTorch when gradients are needed.
+    by num_groups; weight, bias: (C,) or None; add_bias: (N, C), (C,) (one row for every
+    sample) or None: the ResNet block's time-embedding projection, added before the norm.
+    Statistics in fp32 (fp64 for fp64). Not differentiable: under autograd use the module
+    path (ddim_fast.models.fuse), which falls back to PyTorch when gradients are needed.
     """
-    op = "group_norm_silu"
+    return _group_norm("group_norm_silu", x, num_groups, weight, bias, eps, add_bias, None, True, backend)
+
+
+def group_norm_act(x, num_groups, weight=None, bias=None, eps: float = 1e-6, *, silu: bool = True, add_bias=None, residual=None, backend=None):
+    """act(group_norm(x [+ residual] + add_bias, num_groups, weight, bias, eps)) in one kernel,
+    act = SiLU (silu=True) or the identity (a plain GroupNorm, as in attention blocks).
+
+    With a residual (x's shape, dtype and layout), the kernel first forms s = x + residual,
+    rounded to x's dtype as a separate add would store it, normalises s and returns
+    (s, y): one op where a UNet runs an add and then a norm, with the sum still written
+    because it is the next block's skip. Without one it returns y. Arguments otherwise as
+    group_norm_silu.
+    """
+    if not isinstance(silu, bool):
+        raise TypeError(f"group_norm_act: silu must be True or False, got {type(silu).__name__} {silu!r}")
+    op = "group_norm_act" if residual is None else "add_group_norm_act"
+    return _group_norm(op, x, num_groups, weight, bias, eps, add_bias, residual, silu, backend)
+
+
+def _group_norm(op, x, num_groups, weight, bias, eps, add_bias, residual, silu, backend):
     _check_tensor(op, "x", x)
     if x.dim() < 2:
         raise ValueError(f"{op}: x must be (N, C, *spatial), got shape {tuple(x.shape)}")
@@ -295,18 +315,27 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps: float = 1e-6, *,
             raise ValueError(f"{op}: {name} must be on x's device {x.device}, got {p.device}")
     if add_bias is not None:
         _check_tensor(op, "add_bias", add_bias)
-        if tuple(add_bias.shape) != (x.shape[0], C):
-            raise ValueError(f"{op}: add_bias must have shape ({x.shape[0]}, {C}), got {tuple(add_bias.shape)}")
+        if tuple(add_bias.shape) not in ((x.shape[0], C), (C,)):
+            raise ValueError(f"{op}: add_bias must have shape ({x.shape[0]}, {C}) or ({C},), got {tuple(add_bias.shape)}")
         if add_bias.device != x.device:
             raise ValueError(f"{op}: add_bias must be on x's device {x.device}, got {add_bias.device}")
+    if residual is not None:
+        _check_like(op, "residual", x, residual)
     be = _pick_backend(op, x, backend)
     if be == "torch":
-        return fallback.group_norm_silu(x, num_groups, weight, bias, float(eps), add_bias)
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-    if not (x.is_contiguous() or channels_last):
-        x = x.contiguous()
+        return fallback.group_norm_act(x, num_groups, weight, bias, float(eps), add_bias, residual, silu)
+    # the kernels take NCHW or channels_last, and address a residual with x's strides
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=fmt)
     if be == "triton":
         from ..kernels import group_norm_silu as tk
 
-        return tk.group_norm_silu(x, int(num_groups), weight, bias, float(eps), add_bias)
-    return torch.ops.ddim_fast.group_norm_silu(x, int(num_groups), weight, bias, add_bias, float(eps))
+        return tk.group_norm_act(x, int(num_groups), weight, bias, float(eps), add_bias, residual, silu)
+    if residual is not None:
+        return torch.ops.ddim_fast.add_group_norm_act(x, residual, int(num_groups), weight, bias, add_bias, float(eps), silu)
+    if op == "group_norm_silu":
+        return torch.ops.ddim_fast.group_norm_silu(x, int(num_groups), weight, bias, add_bias, float(eps))
+    return torch.ops.ddim_fast.group_norm_act(x, int(num_groups), weight, bias, add_bias, float(eps), silu)

@@ -16,7 +16,7 @@ import torch
 
 from . import fake
 
-_OPS = ("ddim_step", "predict_x0", "group_norm_silu")
+_OPS = ("ddim_step", "predict_x0", "group_norm_silu", "group_norm_act", "add_group_norm_act")
 
 
 @functools.lru_cache(maxsize=None)

@@ -22,3 +22,14 @@ def register() -> None:
     def _group_norm_silu(x, num_groups, weight, bias, add_bias, eps):
         torch._check(x.dim() >= 2, lambda: f"group_norm_silu: x must be (N, C, *spatial), got {tuple(x.shape)}")
         return torch.empty_like(x)
+
+    @torch.library.register_fake("ddim_fast::group_norm_act")
+    def _group_norm_act(x, num_groups, weight, bias, add_bias, eps, silu):
+        torch._check(x.dim() >= 2, lambda: f"group_norm_act: x must be (N, C, *spatial), got {tuple(x.shape)}")
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("ddim_fast::add_group_norm_act")
+    def _add_group_norm_act(x, residual, num_groups, weight, bias, add_bias, eps, silu):
+        torch._check(x.dim() >= 2, lambda: f"add_group_norm_act: x must be (N, C, *spatial), got {tuple(x.shape)}")
+        torch._check(residual.shape == x.shape, lambda: f"add_group_norm_act: residual must have x's shape {tuple(x.shape)}")
+        return torch.empty_like(x), torch.empty_like(x)

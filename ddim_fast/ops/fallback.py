@@ -57,15 +57,27 @@ def predict_x0(x, model_output, sa, s1m, clip, prediction: int, out, eps_out=Non
     return out
 
 
-def group_norm_silu(x, num_groups, weight, bias, eps, add_bias=None):
+def group_norm_act(x, num_groups, weight, bias, eps, add_bias=None, residual=None, silu=True):
+    """act(group_norm(x [+ residual] + add_bias)); returns y, or (x + residual, y) with a residual.
+
+    add_bias: (N, C) or (C,). The residual sum is rounded to x's dtype, as a separate add stores it."""
+    if residual is not None:
+        s = x + residual
+        return s, group_norm_act(s, num_groups, weight, bias, eps, add_bias, None, silu)
     cd = _compute_dtype(x.dtype)
     h = x.to(cd)
     if add_bias is not None:
         h = h + add_bias.to(cd).reshape(*add_bias.shape, *([1] * (x.dim() - 2)))
     w = weight.to(cd) if weight is not None else None
     b = bias.to(cd) if bias is not None else None
-    y = F.silu(F.group_norm(h, num_groups, w, b, eps))
+    y = F.group_norm(h, num_groups, w, b, eps)
+    if silu:
+        y = F.silu(y)
     return y.to(x.dtype).contiguous(memory_format=_memory_format(x))
+
+
+def group_norm_silu(x, num_groups, weight, bias, eps, add_bias=None):
+    return group_norm_act(x, num_groups, weight, bias, eps, add_bias)
 
 
 def _memory_format(x):
