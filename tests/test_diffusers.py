@@ -103,3 +103,48 @@ def test_key_mapping_both_ways_gives_the_same_model():
         torch.testing.assert_close(back.state_dict()[k], v)
     sd = ours.state_dict()
     assert diffusers_to_official(official_to_diffusers(sd)).keys() == sd.keys()
+
+
+# --- time embeddings from a table (models/diffusers_lean.py) ----------------------------------
+
+
+def test_fast_sampler_tables_the_time_embeddings_of_unet2d():
+    from ddim_fast.models.diffusers_lean import TabledUNet2D
+
+    from .test_lean import ops_per_step
+
+    unet = _unet2d()
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    sampler = FastSampler(unet, Schedule.linear(), steps=4, eta=0.5)
+    got = sampler.sample(x_T, generator=torch.Generator().manual_seed(1))
+    assert isinstance(sampler._prepared_model(x_T.device), TabledUNet2D)
+    assert type(unet.time_proj).__name__ == "Timesteps"  # the caller's model is as it was
+    ref = ReferenceSampler(unet, Schedule.linear(), steps=4, eta=0.5).sample(x_T, generator=torch.Generator().manual_seed(1))
+    assert max_err(got, ref) <= 1e-4 * (1 + ref.abs().max().item())
+    tabled, _ = ops_per_step(lambda s: FastSampler(unet, Schedule.linear(), steps=s), x_T)
+    untabled, _ = ops_per_step(lambda s: FastSampler(unet, Schedule.linear(), steps=s, lean=False), x_T)
+    for op in ("aten::silu", "aten::dropout", "aten::exp", "aten::sin", "aten::cos", "aten::arange.start"):
+        assert op not in tabled, (op, tabled)
+    # 8 ResNet blocks' time projections and the MLP's two linears are gone; 16 are attention's q, k, v, out
+    assert untabled["aten::linear"] - tabled["aten::linear"] == 10 and tabled["aten::linear"] == 16
+
+
+def test_unet2d_that_cannot_be_tabled_runs_as_a_fused_copy():
+    from ddim_fast.models.diffusers_lean import TabledUNet2D
+
+    torch.manual_seed(0)
+    classy = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32,), layers_per_block=1,
+                         down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), norm_num_groups=32, num_class_embeds=4).eval()
+    scaled = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32,), layers_per_block=1,
+                         down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), norm_num_groups=32,
+                         resnet_time_scale_shift="scale_shift").eval()
+    x_T = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    sampler = FastSampler(scaled, Schedule.linear(), steps=3)
+    out = sampler.sample(x_T)
+    assert not isinstance(sampler._prepared_model(x_T.device), TabledUNet2D)
+    torch.testing.assert_close(out, ReferenceSampler(scaled, Schedule.linear(), steps=3).sample(x_T), rtol=1e-4, atol=1e-4)
+    from ddim_fast.models.diffusers_lean import is_tableable
+    from ddim_fast.models.fuse import fused_copy
+
+    assert not is_tableable(fused_copy(classy)[0]) and not is_tableable(fused_copy(scaled)[0])
+    assert is_tableable(fused_copy(_unet2d())[0]) and not is_tableable(_unet2d())  # fused first

@@ -128,7 +128,7 @@ BAD_OPS = [
     ("backend device", lambda: ops.predict_x0(torch.zeros(2), torch.zeros(2), 0.5, backend="cuda"), ValueError, "backend 'cuda' needs cuda tensors"),
     ("groups", lambda: ops.group_norm_silu(torch.zeros(1, 6, 2, 2), 4), ValueError, "num_groups must divide the number of channels: C = 6, num_groups = 4"),
     ("weight size", lambda: ops.group_norm_silu(torch.zeros(1, 6, 2, 2), 3, torch.ones(5)), ValueError, r"weight must have shape \(6,\), got \(5,\)"),
-    ("add_bias size", lambda: ops.group_norm_silu(torch.zeros(2, 6, 2, 2), 3, add_bias=torch.ones(6)), ValueError, r"add_bias must have shape \(2, 6\), got \(6,\)"),
+    ("add_bias size", lambda: ops.group_norm_silu(torch.zeros(2, 6, 2, 2), 3, add_bias=torch.ones(3, 6)), ValueError, r"add_bias must have shape \(2, 6\) or \(6,\), got \(3, 6\)"),
     ("rank", lambda: ops.group_norm_silu(torch.zeros(6), 3), ValueError, r"x must be \(N, C, \*spatial\)"),
     ("gn eps", lambda: ops.group_norm_silu(torch.zeros(1, 6, 2, 2), 3, eps=0), ValueError, "eps must be a number > 0"),
 ]

@@ -72,7 +72,10 @@ def _fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
         input_tensor = self.downsample(input_tensor)
         hidden_states = self.downsample(hidden_states)
     hidden_states = self.conv1(hidden_states)
-    if self.time_emb_proj is not None and temb is not None:
+    rows = self.__dict__.get("_ddim_fast_time_rows")
+    if rows is not None:  # in a TabledUNet2D (models/diffusers_lean.py): this block's slice of the table row
+        temb = rows.rows[..., self._ddim_fast_time_slice]
+    elif self.time_emb_proj is not None and temb is not None:
         if not self.skip_time_act:
             temb = self.nonlinearity(temb)
         temb = self.time_emb_proj(temb)
@@ -89,7 +92,8 @@ def _fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
     hidden_states = self.conv2(hidden_states)
     if self.conv_shortcut is not None:
         input_tensor = self.conv_shortcut(input_tensor)
-    return (input_tensor + hidden_states) / self.output_scale_factor
+    out = input_tensor + hidden_states
+    return out / self.output_scale_factor if self.output_scale_factor != 1 else out  # x / 1.0 is x: no op
 
 
 # --- key mapping between the official layout and UNet2DModel ---------------------------------

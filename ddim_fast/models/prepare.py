@@ -1,6 +1,8 @@
-"""The model as a sampler runs it: a copy sharing the caller's weights (cast when the
-sampling dtype differs), GroupNorm+SiLU fused, channels_last conv weights when asked and,
-on CUDA, SDPA attention."""
+"""The model as a sampler runs it: ddim_fast's UNet as a LeanUNet (models/lean.py); any
+other module as a copy sharing the caller's weights (cast when the sampling dtype
+differs) with GroupNorm+SiLU fused, no dropout (in eval mode), channels_last conv weights
+when asked and, on CUDA, SDPA attention; a diffusers UNet2DModel then takes its time
+embeddings from a table (models/diffusers_lean.py) where its structure allows."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ from typing import Optional
 
 import torch
 
+from .diffusers_lean import TabledUNet2D, is_tableable
 from .fuse import fuse_groupnorm_silu, share_copy
+from .lean import LeanUNet, is_lean_convertible
 from .unet import AttnBlock
 
 
@@ -32,16 +36,22 @@ def model_dtype(model) -> Optional[torch.dtype]:
     return None
 
 
-def prepare_model(model, *, device: torch.device, dtype: torch.dtype, fuse, channels_last: bool) -> tuple:
+def prepare_model(model, *, device: torch.device, dtype: torch.dtype, fuse, channels_last: bool, lean: bool = True) -> tuple:
     """(the model to run on `device`, how many GroupNorm+SiLU sites were fused).
 
-    fuse: True fuses a copy that shares the caller's weights, "inplace" fuses the
-    caller's module itself, False runs it as is. A module whose dtype differs from
-    `dtype` runs as a cast copy. channels_last: 4-d weights get a channels_last copy.
-    A callable that is not a module is returned as it is.
+    lean (with fuse=True): ddim_fast's UNet becomes a LeanUNet in `dtype` and the layout
+    asked for (copies of the weights, made once), and a UNet2DModel a TabledUNet2D where
+    its structure allows. Otherwise fuse: True fuses a copy that shares the caller's
+    weights (its dropout modules gone when in eval mode), "inplace" fuses the caller's
+    module itself, False runs it as is; a module whose dtype differs from `dtype` runs as a
+    cast copy; channels_last: 4-d weights get a channels_last copy. A callable that is not
+    a module is returned as it is.
     """
     if not isinstance(model, torch.nn.Module):
         return model, 0
+    if lean and fuse is True and is_lean_convertible(model):
+        lean_model = LeanUNet.from_unet(model, dtype=dtype, channels_last=channels_last)
+        return lean_model, lean_model.fused_sites
     fused = 0
     mdtype = model_dtype(model)
     if mdtype is not None and mdtype != dtype:
@@ -50,6 +60,8 @@ def prepare_model(model, *, device: torch.device, dtype: torch.dtype, fuse, chan
         model = share_copy(model)
     if fuse:
         fused = fuse_groupnorm_silu(model)
+    if fuse is True and not model.training:  # a private copy: eval-mode dropout is a no-op call
+        _drop_dropout(model)
     if channels_last:
         for m in model.modules():
             w = getattr(m, "weight", None)
@@ -59,4 +71,19 @@ def prepare_model(model, *, device: torch.device, dtype: torch.dtype, fuse, chan
         for m in model.modules():
             if isinstance(m, AttnBlock):
                 m.use_sdpa = True
+    if lean and fuse is True and is_tableable(model):
+        model = TabledUNet2D(model)
     return model, fused
+
+
+def runs_from_table(model) -> bool:
+    """Whether a prepared model takes its time embeddings from a table made once per plan:
+    `time_table(timesteps)` before the loop, then `forward_rows(x, table[i])` at step i."""
+    return isinstance(model, (LeanUNet, TabledUNet2D))
+
+
+def _drop_dropout(model: torch.nn.Module) -> None:
+    for m in list(model.modules()):
+        for name, child in list(m.named_children()):
+            if isinstance(child, torch.nn.Dropout) and not child.training:
+                setattr(m, name, torch.nn.Identity())

@@ -41,6 +41,11 @@ def check_model_output(out, x: torch.Tensor, step: int, t: int) -> None:
         raise ValueError(f"the model output has shape {tuple(out.shape)}, expected x's shape {tuple(x.shape)}{hint}")
 
 
+def _in_channels(model):
+    """A model's input channels: its config's (diffusers, which deprecates the attribute), else its own."""
+    return getattr(getattr(model, "config", None), "in_channels", None) or getattr(model, "in_channels", None)
+
+
 def sample_shape(model, shape) -> tuple:
     """(C, H, W) of one sample: `shape` if given, else read off the model."""
     if shape is not None:
@@ -49,7 +54,7 @@ def sample_shape(model, shape) -> tuple:
             raise ValueError(f"shape must be the positive sizes of one sample, e.g. (3, 32, 32), got {shape}")
         return shape
     cfg = getattr(model, "config", None)
-    c = getattr(model, "in_channels", None) or getattr(cfg, "in_channels", None)
+    c = _in_channels(model)
     r = getattr(model, "resolution", None) or getattr(cfg, "sample_size", None)
     if c is None or r is None:
         raise ValueError("cannot tell the sample shape from this model: pass x_T, or shape=(C, H, W)")
@@ -65,7 +70,7 @@ def check_input(model, x, name: str) -> torch.Tensor:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if x.dim() < 2:
         raise ValueError(f"{name} must be batched, (B, C, H, W) for an image model, got shape {tuple(x.shape)}")
-    c = getattr(model, "in_channels", None) or getattr(getattr(model, "config", None), "in_channels", None)
+    c = _in_channels(model)
     if c is not None and x.dim() != 4:
         raise ValueError(f"{name} must be (B, C, H, W) for this image model, got shape {tuple(x.shape)}")
     if c is not None and x.shape[1] != c:

@@ -1,7 +1,10 @@
 """FastSampler: the same samples as ReferenceSampler, with fused kernels and no per-step overhead.
 
-- The model runs as a fused copy (GroupNorm+SiLU in one kernel) sharing the caller's
-  weights; the caller's module is not changed (fuse="inplace" asks for that).
+- ddim_fast's UNet runs as a LeanUNet (models/lean.py): one dtype and one layout
+  (channels_last) throughout, its time embeddings a table made once per plan, residual
+  adds inside the next norm's kernel, and fewer, fatter ops. Other models run as a fused
+  copy (GroupNorm+SiLU in one kernel) sharing the caller's weights. The caller's module
+  is not changed (fuse="inplace" asks for that).
 - Each step is one fused op (x̂₀, clamp, update and noise in one pass) writing into a
   static buffer; coefficients and timesteps are computed once, before the loop.
 - On CUDA (cuda_graph=True) the steps replay a captured CUDA graph (sampling/graph.py);
@@ -23,7 +26,7 @@ from ..core.checks import PREDICTION_CODE, check_bool
 from ..core.options import check_dtype, make_options
 from ..core.plan import StepPlan, encoding_plan, sampling_plan
 from ..core.schedule import Schedule
-from ..models.prepare import model_dtype, prepare_model
+from ..models.prepare import model_dtype, prepare_model, runs_from_table
 from . import common as S
 from .graph import GRAPH_MODES, GraphCache
 from .noise import initial_noise
@@ -39,10 +42,14 @@ class FastSampler:
         eager loop with one warning if the model cannot be captured).
     fuse: True (default) fuses GroupNorm+SiLU in a copy of the model that shares its
         weights; "inplace" fuses the caller's module itself; False runs the model as is.
+    lean: with fuse=True, run ddim_fast's UNet as a LeanUNet (default True): copies of its
+        weights in the sampling dtype and layout, made once per device, so later changes
+        to the UNet's weights need a new sampler.
     dtype: sampling dtype ("fp32", "fp16", "bf16" or a torch dtype); default the model's.
         A dtype other than the model's runs a cast copy of the model.
     channels_last: run the model on channels_last tensors, with a channels_last copy of
-        its conv weights; default (None): on the CPU, where oneDNN convolutions are faster so.
+        its conv weights (default True: cuDNN and oneDNN convolutions take NHWC without
+        transposes, and every kernel of ours reads and writes it).
     fast_rng: on CUDA, draw the noise inside the step kernel (Philox) instead of
         torch.randn: one pass less for η > 0, but not the reference's stream (checked by
         moments, not bit for bit).
@@ -69,6 +76,7 @@ class FastSampler:
         use_clipped_model_output: bool = False,
         cuda_graph: bool = True,
         fuse=True,
+        lean: bool = True,
         dtype=None,
         channels_last: Optional[bool] = None,
         fast_rng: bool = False,
@@ -87,6 +95,7 @@ class FastSampler:
         self.fast_rng = check_bool("fast_rng", fast_rng)
         if fuse not in (True, False, "inplace"):
             raise ValueError(f"fuse must be True, False or 'inplace', got {fuse!r}")
+        self.lean = check_bool("lean", lean)
         if isinstance(graph_cache_size, bool) or not isinstance(graph_cache_size, int) or graph_cache_size < 1:
             raise ValueError(f"graph_cache_size must be an int >= 1, got {graph_cache_size!r}")
         if graph_mode not in GRAPH_MODES:
@@ -112,19 +121,17 @@ class FastSampler:
     def _prepared_model(self, device: torch.device):
         """The model as this sampler runs it on `device`, made once per device.
 
-        A copy that shares the caller's weights (a cast copy if `dtype` differs), with
-        GroupNorm+SiLU fused, channels_last conv weights (a copy of those, when asked) and,
-        on CUDA, SDPA attention. fuse="inplace" changes the caller's module instead.
+        See models.prepare.prepare_model: a LeanUNet, or a copy that shares the caller's
+        weights with GroupNorm+SiLU fused. fuse="inplace" changes the caller's module instead.
         """
         if self._prepared is not None and self._prepared[0] == device:
             return self._prepared[1]
-        model, self.fused_sites = prepare_model(self.model, device=device, dtype=self.dtype, fuse=self._fuse, channels_last=self._channels_last(device))
+        model, self.fused_sites = prepare_model(self.model, device=device, dtype=self.dtype, fuse=self._fuse, channels_last=self._channels_last(device), lean=self.lean)
         self._prepared = (device, model)
         return model
 
     def _channels_last(self, device: torch.device) -> bool:
-        # auto: channels_last on the CPU, where oneDNN convolutions then skip a reorder
-        return (device.type == "cpu") if self._channels_last_opt is None else self._channels_last_opt
+        return True if self._channels_last_opt is None else self._channels_last_opt
 
     @property
     def timesteps(self) -> list:
@@ -176,13 +183,18 @@ class FastSampler:
         o = self.options
         n, dev = x.shape[0], x.device
         model = self._prepared_model(dev)
-        t_table = torch.tensor(plan.timesteps, dtype=torch.long, device=dev).repeat_interleave(n).view(plan.steps, n)
+        if runs_from_table(model):  # the time embeddings of the whole plan, once
+            table = model.time_table(plan.timesteps)
+            call = lambda x, i: model.forward_rows(x, table[i])  # noqa: E731
+        else:
+            t_table = torch.tensor(plan.timesteps, dtype=torch.long, device=dev).repeat_interleave(n).view(plan.steps, n)
+            call = lambda x, i: S.call_model(model, x, t_table[i])  # noqa: E731
         noisy = [plan.draws_noise(i) for i in range(plan.steps)]
         step = self._philox_stepper(plan, x, generator, encoding) if (self.fast_rng and any(noisy)) else self._op_stepper(plan, x, generator, encoding)
         x0_preds = [] if return_x0 else None
         xs = [x.clone()] if return_trajectory else None
         for i in range(plan.steps):
-            out = S.call_model(model, x, t_table[i])
+            out = call(x, i)
             if i == 0:
                 S.check_model_output(out, x, i, plan.timesteps[i])
             if out.dtype != x.dtype:

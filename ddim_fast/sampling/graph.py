@@ -8,10 +8,12 @@ of it reads its inputs from static device buffers:
     t_table    (S + 1, B)    the timesteps of every step (a spare last row)
     coefs      (S, 6) fp32   the coefficients of every step (core.plan.COEF_COLUMNS)
     step       (1,) int32    the device-side step counter that selects both rows
+    table      (S, W) fp32   the time embeddings of every step, for a model that runs from a table
     z_buf      (B, C, H, W)  fp32 noise, drawn with torch.randn inside the graph
 
 The step kernel reads coefs[step]; the advance kernel then does step += 1 and
-t_buf = t_table[step]. So one captured step graph serves every step ("step" mode),
+t_buf = t_table[step]. A model that runs from a table (models.prepare.runs_from_table)
+reads its row of `table` with one index op on `step` instead. So one captured step graph serves every step ("step" mode),
 replayed S times; or the S steps are captured into one graph ("loop" mode). A step with
 σ = 0 replays a second graph without the noise draw, so the generator is consumed
 exactly as ReferenceSampler consumes it: same generator, same noise, same samples.
@@ -37,6 +39,7 @@ from typing import Optional
 import torch
 
 from ..core.plan import StepPlan
+from ..models.prepare import runs_from_table
 
 GRAPH_MODES = ("step", "loop")
 
@@ -77,6 +80,7 @@ class CapturedLoop:
         self.has_xt = bool((plan.coefs[:, 4] != 0).any())
         self._k = k
         self._model = model
+        self.table = model.time_table(plan.timesteps) if runs_from_table(model) else None
         self._shape = tuple(x.shape)
 
         self.graphs = {}
@@ -118,8 +122,11 @@ class CapturedLoop:
         self.t_buf.copy_(self.t_table[0])
 
     def _one_step(self, noisy: bool):
-        out = self._model(self.x_buf, self.t_buf)
-        out = getattr(out, "sample", out)
+        if self.table is not None:
+            out = self._model.forward_rows(self.x_buf, self.table.index_select(0, self.step)[0])
+        else:
+            out = self._model(self.x_buf, self.t_buf)
+            out = getattr(out, "sample", out)
         if out.dtype != self.x_buf.dtype:
             out = out.to(self.x_buf.dtype)
         noise = None
