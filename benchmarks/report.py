@@ -1,10 +1,12 @@
-"""Turn pytest-benchmark JSON files into a markdown table and a log-log plot.
+"""Turn pytest-benchmark JSON files into markdown tables and a log-log plot.
 
     python benchmarks/report.py results/*.json [--md table.md] [--png plot.png]
 
-The table has, for each (model, batch): the median milliseconds of one sampling run per
-implementation and S, and the speed-ups of fast over the reference (and over torch.compile
-when measured), with the machine each file came from. The plot needs matplotlib.
+Tables, with the machine each file came from: for each (model, batch) of test_sampling,
+the median milliseconds of one sampling run per implementation and S, and the speed-ups
+of fast over the reference (and over torch.compile when measured); for test_step, ms and
+ops per step of each implementation; for test_kernels, each op's median microseconds and
+bandwidth as a fraction of the copy in its group. The plot needs matplotlib.
 """
 
 from __future__ import annotations
@@ -39,15 +41,56 @@ def sampling_rows(benchmarks):
     table = defaultdict(lambda: defaultdict(dict))
     for b in benchmarks:
         info = b.get("extra_info", {})
-        if "steps" not in info or "impl" not in info:
+        if "steps" not in info or "impl" not in info or info.get("kind") == "step":
             continue
         impl = info["impl"] if info["impl"] == "reference" else f"{info['impl']}-{info['dtype']}"
         table[(info["model"], info["batch"])][info["steps"]][impl] = b["stats"]["median"] * 1e3
     return table
 
 
+def step_rows(benchmarks):
+    """{(model, batch): [(impl-dtype, ms per step, ops per step)]} for the test_step benchmarks."""
+    table = defaultdict(list)
+    for b in benchmarks:
+        info = b.get("extra_info", {})
+        if info.get("kind") == "step":
+            ms = info.get("ms_per_step", b["stats"]["median"] * 1e3 / info["steps"])
+            table[(info["model"], info["batch"])].append((f"{info['impl']}-{info['dtype']}", ms, info.get("ops_per_step")))
+    return table
+
+
+def step_markdown(label, benchmarks) -> list:
+    lines = []
+    for (model, batch), rows in sorted(step_rows(benchmarks).items()):
+        ref = next((ms for name, ms, _ in rows if name == "reference-fp32"), None)
+        lines += [f"**One step, {model} UNet, batch {batch}** — {label}\n", "| implementation | ms per step | ops per step | speed-up over reference |", "|---|---|---|---|"]
+        for name, ms, n_ops in rows:
+            lines.append(f"| {name} | {ms:.2f} | {'-' if n_ops is None else f'{n_ops:.0f}'} | {f'{ref / ms:.2f}x' if ref else '-'} |")
+        lines.append("")
+    return lines
+
+
+def kernel_markdown(label, benchmarks) -> list:
+    groups = defaultdict(dict)
+    for b in benchmarks:
+        info = b.get("extra_info", {})
+        if "gbps" in info and "steps" not in info:
+            groups[b["group"]][info["impl"]] = (b["stats"]["median"] * 1e6, info["gbps"])
+    if not groups:
+        return []
+    lines = [f"**Kernels** — {label}\n", "| op, shape | impl | median µs | GB/s | fraction of copy |", "|---|---|---|---|---|"]
+    for group, impls in sorted(groups.items()):
+        copy = impls.get("copy", (None, None))[1]
+        for impl, (us, gbps) in impls.items():
+            lines.append(f"| {group} | {impl} | {us:.1f} | {gbps:.1f} | {f'{gbps / copy:.2f}' if copy else '-'} |")
+    lines.append("")
+    return lines
+
+
 def markdown(files) -> str:
     lines = []
+    for label, benchmarks in files:
+        lines += step_markdown(label, benchmarks) + kernel_markdown(label, benchmarks)
     for label, benchmarks in files:
         for (model, batch), by_steps in sorted(sampling_rows(benchmarks).items()):
             impls = [i for i in IMPL_ORDER if any(i in row for row in by_steps.values())]

@@ -3,7 +3,8 @@
     pytest benchmarks/test_kernels.py --benchmark-only
 
 extra_info["gbps"] is the bytes the op must move (read + write) over its median time;
-the `copy` benchmark of each group gives the machine's copy bandwidth to compare with.
+the `copy` benchmark of each group gives the machine's copy bandwidth to compare with
+(benchmarks/report.py prints each as a fraction of it).
 """
 
 import pytest
@@ -85,3 +86,26 @@ def test_group_norm_silu(benchmark, shape, dtype, impl):
         fn = lambda: y.copy_(x)  # noqa: E731
     _timed(benchmark, fn, 2 * n, f"group_norm_silu-b{b}-c{c}-{h}x{h}-{str(dtype).split('.')[-1]}", impl)
 
+
+
+@pytest.mark.parametrize("shape", GN_SHAPES, ids=lambda s: f"b{s[0]}-c{s[1]}-{s[2]}x{s[2]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if not CUDA else [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("impl", ["aten", "fused", "copy"])
+def test_add_group_norm_silu(benchmark, shape, dtype, impl):
+    """A block's closing residual add and the next norm, channels_last (the lean model's
+    site): aten's add + group_norm + silu against one add_group_norm_act. It must move
+    x, r in and s, y out (4 passes); aten moves 7 (add 3, group_norm 3 or more, silu 2)."""
+    b, c, h = shape
+    g = torch.Generator().manual_seed(0)
+    cl = torch.channels_last
+    x, r = (torch.randn(b, c, h, h, generator=g).to(DEVICE, dtype).contiguous(memory_format=cl) for _ in range(2))
+    w, bias = torch.randn(c, generator=g).to(DEVICE), torch.randn(c, generator=g).to(DEVICE)  # fp32, as the lean model keeps them
+    y = torch.empty_like(x)
+    n = x.numel() * x.element_size()
+    if impl == "aten":
+        fn = lambda: F.silu(F.group_norm(x + r, 32, w.to(dtype), bias.to(dtype), 1e-6))  # noqa: E731
+    elif impl == "fused":
+        fn = lambda: ops.group_norm_act(x, 32, w, bias, 1e-6, residual=r)  # noqa: E731
+    else:
+        fn = lambda: y.copy_(x)  # noqa: E731
+    _timed(benchmark, fn, 2 * n if impl == "copy" else 4 * n, f"add_group_norm_silu-b{b}-c{c}-{h}x{h}-{str(dtype).split('.')[-1]}-cl", impl)

@@ -111,7 +111,7 @@ def test_key_mapping_both_ways_gives_the_same_model():
 def test_fast_sampler_tables_the_time_embeddings_of_unet2d():
     from ddim_fast.models.diffusers_lean import TabledUNet2D
 
-    from .test_lean import ops_per_step
+    from ddim_fast.apps.opcount import ops_per_step
 
     unet = _unet2d()
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))

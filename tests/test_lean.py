@@ -1,14 +1,12 @@
 """The lean UNet (models/lean.py): the UNet's function in fewer ops, and what one step dispatches."""
 
-import collections
 import copy
 
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from ddim_fast import FastSampler, ReferenceSampler, Schedule, UNet
+from ddim_fast.apps.opcount import COPIES, ops_per_step
 from ddim_fast.models.lean import LeanUNet, is_lean_convertible
 from ddim_fast.models.unet import ResnetBlock
 
@@ -133,45 +131,6 @@ def test_fast_sampler_runs_the_lean_model_by_default():
 
 # --- what one step dispatches (the GPU's kernel count, counted on the CPU) -----------------
 
-FORBIDDEN = {"aten::_to_copy", "aten::copy_", "aten::clone", "aten::contiguous"}
-
-
-class _OpCounter(TorchDispatchMode):
-    """Non-view ops by name, and any 4-d tensor an op makes or takes that is not channels_last."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-        self.not_channels_last = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not func.is_view:
-            name = func.name()
-            self.ops[name] += 1
-            tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
-            # attention's 4-d operands are (batch, heads, tokens, channels), not images
-            image_op = "scaled_dot_product" not in name
-            if image_op and any(t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last) for t in tensors):
-                self.not_channels_last[name] += 1
-        return out
-
-
-def ops_per_step(sampler_for_steps, x_T, steps=(2, 5)) -> tuple:
-    """(ops per step by name, 4-d non-channels_last uses per step by name): the ops of one
-    sample() at each S, warmed up first, differenced over S so once-per-sample work drops out."""
-    counts = {}
-    for s in steps:
-        sampler = sampler_for_steps(s)
-        sampler.sample(x_T)
-        with _OpCounter() as c:
-            sampler.sample(x_T)
-        counts[s] = c
-    a, b = counts[steps[0]], counts[steps[1]]
-    per = lambda ca, cb: {k: (cb[k] - ca[k]) / (steps[1] - steps[0]) for k in set(ca) | set(cb) if cb[k] != ca[k]}  # noqa: E731
-    return per(a.ops, b.ops), per(a.not_channels_last, b.not_channels_last)
-
-
 @pytest.mark.slow
 def test_one_step_of_the_cifar10_unet_in_bf16_is_at_most_160_ops():
     """The issue's budget: at most 160 non-view ops per step on the CIFAR-10 UNet in bf16
@@ -183,7 +142,7 @@ def test_one_step_of_the_cifar10_unet_in_bf16_is_at_most_160_ops():
     per_step, not_cl = ops_per_step(lambda s: FastSampler(model, SCHEDULE, steps=s, dtype="bf16", channels_last=True), x_T)
     total = sum(per_step.values())
     assert total <= 160, f"{total} ops per step: {sorted(per_step.items(), key=lambda kv: -kv[1])}"
-    assert not FORBIDDEN & set(per_step), {k: per_step[k] for k in FORBIDDEN & set(per_step)}
+    assert not COPIES & set(per_step), {k: per_step[k] for k in COPIES & set(per_step)}
     assert not not_cl, f"ops taking or making 4-d tensors that are not channels_last, per step: {not_cl}"
     assert per_step["ddim_fast::ddim_step"] == 1
 

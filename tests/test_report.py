@@ -23,3 +23,17 @@ def test_table_has_medians_and_ratios(tmp_path):
     out = tmp_path / "t.md"
     assert report.main([str(pa), "--md", str(out)]) == 0
     assert "2.00x" in out.read_text()
+
+
+def test_step_and_kernel_tables(tmp_path):
+    step = lambda impl, dtype, ms, n: {"group": "step-digits-b1", "stats": {"median": ms * 10 / 1e3},  # noqa: E731
+                                        "extra_info": {"kind": "step", "impl": impl, "dtype": dtype, "steps": 10, "batch": 1, "model": "digits", "ms_per_step": ms, "ops_per_step": n}}
+    kern = lambda impl, us, gbps: {"group": "add_group_norm_silu-b1-c256-16x16-bfloat16-cl", "stats": {"median": us / 1e6},  # noqa: E731
+                                   "extra_info": {"impl": impl, "gbps": gbps}}
+    data = {"machine_info": {"cpu_model": "Test CPU", "cpu_count": 2}, "benchmarks": [step("reference", "fp32", 4.0, 300), step("lean", "bf16", 1.0, 150), kern("copy", 5.0, 40.0), kern("fused", 12.0, 30.0)]}
+    p = tmp_path / "s.json"
+    p.write_text(json.dumps(data))
+    md = report.markdown(report.load([str(p)]))
+    assert "| lean-bf16 | 1.00 | 150 | 4.00x |" in md and "| reference-fp32 | 4.00 | 300 | 1.00x |" in md
+    assert "| add_group_norm_silu-b1-c256-16x16-bfloat16-cl | fused | 12.0 | 30.0 | 0.75 |" in md
+    assert "S | reference" not in md  # step benchmarks stay out of the S-sweep table

@@ -1,0 +1,67 @@
+"""One sampling step: its time and what it dispatches, for the reference loop, FastSampler's
+fused copy of the model (lean=False: the path before the lean step) and its default, the
+lean model (models/lean.py), in fp32 and bf16.
+
+    pytest benchmarks/test_step.py --benchmark-only
+
+Each benchmark times sample() with S = 10; extra_info holds ms_per_step (the median over
+10) and ops_per_step (non-view ops one step dispatches, counted once per implementation
+with ddim_fast.apps.opcount at batch 1: each is a kernel launch on a GPU). Cases: on a CPU
+the embedded digits UNet (batch 1, 16) and the CIFAR-10 layout at ch=64 (batch 1, 8); on
+a GPU the CIFAR-10 UNet (batch 1, 64).
+"""
+
+import functools
+
+import pytest
+import torch
+
+from ddim_fast import FastSampler, ReferenceSampler, Schedule
+from ddim_fast.apps.opcount import ops_per_step
+
+from ._models import get_model, sample_shape
+
+SCHEDULE = Schedule.linear()
+STEPS = 10
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+CASES = [("cifar10", 1), ("cifar10", 64)] if CUDA else [("digits", 1), ("digits", 16), ("cifar10-ch64", 1), ("cifar10-ch64", 8)]
+IMPLS = [("reference", "fp32"), ("fused", "fp32"), ("lean", "fp32"), ("fused", "bf16"), ("lean", "bf16")]
+
+
+def _sampler(impl, dtype, model, steps):
+    if impl == "reference":
+        return ReferenceSampler(model, SCHEDULE, steps=steps)
+    return FastSampler(model, SCHEDULE, steps=steps, dtype=dtype, lean=impl == "lean")
+
+
+@functools.lru_cache(maxsize=None)
+def _ops(impl, dtype, model_name):
+    model = get_model(model_name, DEVICE)
+    x = torch.randn((1, *sample_shape(model)), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    per_step, _ = ops_per_step(lambda s: _sampler(impl, dtype, model, s), x)
+    return sum(per_step.values())
+
+
+@pytest.mark.parametrize("model_name, batch", CASES, ids=[f"{m}-b{b}" for m, b in CASES])
+@pytest.mark.parametrize("impl, dtype", IMPLS, ids=[f"{i}-{d}" for i, d in IMPLS])
+def test_step(benchmark, model_name, batch, impl, dtype):
+    model = get_model(model_name, DEVICE)
+    sampler = _sampler(impl, dtype, model, STEPS)
+    x_T = torch.randn((batch, *sample_shape(model)), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    benchmark.group = f"step-{model_name}-b{batch}"
+    benchmark.extra_info.update(impl=impl, dtype=dtype, model=model_name, batch=batch, steps=STEPS, device=DEVICE, kind="step")
+
+    def run():
+        out = sampler.sample(x_T)
+        if CUDA:
+            torch.cuda.synchronize()
+        return out
+
+    if not benchmark.disabled:
+        run()  # preparation (the lean model, tables, oneDNN primitives, a CUDA graph) off the clock
+        benchmark.extra_info["ops_per_step"] = _ops(impl, dtype, model_name)
+    out = benchmark(run)
+    if benchmark.stats is not None:
+        benchmark.extra_info["ms_per_step"] = benchmark.stats.stats.median * 1e3 / STEPS
+    assert out.shape == x_T.shape and torch.isfinite(out).all()
