@@ -4,12 +4,13 @@
 #
 #   bash benchmarks/gpu_run.sh OUTDIR [stages]
 #
-# stages (default "build tests kernels profile sampling compile"), each with its own time
-# limit so that the whole run stays under 10 minutes:
+# stages (default "build tests kernels profile step sampling compile"), each with its own
+# time limit so that the whole run stays under 10 minutes:
 #   build     pip install --no-build-isolation --no-deps -e .  (CUDA arch 90 only; 180 s)
 #   tests     tests/test_cuda.py and the CUDA cases of tests/test_ops.py        (150 s)
 #   kernels   benchmarks/test_kernels.py -> OUTDIR/kernels.json                 (60 s)
-#   profile   benchmarks/profile_step.py -> OUTDIR/profile.json                 (45 s)
+#   profile   benchmarks/profile_step.py, fp32 and bf16 -> OUTDIR/profile-*.json (45 s each)
+#   step      benchmarks/test_step.py: ms and ops per step, CIFAR-10 UNet, batch 1 and 64 -> OUTDIR/step.json (120 s)
 #   sampling  reference / fast / fast-bf16, CIFAR-10 UNet, batch 1 and 64 -> OUTDIR/sampling.json (240 s)
 #   compile   the torch.compile(max-autotune) baseline -> OUTDIR/compile.json  (whatever is left, 300 s at most)
 # Then benchmarks/report.py writes OUTDIR/report.md (and report.png with matplotlib).
@@ -17,7 +18,7 @@
 set -uo pipefail
 
 out=${1:?usage: gpu_run.sh OUTDIR [stages]}
-stages=${2:-"build tests kernels profile sampling compile"}
+stages=${2:-"build tests kernels profile step sampling compile"}
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 mkdir -p "$out"
@@ -52,7 +53,9 @@ has build && stage build 180 env DDIM_FAST_CUDA_ARCHS=90 MAX_JOBS=16 "$py" -m pi
 
 has tests && stage tests 150 "$py" -m pytest tests/test_cuda.py tests/test_ops.py -k "cuda" -q --maxfail=10 -p no:cacheprovider --junitxml="$out/tests.xml"
 has kernels && stage kernels 60 "$py" -m pytest benchmarks/test_kernels.py --benchmark-only -q -p no:cacheprovider --benchmark-json="$out/kernels.json"
-has profile && stage profile 45 "$py" benchmarks/profile_step.py --json "$out/profile.json"
+has profile && stage profile-fp32 45 "$py" benchmarks/profile_step.py --json "$out/profile-fp32.json"
+has profile && stage profile-bf16 45 "$py" benchmarks/profile_step.py --dtype bf16 --json "$out/profile-bf16.json"
+has step && stage step 120 "$py" -m pytest benchmarks/test_step.py --benchmark-only -q -p no:cacheprovider --benchmark-json="$out/step.json"
 has sampling && stage sampling 240 "$py" -m pytest benchmarks/test_sampling.py --benchmark-only -q -p no:cacheprovider -k "not compile" --benchmark-json="$out/sampling.json"
 if has compile; then
   left=$(( 570 - ($(date +%s) - start) ))
@@ -64,7 +67,7 @@ if has compile; then
   fi
 fi
 
-jsons=$(ls "$out"/sampling.json "$out"/compile.json 2>/dev/null)
+jsons=$(ls "$out"/step.json "$out"/sampling.json "$out"/compile.json "$out"/kernels.json 2>/dev/null)
 if [ -n "$jsons" ]; then
   # shellcheck disable=SC2086
   "$py" benchmarks/report.py $jsons --md "$out/report.md" --png "$out/report.png" && cat "$out/report.md"

@@ -1,10 +1,11 @@
-"""Profile one sampling step on a CUDA GPU: kernels per step before and after fusion, and
-the time a replayed step spends outside the UNet.
+"""Profile one sampling step on a CUDA GPU: kernels per step of each path, and the time a
+replayed step spends outside the UNet.
 
-    python benchmarks/profile_step.py [--model cifar10] [--batch 1] [--json out.json]
+    python benchmarks/profile_step.py [--model cifar10] [--batch 1] [--dtype bf16] [--json out.json]
 
 - kernels per step: CUDA kernels launched by one eager step of the reference loop (plain
-  UNet, the official arithmetic) and of FastSampler's eager loop (fused UNet, fused step);
+  UNet, the official arithmetic, fp32), of FastSampler's eager loop with the fused copy of
+  the UNet (lean=False) and with the lean model (the default), in --dtype;
 - overhead per replayed step: the median time of one replayed step graph (UNet + noise +
   fused step + advance) minus that of a graph holding the UNet forward alone.
 """
@@ -31,7 +32,9 @@ def _kernels_in(fn) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def _graph_time_us(fn, reps: int = 200) -> float:
+def _graph_time_us(fn, reps: int = 200, generators=()) -> float:
+    """Median µs of one replay of a graph of fn. Generators that fn draws from other than
+    the default one must be registered with the graph (or capture fails)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -39,6 +42,8 @@ def _graph_time_us(fn, reps: int = 200) -> float:
             fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
+    for gen in generators:
+        g.register_generator_state(gen)
     with torch.cuda.graph(g):
         fn()
     for _ in range(10):
@@ -59,6 +64,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="cifar10")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="FastSampler's sampling dtype")
     p.add_argument("--json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -70,33 +76,43 @@ def main(argv=None) -> int:
     shape = (args.batch, model.in_channels, model.resolution, model.resolution)
     x = torch.randn(shape, device=dev)
     t = torch.full((args.batch,), 500, device=dev, dtype=torch.long)
-    res = {"device": torch.cuda.get_device_name(0), "model": args.model, "batch": args.batch, "torch": torch.__version__}
+    res = {"device": torch.cuda.get_device_name(0), "model": args.model, "batch": args.batch, "dtype": args.dtype, "torch": torch.__version__}
 
     with torch.inference_mode():
         ref = ReferenceSampler(model, schedule, steps=1, eta=0.5)
-        fast = FastSampler(model, schedule, steps=1, eta=0.5, cuda_graph=False)
-        ref.sample(x)
-        fast.sample(x)
+        fused = FastSampler(model, schedule, steps=1, eta=0.5, cuda_graph=False, lean=False, dtype=args.dtype)
+        lean = FastSampler(model, schedule, steps=1, eta=0.5, cuda_graph=False, dtype=args.dtype)
+        for sampler in (ref, fused, lean):
+            sampler.sample(x)
         res["kernels_per_step_reference"] = _kernels_in(lambda: ref.sample(x))
-        res["kernels_per_step_fast_eager"] = _kernels_in(lambda: fast.sample(x))
-        fused, sites = fused_copy(model)
+        res["kernels_per_step_fast_eager_fused"] = _kernels_in(lambda: fused.sample(x))
+        res["kernels_per_step_fast_eager_lean"] = _kernels_in(lambda: lean.sample(x))
+        fused_model, sites = fused_copy(model)
         res["fused_sites"] = sites
         res["kernels_unet_plain"] = _kernels_in(lambda: model(x, t))
-        res["kernels_unet_fused"] = _kernels_in(lambda: fused(x, t))
+        res["kernels_unet_fused"] = _kernels_in(lambda: fused_model(x, t))
 
         # a replayed step against a graph of the UNet alone
         from ddim_fast.sampling.graph import CapturedLoop
 
-        sampler = FastSampler(model, schedule, steps=2, eta=0.5)
-        loop = CapturedLoop(sampler, sampler._prepared_model(x.device), sampler._plan, x, False, "step", torch.cuda.graph_pool_handle(), capture=False)
+        sampler = FastSampler(model, schedule, steps=2, eta=0.5, dtype=args.dtype)
+        xs = sampler._layout(x)
+        loop = CapturedLoop(sampler, sampler._prepared_model(x.device), sampler._plan, xs, False, "step", torch.cuda.graph_pool_handle(), capture=False)
         fmodel = sampler._prepared_model(x.device)
-        res["us_unet_graph"] = _graph_time_us(lambda: fmodel(loop.x_buf, loop.t_buf))
+
+        def unet_only():  # what the step graph runs of the model: from the table row, or from t
+            if loop.table is not None:
+                return fmodel.forward_rows(loop.x_buf, loop.table.index_select(0, loop.step)[0])
+            return fmodel(loop.x_buf, loop.t_buf)
+
+        res["us_unet_graph"] = _graph_time_us(unet_only)
 
         def one_step():
             loop.step.zero_()
             loop._one_step(True)
 
-        res["us_step_graph"] = _graph_time_us(one_step)
+        # the loop draws its noise from its own generator: the graph must know it
+        res["us_step_graph"] = _graph_time_us(one_step, generators=[loop.gen] if loop.gen is not None else [])
         res["us_overhead_per_step"] = res["us_step_graph"] - res["us_unet_graph"]
     text = json.dumps(res, indent=2)
     print(text)
