@@ -20,7 +20,9 @@ DEVICE = "cuda" if CUDA else "cpu"
 STEP_SHAPES = [(64, 3, 32, 32), (4, 3, 256, 256)]
 # GroupNorm sites of the CIFAR-10 UNet: (C, H) per level, at the benchmark batch sizes
 GN_SHAPES = [(16, 128, 32), (16, 256, 16), (1, 256, 16), (64, 256, 8)] if not CUDA else [(64, 128, 32), (64, 256, 16), (1, 128, 32), (1, 256, 16)]
-GN_DTYPES = [torch.float32] if not CUDA else [torch.float16, torch.float32]
+# (dtype, layout): on a GPU the fp16 NCHW case of GPU-NOTES.md and the lean model's channels_last
+GN_CASES = [(torch.float32, "nchw")] if not CUDA else [(torch.float16, "nchw"), (torch.bfloat16, "cl"), (torch.float32, "cl")]
+GN_IMPLS = ["aten", "fused", "copy"] + (["triton"] if CUDA else [])
 
 A_T, A_S, SIGMA = 0.4, 0.7, 0.3
 
@@ -69,23 +71,27 @@ def test_ddim_step(benchmark, shape, impl):
 
 
 @pytest.mark.parametrize("shape", GN_SHAPES, ids=lambda s: f"b{s[0]}-c{s[1]}-{s[2]}x{s[2]}")
-@pytest.mark.parametrize("dtype", GN_DTYPES, ids=str)
-@pytest.mark.parametrize("impl", ["aten", "fused", "copy"])
-def test_group_norm_silu(benchmark, shape, dtype, impl):
+@pytest.mark.parametrize("dtype, layout", GN_CASES, ids=[f"{str(d).split('.')[-1]}-{lay}" for d, lay in GN_CASES])
+@pytest.mark.parametrize("impl", GN_IMPLS)
+def test_group_norm_silu(benchmark, shape, dtype, layout, impl):
+    """GroupNorm+SiLU must read x and write y (2 passes); aten's GroupNorm then SiLU take 5.
+    On a GPU "fused" is the CUDA kernel and "triton" the Triton one."""
     b, c, h = shape
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(b, c, h, h, generator=g).to(DEVICE, dtype)
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+    x = torch.randn(b, c, h, h, generator=g).to(DEVICE, dtype).contiguous(memory_format=fmt)
     w, bias = torch.randn(c, generator=g).to(DEVICE, dtype), torch.randn(c, generator=g).to(DEVICE, dtype)
     y = torch.empty_like(x)
     n = x.numel() * x.element_size()
     if impl == "aten":
         fn = lambda: F.silu(F.group_norm(x, 32, w, bias, 1e-6))  # noqa: E731
-    elif impl == "fused":
-        fn = lambda: ops.group_norm_silu(x, 32, w, bias, 1e-6)  # noqa: E731
+    elif impl in ("fused", "triton"):
+        backend = "triton" if impl == "triton" else None
+        fn = lambda: ops.group_norm_silu(x, 32, w, bias, 1e-6, backend=backend)  # noqa: E731
     else:
         fn = lambda: y.copy_(x)  # noqa: E731
-    _timed(benchmark, fn, 2 * n, f"group_norm_silu-b{b}-c{c}-{h}x{h}-{str(dtype).split('.')[-1]}", impl)
-
+    suffix = "" if layout == "nchw" else "-cl"
+    _timed(benchmark, fn, 2 * n, f"group_norm_silu-b{b}-c{c}-{h}x{h}-{str(dtype).split('.')[-1]}{suffix}", impl)
 
 
 @pytest.mark.parametrize("shape", GN_SHAPES, ids=lambda s: f"b{s[0]}-c{s[1]}-{s[2]}x{s[2]}")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ddim_fast import ops
 from ddim_fast.ops.extension import has_native_kernel
 
-from .conftest import requires_cuda, requires_triton_interpreter
+from .conftest import requires_cuda, requires_triton, requires_triton_interpreter
 
 native_cpu = pytest.mark.skipif(not has_native_kernel("ddim_step", "cpu"), reason="the extension's CPU kernels are not built")
 
@@ -236,6 +236,78 @@ def test_group_norm_act(backend, device, dtype, atol, rtol, N, C, H, W, G, chann
     _close(y, ref, dtype, atol * 10, rtol, torch_err)
 
 
+def _triton_gn_plan(kind, **kw):
+    from ddim_fast.kernels.group_norm_silu import Plan
+
+    return Plan(kind, **kw)
+
+
+# every launch plan of the Triton kernels, forced on shapes small enough for the interpreter
+TRITON_GN_PLANS = [
+    ((2, 16, 5, 7, 4), dict(kind="one_pass", gpb=2, block_p=64, block_d=4)),  # two groups per program
+    ((1, 48, 3, 3, 4), dict(kind="one_pass", gpb=4, block_p=16, block_d=16)),  # 12 channels per group, padded to 16
+    ((2, 8, 9, 11, 2), dict(kind="split", split=4, chunk=32, block_p=16, block_d=4)),  # 99 pixels: the last chunk holds 3
+    ((1, 6, 7, 7, 3), dict(kind="split", split=7, chunk=7, block_p=4, block_d=2)),  # chunks not a multiple of the tile
+    ((3, 4, 5, 5, 1), dict(kind="split", split=1, chunk=25, block_p=8, block_d=4)),  # one chunk: the two-kernel path alone
+]
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=requires_triton_interpreter), pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("shape, launch", TRITON_GN_PLANS, ids=[f"{p['kind']}-{'x'.join(map(str, s))}" for s, p in TRITON_GN_PLANS])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("silu, residual, add", GN_ACT_CASES[:4])
+def test_triton_group_norm_every_plan(device, dtype, atol, rtol, shape, launch, channels_last, silu, residual, add):
+    from ddim_fast.kernels import group_norm_silu as tk
+
+    N, C, H, W, G = shape
+    g = torch.Generator().manual_seed(N * C + H + 11)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(N, C, H, W, generator=g) * 3 + 5).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+    r = (torch.randn(N, C, H, W, generator=g) * 2 - 1).to(device=device, dtype=dtype).contiguous(memory_format=fmt) if residual else None
+    w, b = torch.randn(C, generator=g).to(device), torch.randn(C, generator=g).to(device)
+    ab = torch.randn(C, generator=g).to(device) if add else None
+    real_empty = torch.empty_like
+    try:  # poison every output the kernels allocate
+        torch.empty_like = lambda *a, **k: _poison(real_empty(*a, **k))
+        out = tk.group_norm_act(x, G, w, b, 1e-6, add_bias=ab, residual=r, silu=silu, launch_plan=_triton_gn_plan(**launch))
+    finally:
+        torch.empty_like = real_empty
+    s, y = out if residual else (x, out)
+    if residual:
+        _close(s, x.double() + r.double(), dtype, atol, rtol, ((x + r).double() - (x.double() + r.double())).abs().max().item() if dtype != torch.float32 else None)
+    ref = _ref_gn_silu(s.double(), G, w, b, 1e-6, ab, silu)
+    torch_err = None
+    if dtype != torch.float32:
+        yt = F.group_norm(s.float() + (0 if ab is None else ab.reshape(C, 1, 1)), G, w, b, 1e-6)
+        torch_err = ((F.silu(yt) if silu else yt).to(dtype).double() - ref).abs().max().item()
+    assert y.is_contiguous(memory_format=fmt)
+    _close(y, ref, dtype, atol * 10, rtol, torch_err)
+
+
+@requires_triton
+def test_triton_group_norm_plan_choice():
+    """One pass while a group fits a program, several groups per program in channels_last
+    when there are programs to spare, and a split that fills the GPU for larger groups."""
+    from ddim_fast.kernels.group_norm_silu import ONE_PASS_MAX, plan
+
+    sms2 = 264  # programs that fill an H100
+    assert plan(1, 128, 32 * 32, 32, 2, True, sms2) == _triton_gn_plan("one_pass", gpb=1, block_p=1024, block_d=4)  # batch 1: every group its own program
+    assert plan(64, 128, 32 * 32, 32, 2, True, sms2).gpb == 4  # rows of 4 groups (32 bytes in bf16): as wide as 264 programs allow
+    assert plan(64, 128, 32 * 32, 32, 2, False, sms2).gpb == 1  # NCHW groups are contiguous already
+    assert plan(64, 384, 32 * 32, 32, 2, True, sms2).kind == "one_pass"  # 12 channels x 1024 pixels fit
+    big = plan(1, 128, 256 * 256, 32, 2, True, sms2)
+    assert big.kind == "split" and big.split * 32 >= sms2 // 2 and (big.split - 1) * big.chunk < 256 * 256 <= big.split * big.chunk
+    assert plan(64, 128, 256 * 256, 32, 2, True, sms2).split == 1  # enough groups to fill the GPU
+    for n, c, hw, grp in [(1, 32, 33 * 35, 1), (2, 4, 1200, 2), (7, 60, 49, 3)]:
+        p = plan(n, c, hw, grp, 4, True, sms2)
+        assert (p.kind == "one_pass") == (triton_next_pow2(hw) * triton_next_pow2(c // grp) <= ONE_PASS_MAX)
+
+
+def triton_next_pow2(v: int) -> int:
+    return 1 << (v - 1).bit_length()
+
+
 @pytest.mark.parametrize("backend, device", BACKENDS)
 def test_group_norm_act_residual_layout_follows_x(backend, device):
     """A residual in the other layout is taken as it is; s and y keep x's layout."""
@@ -246,6 +318,28 @@ def test_group_norm_act_residual_layout_follows_x(backend, device):
     assert s.is_contiguous(memory_format=torch.channels_last) and y.is_contiguous(memory_format=torch.channels_last)
     _close(s, x.double() + r.double(), torch.float32, 1e-6, 1e-6)
     _close(y, _ref_gn_silu(x.double() + r.double(), 4, None, None, 1e-6, None), torch.float32, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_act_at_an_odd_storage_offset(backend, device, dtype):
+    """Tensors that start one element into their storage: no vector access may assume
+    more alignment than the pointers have."""
+    N, C, H, W, G = 2, 16, 8, 8, 4
+    g = torch.Generator().manual_seed(2)
+
+    def shifted(t):
+        buf = torch.empty(t.numel() + 1, dtype=dtype, device=device)
+        out = buf[1:].view(t.shape)
+        return out.copy_(t)
+
+    x = shifted(torch.randn(N, C, H, W, generator=g) * 2 + 1)
+    r = shifted(torch.randn(N, C, H, W, generator=g))
+    w, b = torch.randn(C, generator=g).to(device), torch.randn(C, generator=g).to(device)
+    s, y = ops.group_norm_act(x, G, w, b, 1e-6, residual=r, backend=backend)
+    low = dtype != torch.float32
+    _close(s, x.double() + r.double(), dtype, 1e-6, 2**-7 if low else 1e-6)  # one bf16 ulp (Triton's interpreter truncates)
+    _close(y, _ref_gn_silu(s.double(), G, w, b, 1e-6, None), dtype, 0.1 if low else 1e-4, 3e-2 if low else 1e-4)
 
 
 def test_group_norm_act_bad_input():

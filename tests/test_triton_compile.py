@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from ddim_fast.kernels.ddim_step import _ddim_step_kernel, _advance_kernel
-    from ddim_fast.kernels.group_norm_silu import _group_norm_kernel
+    from ddim_fast.kernels.group_norm_silu import _gn_normalize_kernel, _gn_one_pass_kernel, _gn_partial_stats_kernel
     from ddim_fast.kernels.predict_x0 import _predict_x0_kernel
 
     target = GPUTarget("cuda", 90, 32)
@@ -45,12 +45,20 @@ SCRIPT = textwrap.dedent(
         sig = {"x_ptr": f"*{dt}", "m_ptr": f"*{dt}", "x0_ptr": f"*{dt}", "eps_ptr": f"*{dt}", "n": "i32", "sa": "fp32",
                "s1m": "fp32", "clip_lo": "fp32", "clip_hi": "fp32"}
         build(_predict_x0_kernel, sig, {"PREDICTION": 2, "CLIP": True, "WRITE_EPS": True, "BLOCK": 1024})
+        gn = {"C": "i32", "HW": "i32", "D": "i32", "G": "i32", "stride_c": "i32", "stride_p": "i32", "ab_stride_n": "i32"}
         sig = {"x_ptr": f"*{dt}", "r_ptr": f"*{dt}", "s_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": "*fp32", "b_ptr": "*fp32",
-               "ab_ptr": "*fp32", "C": "i32", "HW": "i32", "D": "i32", "G": "i32", "stride_c": "i32", "stride_p": "i32",
-               "ab_stride_n": "i32", "eps": "fp32"}
-        for has_w, has_add, has_res, silu, bp, bd in ((True, True, False, True, 256, 4), (False, False, True, True, 1, 1024),
-                                                      (True, False, True, False, 512, 2), (True, True, True, True, 128, 16)):
-            build(_group_norm_kernel, sig, {"HAS_W": has_w, "HAS_ADD": has_add, "HAS_RES": has_res, "SILU": silu, "BLOCK_P": bp, "BLOCK_D": bd})
+               "ab_ptr": "*fp32", **gn, "eps": "fp32"}
+        for has_add, has_res, silu, gpb, bp, bd in ((True, False, True, 1, 1024, 4), (False, True, True, 4, 1024, 4),
+                                                    (True, True, False, 2, 256, 16), (True, True, True, 1, 1, 16384)):
+            build(_gn_one_pass_kernel, sig, {"HAS_ADD": has_add, "HAS_RES": has_res, "SILU": silu, "GPB": gpb, "BLOCK_P": bp, "BLOCK_D": bd})
+        sig = {"x_ptr": f"*{dt}", "r_ptr": f"*{dt}", "s_ptr": f"*{dt}", "ab_ptr": "*fp32", "part_ptr": "*fp32", **gn,
+               "CHUNK": "i32", "SPLIT": "i32"}
+        for has_add, has_res, bp, bd in ((True, False, 1024, 4), (False, True, 256, 16)):
+            build(_gn_partial_stats_kernel, sig, {"HAS_ADD": has_add, "HAS_RES": has_res, "BLOCK_P": bp, "BLOCK_D": bd})
+        sig = {"src_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": "*fp32", "b_ptr": "*fp32", "ab_ptr": "*fp32", "part_ptr": "*fp32",
+               **gn, "CHUNK": "i32", "SPLIT": "i32", "eps": "fp32"}
+        for has_add, silu, bs, bp, bd in ((True, True, 8, 1024, 4), (False, False, 1, 256, 16)):
+            build(_gn_normalize_kernel, sig, {"HAS_ADD": has_add, "SILU": silu, "BLOCK_S": bs, "BLOCK_P": bp, "BLOCK_D": bd})
     build(_advance_kernel, {"step_ptr": "*i32", "t_table_ptr": "*i64", "t_ptr": "*i64", "B": "i32"}, {"BLOCK": 64})
     print("compiled", n)
     '''

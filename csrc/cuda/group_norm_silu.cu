@@ -1,17 +1,28 @@
 // CUDA kernels of ddim_fast's GroupNorm ops: (residual add +) (bias add +) GroupNorm
-// (+ SiLU), NCHW or channels_last, one block per (n, group). Statistics in fp32 as
-// shifted sums (about the group's first value, so a large mean does not cancel the
-// variance), reduced with warp shuffles; then one output pass. Reads x twice (the second
-// mostly from L2), writes y once. With a residual, the statistics pass writes
-// s = x + residual (rounded to x's dtype) and the output pass reads s back: each thread
-// reads back only the elements it wrote, so no barrier is needed in between.
+// (+ SiLU), NCHW or channels_last, fp32 arithmetic, vector loads and stores (up to 16
+// bytes) wherever the layout allows. Two plans:
+//
+// - one pass, when a group has at most kOnePassMax values: one block per (n, group)
+//   holds the whole group in registers, takes its mean, then its centred second moment
+//   from the registers (an exact two-pass variance, no cancellation), and writes y.
+//   Reads x once and writes y once, where aten's GroupNorm + SiLU read 3 and write 2.
+// - split, for larger groups: each group's vectors are cut into chunks so that there
+//   are blocks for every SM whatever the batch; a stats kernel writes each chunk's sums
+//   about a shift (the group's first value, so a large mean does not cancel the
+//   variance), a normalise kernel adds a group's chunk sums and writes its chunk.
+//   Reads x twice (the second mostly from L2), writes y once.
+//
+// With a residual, the first read forms s = x + residual, stores it (rounded to x's
+// dtype, as a separate add would) and the norm uses the stored sum.
 
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 #include <type_traits>
 
@@ -22,7 +33,10 @@ namespace ddim_fast {
 namespace cuda {
 namespace {
 
-constexpr int kGnThreads = 512;
+constexpr int kMaxThreads = 512;
+constexpr int kValuesPerThread = 32;  // fp32 registers per thread holding the group
+constexpr int64_t kOnePassMax = static_cast<int64_t>(kMaxThreads) * kValuesPerThread;
+constexpr int kSplitThreads = 256;
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -30,77 +44,187 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Sum over the block of two values; every thread gets the result.
-__device__ __forceinline__ void block_sum2(float& a, float& b) {
-  __shared__ float sa[32], sb[32];
+// Sum of v over the block; every thread gets it. Safe to call several times in a row.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float part[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  a = warp_sum(a);
-  b = warp_sum(b);
-  if (lane == 0) {
-    sa[warp] = a;
-    sb[warp] = b;
-  }
+  v = warp_sum(v);
+  __syncthreads();  // an earlier call's readers are done with `part`
+  if (lane == 0) part[warp] = v;
   __syncthreads();
   const int warps = (blockDim.x + 31) >> 5;
-  a = lane < warps ? sa[lane] : 0.f;
-  b = lane < warps ? sb[lane] : 0.f;
-  a = warp_sum(a);
-  b = warp_sum(b);
+  return warp_sum(lane < warps ? part[lane] : 0.f);
 }
 
-// Element i of the group (i < D*HW): channel c = g*D + d, pixel p.
-template <bool CHANNELS_LAST>
-__device__ __forceinline__ int64_t group_offset(int64_t i, int64_t D, int64_t HW, int64_t C, int64_t& d) {
-  if (CHANNELS_LAST) {  // i runs over (p, d): D contiguous channels, then the next pixel
-    const int64_t p = i / D;
-    d = i - p * D;
-    return p * C + d;
+__device__ __forceinline__ float act(float h, bool silu) { return silu ? h / (1.f + __expf(-h)) : h; }
+
+// Where vector iv of a group starts, relative to the group's first element, and the
+// channel (in the group) of its first value. A vector never crosses a channel (NCHW:
+// HW % VEC == 0) or a pixel (channels_last: D % VEC == 0); in channels_last its VEC
+// values are VEC consecutive channels. Group sizes fit 32 bits (checked at launch).
+template <bool CL, int VEC>
+__device__ __forceinline__ int64_t vec_offset(uint32_t iv, uint32_t D, uint32_t HW, int64_t C, uint32_t& d0) {
+  if constexpr (CL) {
+    const uint32_t per_pixel = D / VEC;
+    const uint32_t p = iv / per_pixel;
+    d0 = (iv - p * per_pixel) * VEC;
+    return static_cast<int64_t>(p) * C + d0;
   }
-  d = i / HW;  // i runs over (d, p): the group is one contiguous block
-  return i;
+  d0 = iv * VEC / HW;
+  return static_cast<int64_t>(iv) * VEC;
 }
 
-template <typename T, bool CHANNELS_LAST, bool HAS_RES, bool SILU>
-__global__ void group_norm_kernel(const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ s,
-                                  T* __restrict__ y, const float* __restrict__ w, const float* __restrict__ b,
-                                  const float* __restrict__ ab, int64_t ab_stride_n, int64_t C, int64_t HW,
-                                  int64_t G, float eps) {
-  const int64_t n = blockIdx.x / G, g = blockIdx.x % G, D = C / G;
-  const int64_t count = D * HW;
-  const int64_t base = CHANNELS_LAST ? n * HW * C + g * D : (n * C + g * D) * HW;
-  const float* abn = ab ? ab + n * ab_stride_n + g * D : nullptr;
-  // the norm's input at element off: x, or the stored (rounded) sum x + r
-  auto input = [&](int64_t off) {
-    if constexpr (HAS_RES) {
-      return static_cast<float>(static_cast<T>(static_cast<float>(x[off]) + static_cast<float>(r[off])));
+template <bool CL>
+__device__ __forceinline__ int64_t group_base(int64_t n, int64_t g, int64_t D, int64_t HW, int64_t C) {
+  return CL ? n * HW * C + g * D : (n * C + g * D) * HW;
+}
+
+// Loads vector iv of the norm's input into v (fp32, add_bias added), storing x + r to s
+// when there is a residual.
+template <typename T, int VEC, bool CL>
+__device__ __forceinline__ void load_input(const T* x, const T* r, T* s, const float* abg, int64_t off, uint32_t d0,
+                                           float (&v)[VEC]) {
+  const auto xv = *reinterpret_cast<const Pack<T, VEC>*>(x + off);
+  if (r != nullptr) {
+    const auto rv = *reinterpret_cast<const Pack<T, VEC>*>(r + off);
+    Pack<T, VEC> sv;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sv.v[k] = static_cast<T>(static_cast<float>(xv.v[k]) + static_cast<float>(rv.v[k]));
+    *reinterpret_cast<Pack<T, VEC>*>(s + off) = sv;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = static_cast<float>(sv.v[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = static_cast<float>(xv.v[k]);
+  }
+  if (abg != nullptr) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] += abg[CL ? d0 + k : d0];
+  }
+}
+
+// y = act((v - mean) * rstd * w + b) for one vector.
+template <typename T, int VEC, bool CL>
+__device__ __forceinline__ void store_output(T* y, int64_t off, uint32_t d0, const float (&v)[VEC], float mean,
+                                             float rstd, const float* wg, const float* bg, bool silu) {
+  Pack<T, VEC> out;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    const uint32_t d = CL ? d0 + k : d0;
+    out.v[k] = static_cast<T>(act((v[k] - mean) * (rstd * wg[d]) + bg[d], silu));
+  }
+  *reinterpret_cast<Pack<T, VEC>*>(y + off) = out;
+}
+
+struct GnPointers {
+  const float* w;
+  const float* b;
+  const float* ab;  // (N, C) or (C,) rows, or null
+  int64_t ab_stride_n;
+};
+
+template <typename T, int VEC, bool CL>
+__global__ void __launch_bounds__(kMaxThreads)
+    gn_one_pass_kernel(const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ s, T* __restrict__ y,
+                       GnPointers q, int64_t C, uint32_t HW, uint32_t G, float eps, bool silu) {
+  constexpr int kVecs = kValuesPerThread / VEC;
+  const uint32_t n = blockIdx.x / G, g = blockIdx.x % G, D = static_cast<uint32_t>(C) / G;
+  const uint32_t nvec = D * HW / VEC;
+  const int64_t base = group_base<CL>(n, g, D, HW, C);
+  const float* abg = q.ab ? q.ab + n * q.ab_stride_n + g * D : nullptr;
+  float v[kVecs][VEC];
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i) {
+    const uint32_t iv = threadIdx.x + i * blockDim.x;
+    if (iv < nvec) {
+      uint32_t d0;
+      const int64_t off = base + vec_offset<CL, VEC>(iv, D, HW, C, d0);
+      load_input<T, VEC, CL>(x, r, s, abg, off, d0, v[i]);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) sum += v[i][k];
     }
-    return static_cast<float>(x[off]);
-  };
-  const float k = input(base) + (abn ? abn[0] : 0.f);  // the shift
-  float sum = 0.f, sumsq = 0.f;
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-    int64_t d;
-    const int64_t off = base + group_offset<CHANNELS_LAST>(i, D, HW, C, d);
-    const float in = input(off);
-    if constexpr (HAS_RES) s[off] = static_cast<T>(in);
-    const float v = in + (abn ? abn[d] : 0.f) - k;
-    sum += v;
-    sumsq += v * v;
   }
-  block_sum2(sum, sumsq);
-  const float mean_k = sum / count;  // mean - k
-  const float var = fmaxf(sumsq / count - mean_k * mean_k, 0.f);
+  const float count = static_cast<float>(D) * static_cast<float>(HW);
+  const float mean = block_sum(sum) / count;
+  float m2 = 0.f;
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i) {
+    if (threadIdx.x + i * blockDim.x < nvec) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) m2 += (v[i][k] - mean) * (v[i][k] - mean);
+    }
+  }
+  const float rstd = rsqrtf(block_sum(m2) / count + eps);
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i) {
+    const uint32_t iv = threadIdx.x + i * blockDim.x;
+    if (iv < nvec) {
+      uint32_t d0;
+      const int64_t off = base + vec_offset<CL, VEC>(iv, D, HW, C, d0);
+      store_output<T, VEC, CL>(y, off, d0, v[i], mean, rstd, q.w + g * D, q.b + g * D, silu);
+    }
+  }
+}
+
+// Chunk `blockIdx.y` of group `blockIdx.x`: its sums of v - k and (v - k)² into
+// part[(n*G + g) * split + chunk], k the group's first input value.
+template <typename T, int VEC, bool CL>
+__global__ void __launch_bounds__(kSplitThreads)
+    gn_partial_sums_kernel(const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ s, GnPointers q,
+                           float2* __restrict__ part, int64_t C, uint32_t HW, uint32_t G, uint32_t chunk_vecs) {
+  const uint32_t n = blockIdx.x / G, g = blockIdx.x % G, D = static_cast<uint32_t>(C) / G;
+  const uint32_t nvec = D * HW / VEC;
+  const int64_t base = group_base<CL>(n, g, D, HW, C);
+  const float* abg = q.ab ? q.ab + n * q.ab_stride_n + g * D : nullptr;
+  const T first = r ? static_cast<T>(static_cast<float>(x[base]) + static_cast<float>(r[base])) : x[base];
+  const float shift = static_cast<float>(first) + (abg ? abg[0] : 0.f);
+  const uint32_t end = min(nvec, (blockIdx.y + 1) * chunk_vecs);
+  float sum = 0.f, sumsq = 0.f;
+  for (uint32_t iv = blockIdx.y * chunk_vecs + threadIdx.x; iv < end; iv += blockDim.x) {
+    uint32_t d0;
+    const int64_t off = base + vec_offset<CL, VEC>(iv, D, HW, C, d0);
+    float v[VEC];
+    load_input<T, VEC, CL>(x, r, s, abg, off, d0, v);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float dv = v[k] - shift;
+      sum += dv;
+      sumsq += dv * dv;
+    }
+  }
+  sum = block_sum(sum);
+  sumsq = block_sum(sumsq);
+  if (threadIdx.x == 0) part[static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y] = make_float2(sum, sumsq);
+}
+
+template <typename T, int VEC, bool CL>
+__global__ void __launch_bounds__(kSplitThreads)
+    gn_normalize_kernel(const T* __restrict__ src, T* __restrict__ y, GnPointers q, const float2* __restrict__ part,
+                        int64_t C, uint32_t HW, uint32_t G, uint32_t chunk_vecs, float eps, bool silu) {
+  const uint32_t n = blockIdx.x / G, g = blockIdx.x % G, D = static_cast<uint32_t>(C) / G;
+  const uint32_t nvec = D * HW / VEC;
+  const int64_t base = group_base<CL>(n, g, D, HW, C);
+  const float* abg = q.ab ? q.ab + n * q.ab_stride_n + g * D : nullptr;
+  const float shift = static_cast<float>(src[base]) + (abg ? abg[0] : 0.f);  // as the stats kernel took it
+  float sum = 0.f, sumsq = 0.f;
+  for (uint32_t c = threadIdx.x; c < gridDim.y; c += blockDim.x) {
+    const float2 p = part[static_cast<int64_t>(blockIdx.x) * gridDim.y + c];
+    sum += p.x;
+    sumsq += p.y;
+  }
+  const float count = static_cast<float>(D) * static_cast<float>(HW);
+  const float mean_k = block_sum(sum) / count;  // mean - shift
+  const float var = fmaxf(block_sum(sumsq) / count - mean_k * mean_k, 0.f);
   const float rstd = rsqrtf(var + eps);
-  const float mean = mean_k + k;
-  const T* src = HAS_RES ? s : x;  // this thread's own elements of s, written above
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-    int64_t d;
-    const int64_t off = base + group_offset<CHANNELS_LAST>(i, D, HW, C, d);
-    const int64_t c = g * D + d;
-    const float sc = rstd * w[c];
-    float h = (static_cast<float>(src[off]) + (abn ? abn[d] : 0.f) - mean) * sc + b[c];
-    if constexpr (SILU) h = h / (1.f + __expf(-h));
-    y[off] = static_cast<T>(h);
+  const float mean = mean_k + shift;
+  const uint32_t end = min(nvec, (blockIdx.y + 1) * chunk_vecs);
+  for (uint32_t iv = blockIdx.y * chunk_vecs + threadIdx.x; iv < end; iv += blockDim.x) {
+    uint32_t d0;
+    const int64_t off = base + vec_offset<CL, VEC>(iv, D, HW, C, d0);
+    float v[VEC];
+    load_input<T, VEC, CL>(src, nullptr, nullptr, abg, off, d0, v);
+    store_output<T, VEC, CL>(y, off, d0, v, mean, rstd, q.w + g * D, q.b + g * D, silu);
   }
 }
 
@@ -108,39 +232,69 @@ __global__ void group_norm_kernel(const T* __restrict__ x, const T* __restrict__
 void run(const GroupNormArgs& a, const at::Tensor& x, const at::Tensor* residual, at::Tensor* s, at::Tensor& y,
          double eps, bool silu) {
   if (x.numel() == 0) return;
+  const int64_t D = a.C / a.G, count = D * a.HW;
+  TORCH_CHECK(count < (int64_t{1} << 31) && a.N * a.G < (int64_t{1} << 31), "group_norm: groups of ", count,
+              " values (", a.N * a.G, " groups) are beyond the CUDA kernel's 32-bit indexing");
   auto stream = at::cuda::getCurrentCUDAStream();
-  const float* ab = a.add_bias.defined() ? a.add_bias.const_data_ptr<float>() : nullptr;
-  const int blocks = static_cast<int>(a.N * a.G);
+  const GnPointers q{a.weight.const_data_ptr<float>(), a.bias.const_data_ptr<float>(),
+                     a.add_bias.defined() ? a.add_bias.const_data_ptr<float>() : nullptr, a.add_bias_stride_n};
+  const bool cl = a.layout == Layout::kChannelsLast;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   dispatch_float(x.scalar_type(), "group_norm", [&](auto tag) {
     using T = decltype(tag);
-    const T* r = residual ? residual->const_data_ptr<T>() : nullptr;
+    const T* xp = x.const_data_ptr<T>();
+    const T* rp = residual ? residual->const_data_ptr<T>() : nullptr;
     T* sp = s ? s->data_ptr<T>() : nullptr;
-    auto launch = [&](auto cl, auto res, auto act) {
-      group_norm_kernel<T, decltype(cl)::value, decltype(res)::value, decltype(act)::value>
-          <<<blocks, kGnThreads, 0, stream>>>(x.const_data_ptr<T>(), r, sp, y.data_ptr<T>(),
-                                              a.weight.const_data_ptr<float>(), a.bias.const_data_ptr<float>(), ab,
-                                              a.add_bias_stride_n, a.C, a.HW, a.G, static_cast<float>(eps));
+    T* yp = y.data_ptr<T>();
+    auto launch = [&](auto vec_tag, auto cl_tag) {
+      constexpr int VEC = decltype(vec_tag)::value;
+      constexpr bool CL = decltype(cl_tag)::value;
+      const uint32_t nvec = static_cast<uint32_t>(count / VEC);
+      const uint32_t HW = static_cast<uint32_t>(a.HW), G = static_cast<uint32_t>(a.G);
+      const unsigned groups = static_cast<unsigned>(a.N * a.G);
+      if (count <= kOnePassMax) {
+        const int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, (nvec + 31) / 32 * 32));
+        gn_one_pass_kernel<T, VEC, CL><<<groups, threads, 0, stream>>>(xp, rp, sp, yp, q, a.C, HW, G,
+                                                                       static_cast<float>(eps), silu);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+      // enough chunks for two blocks per SM, each of at least 4 vectors per thread
+      const int64_t min_chunk = int64_t{4} * kSplitThreads;
+      const int64_t want = std::max<int64_t>(1, (2 * sms + groups - 1) / groups);
+      const int64_t split0 = std::max<int64_t>(1, std::min<int64_t>(want, nvec / min_chunk));
+      const uint32_t chunk_vecs = static_cast<uint32_t>((nvec + split0 - 1) / split0);
+      const unsigned split = (nvec + chunk_vecs - 1) / chunk_vecs;
+      at::Tensor part = at::empty({static_cast<int64_t>(groups) * split * 2}, x.options().dtype(at::kFloat));
+      float2* pp = reinterpret_cast<float2*>(part.data_ptr<float>());
+      const dim3 grid(groups, split);
+      gn_partial_sums_kernel<T, VEC, CL><<<grid, kSplitThreads, 0, stream>>>(xp, rp, sp, q, pp, a.C, HW, G, chunk_vecs);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      gn_normalize_kernel<T, VEC, CL><<<grid, kSplitThreads, 0, stream>>>(rp ? sp : xp, yp, q, pp, a.C, HW, G,
+                                                                          chunk_vecs, static_cast<float>(eps), silu);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    auto with_act = [&](auto cl, auto res) {
-      if (silu) {
-        launch(cl, res, std::true_type{});
+    // the widest vector (up to 16 bytes) that divides a channel's run of values and
+    // that every pointer is aligned to
+    const int64_t run_len = cl ? D : a.HW;  // values of one channel that lie together
+    auto fits = [&](int vec) {
+      const size_t bytes = static_cast<size_t>(vec) * sizeof(T);
+      auto ok = [&](const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0; };
+      return run_len % vec == 0 && ok(xp) && ok(rp) && ok(sp) && ok(yp);
+    };
+    auto with_layout = [&](auto vec_tag) {
+      if (cl) {
+        launch(vec_tag, std::true_type{});
       } else {
-        launch(cl, res, std::false_type{});
+        launch(vec_tag, std::false_type{});
       }
     };
-    auto with_res = [&](auto cl) {
-      if (residual) {
-        with_act(cl, std::true_type{});
-      } else {
-        with_act(cl, std::false_type{});
-      }
-    };
-    if (a.layout == Layout::kChannelsLast) {
-      with_res(std::true_type{});
-    } else {
-      with_res(std::false_type{});
+    if constexpr (sizeof(T) == 2) {  // 16 bytes: 8 halves
+      if (fits(8)) return with_layout(std::integral_constant<int, 8>{});
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (fits(4)) return with_layout(std::integral_constant<int, 4>{});
+    if (fits(2)) return with_layout(std::integral_constant<int, 2>{});
+    with_layout(std::integral_constant<int, 1>{});
   });
 }
 
