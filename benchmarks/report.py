@@ -1,6 +1,6 @@
 """Turn pytest-benchmark JSON files into markdown tables and a log-log plot.
 
-    python benchmarks/report.py results/*.json [--md table.md] [--png plot.png]
+    python benchmarks/report.py results/*.json [--md table.md] [--png plot.png] [--best-of] [--write-json merged.json]
 
 Tables, with the machine each file came from: for each (model, batch) of test_sampling,
 the median milliseconds of one sampling run per implementation and S, and the speed-ups
@@ -19,15 +19,39 @@ from collections import defaultdict
 IMPL_ORDER = ["reference", "compile-fp32", "fast-fp32", "fast-bf16"]
 
 
-def load(paths):
+def load(paths, best_of: bool = False):
     """[(machine label, [benchmark dicts])]: files from the same machine and commit are
-    merged (a later file's number for the same implementation and S wins)."""
+    merged. A later file's number for the same benchmark wins, or with best_of the lowest
+    median of all the files (repeated runs on a noisy machine: each benchmark's least
+    disturbed run)."""
     merged = {}
     for path in paths:
         with open(path) as f:
             data = json.load(f)
-        merged.setdefault(machine_label(data.get("machine_info", {})), []).extend(data.get("benchmarks", []))
-    return list(merged.items())
+        label = machine_label(data.get("machine_info", {}))
+        runs = merged.setdefault(label, {})
+        for b in data.get("benchmarks", []):
+            key = b.get("fullname") or b.get("name") or id(b)
+            if key in runs and best_of and runs[key]["stats"]["median"] <= b["stats"]["median"]:
+                continue
+            runs[key] = b
+    return [(label, list(runs.values())) for label, runs in merged.items()]
+
+
+def write_json(paths, out: str, best_of: bool) -> None:
+    """The merged benchmarks of `paths` (one machine) as one pytest-benchmark file, without
+    the per-round raw data, for benchmarks/results/."""
+    with open(paths[0]) as f:
+        first = json.load(f)
+    (label, benchmarks), *others = load(paths, best_of)
+    if others:
+        raise SystemExit(f"report.py: --write-json merges files of one machine and commit; got {len(others) + 1}")
+    for b in benchmarks:
+        b.get("stats", {}).pop("data", None)
+    first["benchmarks"] = benchmarks
+    first["merged_from"] = {"files": len(paths), "rule": "lowest median of the files" if best_of else "last file wins"}
+    with open(out, "w") as f:
+        json.dump(first, f, indent=1)
 
 
 def machine_label(mi: dict) -> str:
@@ -142,8 +166,12 @@ def main(argv=None) -> int:
     p.add_argument("files", nargs="+", help="pytest-benchmark JSON files (--benchmark-json)")
     p.add_argument("--md", help="write the markdown table here (default: print it)")
     p.add_argument("--png", help="write the plot here (needs matplotlib)")
+    p.add_argument("--best-of", action="store_true", help="each benchmark's lowest median over the files (repeated runs of one commit)")
+    p.add_argument("--write-json", help="also write the merged benchmarks, without raw data, to this file")
     args = p.parse_args(argv)
-    files = load(args.files)
+    files = load(args.files, args.best_of)
+    if args.write_json:
+        write_json(args.files, args.write_json, args.best_of)
     text = markdown(files)
     if args.md:
         with open(args.md, "w") as f:

@@ -37,3 +37,28 @@ def test_step_and_kernel_tables(tmp_path):
     assert "| lean-bf16 | 1.00 | 150 | 4.00x |" in md and "| reference-fp32 | 4.00 | 300 | 1.00x |" in md
     assert "| add_group_norm_silu-b1-c256-16x16-bfloat16-cl | fused | 12.0 | 30.0 | 0.75 |" in md
     assert "S | reference" not in md  # step benchmarks stay out of the S-sweep table
+
+
+def test_best_of_keeps_each_benchmarks_lowest_median(tmp_path):
+    mi = {"cpu_model": "Test CPU", "cpu_count": 2, "commit": "abc123"}
+
+    def run(ref_s, fast_s):
+        bs = [_bench("reference", "fp32", 10, 1, ref_s), _bench("fast", "fp32", 10, 1, fast_s)]
+        for b, name in zip(bs, ("test_sample[ref]", "test_sample[fast]")):
+            b["fullname"] = name
+            b["stats"]["data"] = [b["stats"]["median"]] * 3
+        return {"machine_info": mi, "benchmarks": bs}
+
+    paths = []
+    for i, (r, f) in enumerate([(0.30, 0.10), (0.20, 0.15)]):  # the reference's quiet run is the second, fast's the first
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(run(r, f)))
+    paths = [str(p) for p in paths]
+    assert "| 10 | 200.0 | 150.0 | 1.33x |" in report.markdown(report.load(paths))  # last file wins
+    assert "| 10 | 200.0 | 100.0 | 2.00x |" in report.markdown(report.load(paths, best_of=True))
+    out = tmp_path / "merged.json"
+    assert report.main(paths + ["--best-of", "--write-json", str(out), "--md", str(tmp_path / "m.md")]) == 0
+    merged = json.loads(out.read_text())
+    assert sorted(b["stats"]["median"] for b in merged["benchmarks"]) == [0.10, 0.20]
+    assert all("data" not in b["stats"] for b in merged["benchmarks"])
+    assert merged["merged_from"] == {"files": 2, "rule": "lowest median of the files"}
