@@ -282,6 +282,7 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight, bias, eps: float, a
     ab_stride_n = C if add_bias is not None and add_bias.dim() == 2 else 0
     has_add, has_res = add_bias is not None, residual is not None
     r = residual if has_res else x
+    geometry = (C, HW, D, G, stride_c, stride_p, ab_stride_n)  # the arguments every kernel takes after its pointers
     p = launch_plan or plan(N, C, HW, G, x.element_size(), channels_last, _programs(x.device))
     if p.kind == "one_pass":
         _gn_one_pass_kernel[(N * G // p.gpb,)](
@@ -292,13 +293,7 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight, bias, eps: float, a
             w,
             b,
             ab,
-            C,
-            HW,
-            D,
-            G,
-            stride_c,
-            stride_p,
-            ab_stride_n,
+            *geometry,
             float(eps),
             HAS_ADD=has_add,
             HAS_RES=has_res,
@@ -318,13 +313,7 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight, bias, eps: float, a
         s if has_res else y,
         ab,
         parts,
-        C,
-        HW,
-        D,
-        G,
-        stride_c,
-        stride_p,
-        ab_stride_n,
+        *geometry,
         p.chunk,
         p.split,
         HAS_ADD=has_add,
@@ -340,13 +329,7 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight, bias, eps: float, a
         b,
         ab,
         parts,
-        C,
-        HW,
-        D,
-        G,
-        stride_c,
-        stride_p,
-        ab_stride_n,
+        *geometry,
         p.chunk,
         p.split,
         float(eps),

@@ -289,6 +289,7 @@ def test_triton_group_norm_every_plan(device, dtype, atol, rtol, shape, launch, 
 def test_triton_group_norm_plan_choice():
     """One pass while a group fits a program, several groups per program in channels_last
     when there are programs to spare, and a split that fills the GPU for larger groups."""
+    import triton
     from ddim_fast.kernels.group_norm_silu import ONE_PASS_MAX, plan
 
     sms2 = 264  # programs that fill an H100
@@ -301,11 +302,7 @@ def test_triton_group_norm_plan_choice():
     assert plan(64, 128, 256 * 256, 32, 2, True, sms2).split == 1  # enough groups to fill the GPU
     for n, c, hw, grp in [(1, 32, 33 * 35, 1), (2, 4, 1200, 2), (7, 60, 49, 3)]:
         p = plan(n, c, hw, grp, 4, True, sms2)
-        assert (p.kind == "one_pass") == (triton_next_pow2(hw) * triton_next_pow2(c // grp) <= ONE_PASS_MAX)
-
-
-def triton_next_pow2(v: int) -> int:
-    return 1 << (v - 1).bit_length()
+        assert (p.kind == "one_pass") == (triton.next_power_of_2(hw) * triton.next_power_of_2(c // grp) <= ONE_PASS_MAX)
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)

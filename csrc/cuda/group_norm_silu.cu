@@ -123,46 +123,63 @@ struct GnPointers {
   int64_t ab_stride_n;
 };
 
+// The group a block works on (blockIdx.x = n * G + g), addressed as vectors of VEC.
+template <bool CL, int VEC>
+struct Group {
+  uint32_t g, D, HW, nvec;
+  int64_t C, base;   // channels; offset of the group's first element
+  const float* abg;  // add_bias of the group's channels, or null
+
+  __device__ Group(const GnPointers& q, int64_t C_, uint32_t HW_, uint32_t G) : HW(HW_), C(C_) {
+    const uint32_t n = blockIdx.x / G;
+    g = blockIdx.x % G;
+    D = static_cast<uint32_t>(C) / G;
+    nvec = D * HW / VEC;
+    base = group_base<CL>(n, g, D, HW, C);
+    abg = q.ab ? q.ab + n * q.ab_stride_n + g * D : nullptr;
+  }
+  // element offset of vector iv, and the channel (in the group) of its first value
+  __device__ int64_t offset(uint32_t iv, uint32_t& d0) const { return base + vec_offset<CL, VEC>(iv, D, HW, C, d0); }
+  __device__ float count() const { return static_cast<float>(D) * static_cast<float>(HW); }
+};
+
 template <typename T, int VEC, bool CL>
 __global__ void __launch_bounds__(kMaxThreads)
     gn_one_pass_kernel(const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ s, T* __restrict__ y,
                        GnPointers q, int64_t C, uint32_t HW, uint32_t G, float eps, bool silu) {
   constexpr int kVecs = kValuesPerThread / VEC;
-  const uint32_t n = blockIdx.x / G, g = blockIdx.x % G, D = static_cast<uint32_t>(C) / G;
-  const uint32_t nvec = D * HW / VEC;
-  const int64_t base = group_base<CL>(n, g, D, HW, C);
-  const float* abg = q.ab ? q.ab + n * q.ab_stride_n + g * D : nullptr;
-  float v[kVecs][VEC];
+  const Group<CL, VEC> grp(q, C, HW, G);
+  float v[kVecs][VEC];  // vector threadIdx.x + i * blockDim.x of the group, while i < kVecs
   float sum = 0.f;
 #pragma unroll
   for (int i = 0; i < kVecs; ++i) {
     const uint32_t iv = threadIdx.x + i * blockDim.x;
-    if (iv < nvec) {
+    if (iv < grp.nvec) {
       uint32_t d0;
-      const int64_t off = base + vec_offset<CL, VEC>(iv, D, HW, C, d0);
-      load_input<T, VEC, CL>(x, r, s, abg, off, d0, v[i]);
+      const int64_t off = grp.offset(iv, d0);
+      load_input<T, VEC, CL>(x, r, s, grp.abg, off, d0, v[i]);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) sum += v[i][k];
     }
   }
-  const float count = static_cast<float>(D) * static_cast<float>(HW);
-  const float mean = block_sum(sum) / count;
+  const float mean = block_sum(sum) / grp.count();
   float m2 = 0.f;
 #pragma unroll
   for (int i = 0; i < kVecs; ++i) {
-    if (threadIdx.x + i * blockDim.x < nvec) {
+    if (threadIdx.x + i * blockDim.x < grp.nvec) {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) m2 += (v[i][k] - mean) * (v[i][k] - mean);
     }
   }
-  const float rstd = rsqrtf(block_sum(m2) / count + eps);
+  const float rstd = rsqrtf(block_sum(m2) / grp.count() + eps);
+  // the offsets again rather than kept: kVecs more 64-bit registers for one division each
 #pragma unroll
   for (int i = 0; i < kVecs; ++i) {
     const uint32_t iv = threadIdx.x + i * blockDim.x;
-    if (iv < nvec) {
+    if (iv < grp.nvec) {
       uint32_t d0;
-      const int64_t off = base + vec_offset<CL, VEC>(iv, D, HW, C, d0);
-      store_output<T, VEC, CL>(y, off, d0, v[i], mean, rstd, q.w + g * D, q.b + g * D, silu);
+      const int64_t off = grp.offset(iv, d0);
+      store_output<T, VEC, CL>(y, off, d0, v[i], mean, rstd, q.w + grp.g * grp.D, q.b + grp.g * grp.D, silu);
     }
   }
 }
@@ -173,19 +190,17 @@ template <typename T, int VEC, bool CL>
 __global__ void __launch_bounds__(kSplitThreads)
     gn_partial_sums_kernel(const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ s, GnPointers q,
                            float2* __restrict__ part, int64_t C, uint32_t HW, uint32_t G, uint32_t chunk_vecs) {
-  const uint32_t n = blockIdx.x / G, g = blockIdx.x % G, D = static_cast<uint32_t>(C) / G;
-  const uint32_t nvec = D * HW / VEC;
-  const int64_t base = group_base<CL>(n, g, D, HW, C);
-  const float* abg = q.ab ? q.ab + n * q.ab_stride_n + g * D : nullptr;
+  const Group<CL, VEC> grp(q, C, HW, G);
+  const int64_t base = grp.base;
   const T first = r ? static_cast<T>(static_cast<float>(x[base]) + static_cast<float>(r[base])) : x[base];
-  const float shift = static_cast<float>(first) + (abg ? abg[0] : 0.f);
-  const uint32_t end = min(nvec, (blockIdx.y + 1) * chunk_vecs);
+  const float shift = static_cast<float>(first) + (grp.abg ? grp.abg[0] : 0.f);
+  const uint32_t end = min(grp.nvec, (blockIdx.y + 1) * chunk_vecs);
   float sum = 0.f, sumsq = 0.f;
   for (uint32_t iv = blockIdx.y * chunk_vecs + threadIdx.x; iv < end; iv += blockDim.x) {
     uint32_t d0;
-    const int64_t off = base + vec_offset<CL, VEC>(iv, D, HW, C, d0);
+    const int64_t off = grp.offset(iv, d0);
     float v[VEC];
-    load_input<T, VEC, CL>(x, r, s, abg, off, d0, v);
+    load_input<T, VEC, CL>(x, r, s, grp.abg, off, d0, v);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const float dv = v[k] - shift;
@@ -202,29 +217,25 @@ template <typename T, int VEC, bool CL>
 __global__ void __launch_bounds__(kSplitThreads)
     gn_normalize_kernel(const T* __restrict__ src, T* __restrict__ y, GnPointers q, const float2* __restrict__ part,
                         int64_t C, uint32_t HW, uint32_t G, uint32_t chunk_vecs, float eps, bool silu) {
-  const uint32_t n = blockIdx.x / G, g = blockIdx.x % G, D = static_cast<uint32_t>(C) / G;
-  const uint32_t nvec = D * HW / VEC;
-  const int64_t base = group_base<CL>(n, g, D, HW, C);
-  const float* abg = q.ab ? q.ab + n * q.ab_stride_n + g * D : nullptr;
-  const float shift = static_cast<float>(src[base]) + (abg ? abg[0] : 0.f);  // as the stats kernel took it
+  const Group<CL, VEC> grp(q, C, HW, G);
+  const float shift = static_cast<float>(src[grp.base]) + (grp.abg ? grp.abg[0] : 0.f);  // as the stats kernel took it
   float sum = 0.f, sumsq = 0.f;
   for (uint32_t c = threadIdx.x; c < gridDim.y; c += blockDim.x) {
     const float2 p = part[static_cast<int64_t>(blockIdx.x) * gridDim.y + c];
     sum += p.x;
     sumsq += p.y;
   }
-  const float count = static_cast<float>(D) * static_cast<float>(HW);
-  const float mean_k = block_sum(sum) / count;  // mean - shift
-  const float var = fmaxf(block_sum(sumsq) / count - mean_k * mean_k, 0.f);
+  const float mean_k = block_sum(sum) / grp.count();  // mean - shift
+  const float var = fmaxf(block_sum(sumsq) / grp.count() - mean_k * mean_k, 0.f);
   const float rstd = rsqrtf(var + eps);
   const float mean = mean_k + shift;
-  const uint32_t end = min(nvec, (blockIdx.y + 1) * chunk_vecs);
+  const uint32_t end = min(grp.nvec, (blockIdx.y + 1) * chunk_vecs);
   for (uint32_t iv = blockIdx.y * chunk_vecs + threadIdx.x; iv < end; iv += blockDim.x) {
     uint32_t d0;
-    const int64_t off = base + vec_offset<CL, VEC>(iv, D, HW, C, d0);
+    const int64_t off = grp.offset(iv, d0);
     float v[VEC];
-    load_input<T, VEC, CL>(src, nullptr, nullptr, abg, off, d0, v);
-    store_output<T, VEC, CL>(y, off, d0, v, mean, rstd, q.w + g * D, q.b + g * D, silu);
+    load_input<T, VEC, CL>(src, nullptr, nullptr, grp.abg, off, d0, v);
+    store_output<T, VEC, CL>(y, off, d0, v, mean, rstd, q.w + grp.g * grp.D, q.b + grp.g * grp.D, silu);
   }
 }
 
