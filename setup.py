@@ -1,4 +1,4 @@
-"""Build ddim_fast and its native extension ddim_fast._C.
+"""Build ddim_fast and, when torch is visible to the build, its native extension ddim_fast._C.
 
 What gets built is decided here, in plain sight, and printed:
 
@@ -9,15 +9,17 @@ What gets built is decided here, in plain sight, and printed:
   PTX for the newest so that later GPUs can JIT it).
 
 A missing nvcc warns and builds the CPU part; it never fails the install. The extension
-is compiled against the torch found in this environment, so install with
-`pip install --no-build-isolation -e .` (build isolation would compile against another
-torch than the one that imports it).
+must be compiled against the torch that imports it. `pip install --no-build-isolation -e .`
+compiles it here, ahead of time. A plain `pip install -e .` builds in an isolated
+environment without torch: then nothing is compiled here, and ddim_fast compiles csrc/
+on first use against the torch that is running (ddim_fast/ops/jit.py), with the same
+recipe (ddim_fast/ops/build.py) and a cache. Either way the sources ship with the package.
 """
 
-import glob
+import importlib.util
+import json
 import os
 import shutil
-import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -29,148 +31,69 @@ def _log(msg):
     print(f"[ddim-fast setup] {msg}", file=sys.stderr)
 
 
-def _toolkit_behind_nvcc(nvcc):
-    """The CUDA toolkit folder behind `nvcc`, which may be a wrapper script.
-
-    `nvcc --dryrun` prints the folder of the real compiler as `_HERE_=<toolkit>/bin`.
-    """
-    try:
-        res = subprocess.run([nvcc, "--dryrun", "-c", "x.cu"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for line in (res.stdout + res.stderr).splitlines():
-        if "_HERE_=" in line:
-            here = line.split("_HERE_=", 1)[1].strip()
-            return os.path.dirname(here)
-    return None
+def _recipe():
+    """ddim_fast/ops/build.py, loaded by its path: the package itself cannot be imported yet."""
+    spec = importlib.util.spec_from_file_location("_ddim_fast_build", os.path.join(ROOT, "ddim_fast", "ops", "build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _find_cuda_home():
-    """CUDA_HOME as set, else the toolkit behind the nvcc on PATH, else None."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var) and os.path.exists(os.path.join(os.environ[var], "bin", "nvcc")):
-            return os.environ[var]
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return None
-    return _toolkit_behind_nvcc(nvcc) or os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-
-
-def _decide_cuda():
-    """(build_cuda, reason). Must run before torch.utils.cpp_extension is imported,
-    because that module reads CUDA_HOME once, at import."""
-    import torch
-
-    if os.environ.get("DDIM_FAST_SKIP_CUDA", "0") == "1":
-        return False, "DDIM_FAST_SKIP_CUDA=1"
-    forced = os.environ.get("FORCE_CUDA", "0") == "1"
-    if torch.version.cuda is None and not forced:
-        return False, f"torch {torch.__version__} is a CPU build"
-    cuda_home = _find_cuda_home()
-    if cuda_home is None:
-        _log("WARNING: nvcc not found (set CUDA_HOME or put nvcc on PATH); building the CPU kernels only")
-        return False, "nvcc not found"
-    os.environ["CUDA_HOME"] = cuda_home
-    why = "FORCE_CUDA=1" if forced else f"torch {torch.__version__} has CUDA {torch.version.cuda}"
-    return True, f"{why}; toolkit at {cuda_home}"
-
-
-def _cuda_arch_flags():
-    archs = [a.strip() for a in os.environ.get("DDIM_FAST_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
-    for a in archs:
-        if not a.isdigit():
-            raise ValueError(f"DDIM_FAST_CUDA_ARCHS: expected numbers such as '80;90', got {a!r}")
-    # torch's own arch detection needs a GPU; name the list so it does not guess.
-    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a[:-1]}.{a[-1]}" for a in archs)
-    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    newest = max(archs, key=int)
-    flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
-    return archs, flags
-
-
-def _pip_cuda_include_dirs():
-    """Headers (cuBLAS, cuSPARSE, ...) that the pip CUDA packages ship, which torch's
-    headers include but a bare toolkit may lack."""
-    dirs = []
-    for entry in sys.path:
-        for sub in ("nvidia/cu13/include", "nvidia/cu12/include"):
-            d = os.path.join(entry, sub)
-            if os.path.isdir(d) and d not in dirs:
-                dirs.append(d)
-    return dirs
-
-
-def _cpu_capability():
-    """Vector ISA for the CPU kernels: DDIM_FAST_CPU_CAPABILITY=avx512|avx2|default, else
-    the best this machine has (the extension is built where it runs, like -march=native)."""
-    choice = os.environ.get("DDIM_FAST_CPU_CAPABILITY", "").lower()
-    if choice not in ("", "avx512", "avx2", "default"):
-        raise ValueError(f"DDIM_FAST_CPU_CAPABILITY: expected 'avx512', 'avx2' or 'default', got {choice!r}")
-    if not choice:
-        flags = set()
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("flags"):
-                        flags = set(line.split(":", 1)[1].split())
-                        break
-        except OSError:
-            pass
-        if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= flags:
-            choice = "avx512"
-        elif {"avx2", "fma", "f16c"} <= flags:
-            choice = "avx2"
-        else:
-            choice = "default"
-    if choice == "avx512":
-        return choice, ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-    if choice == "avx2":
-        # at::vec then uses its AVX2 Vectorized types (and the Sleef functions libtorch exports)
-        return choice, ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return choice, ["-DCPU_CAPABILITY=DEFAULT"]
-
-
-def _extensions():
-    build_cuda, reason = _decide_cuda()
+def _extensions(torch):
+    """The extension to compile against `torch` (decide_cuda runs before
+    torch.utils.cpp_extension is imported: that module reads CUDA_HOME once, at import)."""
+    recipe = _recipe()
+    build_cuda, reason, cuda_home = recipe.decide_cuda(torch)
+    if not build_cuda and "nvcc not found" in reason:
+        _log(f"WARNING: {reason}; building the CPU kernels only")
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cpu_isa, isa_flags = _cpu_capability()
-    cxx_flags = ["-O3"] + isa_flags  # the C++ standard: what torch.utils.cpp_extension picks for this torch
-    link_flags = []
-    import torch
-
-    if torch.backends.openmp.is_available():
-        # at::parallel_for is inline OpenMP: without -fopenmp it silently runs on one thread.
-        # The libgomp that libtorch_cpu already loaded is the one that gets used.
-        cxx_flags.append("-fopenmp")
-        link_flags.append("-fopenmp")
+    root = os.path.relpath(os.path.join(ROOT, "csrc"))
+    cpu_isa, cxx_flags, link_flags = recipe.cxx_flags(torch)
     _log(f"CPU kernels use the {cpu_isa} vector ISA (DDIM_FAST_CPU_CAPABILITY=avx512|avx2|default to choose)")
     if build_cuda:
-        archs, arch_flags = _cuda_arch_flags()
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        include_dirs = _pip_cuda_include_dirs()
+        archs = recipe.cuda_archs()
+        # torch's own arch detection needs a GPU; name the list so it does not guess.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a[:-1]}.{a[-1]}" for a in archs)
+        include_dirs = recipe.pip_cuda_include_dirs()
         _log(f"building CPU + CUDA kernels ({reason}); archs {archs}")
         if include_dirs:
             _log(f"extra CUDA include dirs: {include_dirs}")
         ext = CUDAExtension(
             "ddim_fast._C",
-            sources,
+            recipe.sources(root, cuda=True),
             include_dirs=include_dirs,
             define_macros=[("DDIM_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"] + arch_flags},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": recipe.nvcc_flags(archs)},
             extra_link_args=link_flags,
         )
     else:
         _log(f"building CPU kernels only ({reason})")
-        ext = CppExtension("ddim_fast._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+        ext = CppExtension("ddim_fast._C", recipe.sources(root, cuda=False), extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+    ext.ddim_fast_info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "cuda_kernels": build_cuda, "cpu_isa": cpu_isa}
     return [ext]
 
 
-def _cmdclass():
+def _build_ext_class():
+    """torch's BuildExtension (ninja when there is one), which also writes _C.build.json
+    beside the library: the torch it was built against, read before it is ever loaded."""
     from torch.utils.cpp_extension import BuildExtension
 
-    return {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+    base = BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+
+    class BuildWithInfo(base):
+        def run(self):
+            super().run()
+            for ext in self.extensions:
+                info = getattr(ext, "ddim_fast_info", None)
+                if info is not None:
+                    path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_C.build.json")
+                    with open(path, "w") as f:
+                        json.dump(info, f, indent=1)
+
+    return BuildWithInfo
 
 
 def _read_version():
@@ -182,13 +105,20 @@ def _read_version():
 
 def main():
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
-        sys.exit(
-            "ddim-fast builds against the torch in this environment, and none is installed.\n"
-            "Install torch first (e.g. `pip install torch==2.13.0`), then\n"
-            "`pip install --no-build-isolation -e .`"
+        torch = None
+    if torch is None:
+        # pip's isolated build (a plain `pip install -e .`), or no torch at all: install_requires
+        # brings torch in the second case; the kernels are compiled on first use in both.
+        _log(
+            "torch is not visible to this build (pip builds in an isolated environment unless given "
+            "--no-build-isolation): nothing is compiled now; ddim_fast compiles its native kernels on "
+            "first use against the torch that imports it, and caches them"
         )
+        ext_modules, cmdclass = [], {}
+    else:
+        ext_modules, cmdclass = _extensions(torch), {"build_ext": _build_ext_class()}
     setup(
         name="ddim-fast",
         version=_read_version(),
@@ -196,12 +126,17 @@ def main():
         long_description=open(os.path.join(ROOT, "README.md")).read(),
         long_description_content_type="text/markdown",
         python_requires=">=3.10",
-        packages=find_packages(include=["ddim_fast", "ddim_fast.*"]) + ["ddim_fast.kernels"],
-        package_dir={"ddim_fast": "ddim_fast", "ddim_fast.kernels": "kernels"},
-        package_data={"ddim_fast.apps.pretrained": ["*.pt"], "ddim_fast.apps.data": ["*.npz", "README.md"]},
-        ext_modules=_extensions(),
-        cmdclass=_cmdclass(),
-        install_requires=["torch>=2.4", "numpy", "pillow", "tqdm"],
+        packages=find_packages(include=["ddim_fast", "ddim_fast.*"]) + ["ddim_fast.kernels", "ddim_fast._csrc"],
+        # kernels/ installs as ddim_fast.kernels; csrc/ as ddim_fast/_csrc, the sources of a first-use build
+        package_dir={"ddim_fast": "ddim_fast", "ddim_fast.kernels": "kernels", "ddim_fast._csrc": "csrc"},
+        package_data={
+            "ddim_fast.apps.pretrained": ["*.pt"],
+            "ddim_fast.apps.data": ["*.npz", "README.md"],
+            "ddim_fast._csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh"],
+        },
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        install_requires=["torch>=2.4", "numpy", "pillow", "tqdm", "ninja"],  # ninja: torch.utils.cpp_extension's first-use build
         extras_require={
             "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.9", "diffusers", "scipy"],  # Triton < 3.9: its interpreter fails with NumPy >= 2.4
             "triton": ["triton"],

@@ -16,6 +16,7 @@ def test_operators_are_registered():
     b = backends()
     assert b["cpu"]["available"] and b["torch"]["available"]
     assert set(b) == {"cpu", "cuda", "triton", "torch"}
+    assert b["cpu"]["build"] in ("ahead-of-time", "jit-cached", "jit-built") and b["cpu"]["path"]
     if not torch.cuda.is_available():
         assert not b["cuda"]["available"] and b["cuda"]["reason"]
 

@@ -18,6 +18,7 @@ from ..core.schedule import Schedule
 from ..models.checkpoint import describe_mismatch, extract_state_dict, infer_config
 from ..models.presets import PRESETS
 from ..models.unet import UNet
+from ..ops import backends
 from ..sampling import FastSampler, ReferenceSampler
 from .args import DTYPES, CLIError
 
@@ -150,6 +151,7 @@ def _sampler_kwargs(args) -> dict:
 
 
 def fast_sampler(model, schedule, args, **over):
+    backends()  # a first-use build of the native kernels happens here, not inside a timed run
     kw = _sampler_kwargs(args)
     kw.update(over)
     return FastSampler(model, schedule, cuda_graph=not getattr(args, "no_graph", False), dtype=DTYPES[getattr(args, "dtype", "fp32")], **kw)

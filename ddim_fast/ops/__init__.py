@@ -7,7 +7,10 @@ base layer (ddim_fast.core) and the Triton kernels (ddim_fast.kernels) only.
     group_norm_act(x, num_groups, weight, bias, eps=1e-6, silu=True, residual=None)  # (s, y) with a residual
 
     dispatch   input checks and backend choice; `step` is the samplers' checked entry
-    extension  loading the native extension ddim_fast._C; `backends()` says what is there
+    extension  loading the native extension (ddim_fast._C, else the first-use build); `backends()`
+               says what is there and which way the kernels came
+    build      the extension's recipe (sources, flags, CUDA toolkit), shared with setup.py
+    jit        the first-use build: compiled against the running torch, cached, under a lock
     fake       fake (meta) kernels of the native ops, for torch.compile
     fallback   the plain-PyTorch backend (and the float64 path)
 """
