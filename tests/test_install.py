@@ -39,7 +39,7 @@ _PROBE = textwrap.dedent(
         y = FastSampler(m, Schedule.linear(), steps=3).sample(torch.randn(2, 1, 4, 4, generator=g))
     warned = [str(x.message) for x in w if "fused native cpu ops are off" in str(x.message)]
     print("RESULT " + json.dumps({"available": b["available"], "build": b["build"], "path": b["path"], "reason": b["reason"],
-                                  "err": err, "finite": bool(torch.isfinite(y).all()), "warnings": len(warned)}))
+                                  "err": err, "finite": bool(torch.isfinite(y).all()), "warnings": len(warned), "file": ddim_fast.__file__}))
     """
 )
 
@@ -56,8 +56,9 @@ def _result(proc_stdout: str) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def _probe(env, pre=""):
-    res = subprocess.run([sys.executable, "-c", pre + _PROBE], capture_output=True, text=True, env=env, timeout=600)
+def _probe(env, cwd):
+    """Runs _PROBE in a fresh process, in `cwd` (`python -c` puts the working folder first on sys.path)."""
+    res = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return _result(res.stdout), res.stderr
 
@@ -91,7 +92,7 @@ def built_cache(tmp_path_factory):
     if not HAVE_TOOLS:
         pytest.skip("no C++ compiler on PATH: the first-use build cannot run here")
     cache = tmp_path_factory.mktemp("kernel-cache")
-    procs = [subprocess.Popen([sys.executable, "-c", _PROBE], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(cache)) for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _PROBE], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(cache), cwd=cache) for _ in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
@@ -112,21 +113,54 @@ def test_two_processes_at_once_build_the_kernels_once_and_both_load_them(built_c
     folders = [p for p in os.listdir(cache) if os.path.isdir(os.path.join(cache, p))]
     assert len(folders) == 1 and folders[0].startswith(f"torch{torch.__version__}-cpu-")
     # a third process loads the cache and compiles nothing
-    third, err = _probe(_env(cache))
+    third, err = _probe(_env(cache), cwd=cache)
     assert third["build"] == "jit-cached" and third["available"] and "compiling" not in err
 
 
+def _package_copy(tmp_path, record_torch=None):
+    """ddim_fast and csrc/ copied under tmp_path, with a planted ahead-of-time library (not a
+    loadable one) whose record names `record_torch`, if given."""
+    dest = tmp_path / "pkg"
+    shutil.copytree(os.path.join(ROOT, "ddim_fast"), dest / "ddim_fast", ignore=shutil.ignore_patterns("__pycache__", "_C*"))
+    shutil.copytree(CSRC, dest / "csrc")
+    if record_torch is None:
+        return dest
+    suffix = next(s for s in __import__("importlib.machinery").machinery.EXTENSION_SUFFIXES if s.endswith(".so"))
+    (dest / "ddim_fast" / f"_C{suffix}").write_bytes(b"not a library")
+    (dest / "ddim_fast" / "_C.build.json").write_text(json.dumps({"torch": record_torch}))
+    return dest
+
+
 @pytest.mark.slow
-def test_a_library_for_another_torch_is_replaced_by_one_for_this_torch(built_cache):
-    """An ahead-of-time build whose record names another torch is not loaded: the kernels
-    come from the first-use build instead, with a line saying why."""
+@pytest.mark.parametrize("record", ["0.0.1", "this torch"])
+def test_an_ahead_of_time_library_that_is_not_for_this_torch_is_replaced(built_cache, tmp_path, record):
+    """A library whose record names another torch is not even loaded (that can crash, not
+    only fail); one that names this torch but fails to load is reported. Either way the
+    kernels come from the first-use build, with a line saying why."""
     cache, _ = built_cache
-    env = _env(cache)
+    pkg = _package_copy(tmp_path, torch.__version__ if record == "this torch" else record)
+    env = _env(cache, PYTHONPATH=str(pkg))
     env.pop("DDIM_FAST_JIT")
-    stale = "import ddim_fast.ops.extension as e; e._aot_library = lambda: ('/nowhere/_C.so', 'ddim_fast._C was built against torch 0.0.1, and this is torch ' + __import__('torch').__version__)\n"
-    got, err = _probe(env, pre=stale)
-    assert got["available"] and got["build"] == "jit-cached"
-    assert "built against torch 0.0.1" in err and "compiling the kernels for this torch instead" in err
+    got, err = _probe(env, cwd=tmp_path)
+    assert got["file"].startswith(str(pkg)), got["file"]
+    assert got["available"] and got["build"] == "jit-cached" and got["err"] < 1e-5
+    why = "built against torch 0.0.1" if record == "0.0.1" else "ddim_fast._C failed to load"
+    assert why in err and "compiling the kernels for this torch instead" in err
+
+
+@pytest.mark.slow
+def test_a_failed_build_leaves_pytorch_working_and_says_where_the_log_is(tmp_path):
+    if not HAVE_TOOLS:
+        pytest.skip("no C++ compiler on PATH: the first-use build cannot run here")
+    pkg = _package_copy(tmp_path)
+    ops_cpp = pkg / "csrc" / "ops.cpp"
+    ops_cpp.write_text(ops_cpp.read_text() + "\n#error planted by test_install\n")
+    got, err = _probe(_env(tmp_path / "cache", PYTHONPATH=str(pkg)), cwd=tmp_path)
+    assert got["file"].startswith(str(pkg)) and not got["available"] and got["build"] == "absent"
+    assert "first-use build of the native kernels failed" in got["reason"] and "#error planted by test_install" in got["reason"]
+    log = got["reason"].rsplit("the whole log: ", 1)[1].rstrip(")")
+    assert "planted by test_install" in open(log).read()
+    assert got["warnings"] == 1 and got["finite"]
 
 
 def test_the_record_of_an_ahead_of_time_build_is_read_before_loading_it(tmp_path):
@@ -168,7 +202,7 @@ def test_cache_folder_choice(monkeypatch, tmp_path):
 
 
 def test_no_compiler_falls_back_to_pytorch_with_the_reason(tmp_path):
-    got, _ = _probe(_env(tmp_path / "cache", CXX=str(tmp_path / "no-such-compiler")))
+    got, _ = _probe(_env(tmp_path / "cache", CXX=str(tmp_path / "no-such-compiler")), cwd=tmp_path)
     assert not got["available"] and got["build"] == "absent" and got["path"] is None
     assert "no C++ compiler" in got["reason"] and "no-such-compiler" in got["reason"]
     assert got["warnings"] == 1 and got["finite"]
@@ -177,7 +211,7 @@ def test_no_compiler_falls_back_to_pytorch_with_the_reason(tmp_path):
 def test_an_unwritable_cache_falls_back_to_pytorch_with_the_reason(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")  # a cache folder cannot be made under a file, even by root
-    got, _ = _probe(_env(blocker / "cache"))
+    got, _ = _probe(_env(blocker / "cache"), cwd=tmp_path)
     if not HAVE_TOOLS:
         assert "no C++ compiler" in got["reason"]
         return

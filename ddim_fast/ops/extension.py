@@ -34,8 +34,9 @@ def _aot_library():
     setup.py writes _C.build.json beside the library, naming the torch it was compiled
     against; a library for another torch is not loaded (that can crash, not only fail)."""
     spec = importlib.util.find_spec("ddim_fast._C")
-    if spec is None or spec.origin is None:
-        return None, None
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if spec is None or spec.origin is None or os.path.dirname(os.path.abspath(spec.origin)) != package:
+        return None, None  # none, or one of another copy of the package (an import finder's fall-through)
     return spec.origin, stale_reason(os.path.join(os.path.dirname(spec.origin), "_C.build.json"), torch.__version__)
 
 

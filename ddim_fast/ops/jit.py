@@ -190,8 +190,9 @@ def _build(spec: dict, folder: str) -> Loaded:
         log = os.path.join(folder, "build.log")
         with open(log, "w") as f:
             f.write(str(e))
-        last = next((line for line in reversed(str(e).splitlines()) if line.strip()), type(e).__name__)
-        raise Unavailable(f"the first-use build of the native kernels failed ({last.strip()}; the whole log: {log})") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        first = next((line for line in lines if "error" in line.lower() and not line.startswith(("ninja", "Error building"))), lines[-1] if lines else type(e).__name__)
+        raise Unavailable(f"the first-use build of the native kernels failed ({first}; the whole log: {log})") from None
     seconds = time.perf_counter() - start
     with open(os.path.join(folder, "complete"), "w") as f:
         json.dump({"torch": torch.__version__, "what": spec["what"], "seconds": round(seconds, 1)}, f)
