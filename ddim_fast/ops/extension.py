@@ -82,7 +82,7 @@ def _load():
     from . import jit
 
     if stale or failed:
-        jit._say(f"{stale or failed}: compiling the kernels for this torch instead")
+        jit.say(f"{stale or failed}: compiling the kernels for this torch instead")
     try:
         got = jit.load()
     except jit.Unavailable as e:
@@ -156,7 +156,7 @@ def backends() -> dict:
             reason = "the extension was built without CUDA kernels (CPU-only torch or no nvcc at build time)" if dev == "cuda" else "no CPU kernels registered"
             out[dev] = {"available": False, "reason": reason}
     for dev in ("cpu", "cuda"):
-        out[dev].update(build=_build["how"] if loaded else "absent", path=_build["path"] if loaded else None)
+        out[dev].update(build=_build["how"], path=_build["path"])
     ok, why = triton_status()
     out["triton"] = {"available": ok, "reason": why}
     out["torch"] = {"available": True, "reason": f"torch {torch.__version__}"}

@@ -59,7 +59,7 @@ def cache_root() -> str:
     return os.path.join(cache, "torch_extensions", "ddim_fast")
 
 
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
     print(f"ddim_fast: {msg}", file=sys.stderr, flush=True)
 
 
@@ -110,7 +110,7 @@ def _load_cached(folder: str) -> str | None:
     try:
         torch.ops.load_library(lib)
     except OSError as e:  # damaged or truncated: build it again
-        _say(f"the cached kernels in {folder} did not load ({e}); building them again")
+        say(f"the cached kernels in {folder} did not load ({e}); building them again")
         for name in ("complete", f"{NAME}.so"):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(folder, name))
@@ -144,7 +144,7 @@ def _lock(folder: str):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            _say(f"another process is building the native kernels in {folder}; waiting for it")
+            say(f"another process is building the native kernels in {folder}; waiting for it")
             fcntl.flock(f, fcntl.LOCK_EX)
     return f
 
@@ -179,7 +179,7 @@ def _build(spec: dict, folder: str) -> Loaded:
         os.remove(os.path.join(folder, "lock"))
     if spec["with_cuda"]:
         cpp_extension.CUDA_HOME = spec["cuda_home"]  # read once at its import; ours may see a wrapped nvcc
-    _say(f"compiling the native {spec['what']} for torch {torch.__version__} (first use; cached in {folder}) ...")
+    say(f"compiling the native {spec['what']} for torch {torch.__version__} (first use; cached in {folder}) ...")
     start = time.perf_counter()
     try:
         cpp_extension.load(
@@ -196,5 +196,5 @@ def _build(spec: dict, folder: str) -> Loaded:
     seconds = time.perf_counter() - start
     with open(os.path.join(folder, "complete"), "w") as f:
         json.dump({"torch": torch.__version__, "what": spec["what"], "seconds": round(seconds, 1)}, f)
-    _say(f"built in {seconds:.0f} s")
+    say(f"built in {seconds:.0f} s")
     return Loaded("jit-built", os.path.join(folder, f"{NAME}.so"), seconds)
