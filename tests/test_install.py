@@ -19,6 +19,7 @@ from ddim_fast.ops.extension import stale_reason
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 HAVE_TOOLS = shutil.which(os.environ.get("CXX", "c++")) is not None
+needs_compiler = pytest.mark.skipif(not HAVE_TOOLS, reason="no C++ compiler on PATH: the first-use build cannot run here")
 
 # Prints what backends() says of the CPU kernels, and checks them against the PyTorch backend.
 _PROBE = textwrap.dedent(
@@ -89,8 +90,6 @@ def test_a_build_without_torch_ships_the_sources_and_compiles_nothing(tmp_path):
 @pytest.fixture(scope="module")
 def built_cache(tmp_path_factory):
     """A kernel cache made by two processes that start at once on an empty cache folder."""
-    if not HAVE_TOOLS:
-        pytest.skip("no C++ compiler on PATH: the first-use build cannot run here")
     cache = tmp_path_factory.mktemp("kernel-cache")
     procs = [subprocess.Popen([sys.executable, "-c", _PROBE], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(cache), cwd=cache) for _ in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
@@ -99,6 +98,7 @@ def built_cache(tmp_path_factory):
     return cache, [(_result(out), err) for out, err in outs]
 
 
+@needs_compiler
 @pytest.mark.slow  # compiles the CPU kernels: about 20 s on 2 cores
 def test_two_processes_at_once_build_the_kernels_once_and_both_load_them(built_cache):
     cache, runs = built_cache
@@ -131,6 +131,7 @@ def _package_copy(tmp_path, record_torch=None):
     return dest
 
 
+@needs_compiler
 @pytest.mark.slow
 @pytest.mark.parametrize("record", ["0.0.1", "this torch"])
 def test_an_ahead_of_time_library_that_is_not_for_this_torch_is_replaced(built_cache, tmp_path, record):
@@ -148,10 +149,9 @@ def test_an_ahead_of_time_library_that_is_not_for_this_torch_is_replaced(built_c
     assert why in err and "compiling the kernels for this torch instead" in err
 
 
+@needs_compiler
 @pytest.mark.slow
 def test_a_failed_build_leaves_pytorch_working_and_says_where_the_log_is(tmp_path):
-    if not HAVE_TOOLS:
-        pytest.skip("no C++ compiler on PATH: the first-use build cannot run here")
     pkg = _package_copy(tmp_path)
     ops_cpp = pkg / "csrc" / "ops.cpp"
     ops_cpp.write_text(ops_cpp.read_text() + "\n#error planted by test_install\n")
