@@ -47,7 +47,6 @@ class Unavailable(Exception):
 class Loaded(NamedTuple):
     how: str  # "jit-cached" (a previous build) or "jit-built" (compiled by this process)
     path: str  # the library that was loaded
-    seconds: float  # how long the build took (0 when cached)
 
 
 def cache_root() -> str:
@@ -118,7 +117,7 @@ def _load_cached(folder: str) -> str | None:
     return lib
 
 
-def _check_tools(spec: dict) -> None:
+def _check_tools() -> None:
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         raise Unavailable(f"no C++ compiler ({cxx!r} is not on PATH) to build the native kernels on first use; "
@@ -159,13 +158,13 @@ def load() -> Loaded:
     folder = cache_dir(root, spec)
     lib = _load_cached(folder)
     if lib is not None:
-        return Loaded("jit-cached", lib, 0.0)
-    _check_tools(spec)
+        return Loaded("jit-cached", lib)
+    _check_tools()
     lock = _lock(folder)
     try:
         lib = _load_cached(folder)  # built by the process we waited for
         if lib is not None:
-            return Loaded("jit-cached", lib, 0.0)
+            return Loaded("jit-cached", lib)
         return _build(spec, folder)
     finally:
         lock.close()  # releases the flock
@@ -197,4 +196,4 @@ def _build(spec: dict, folder: str) -> Loaded:
     with open(os.path.join(folder, "complete"), "w") as f:
         json.dump({"torch": torch.__version__, "what": spec["what"], "seconds": round(seconds, 1)}, f)
     say(f"built in {seconds:.0f} s")
-    return Loaded("jit-built", os.path.join(folder, f"{NAME}.so"), seconds)
+    return Loaded("jit-built", os.path.join(folder, f"{NAME}.so"))
