@@ -73,23 +73,28 @@ def sampling_rows(benchmarks):
 
 
 def step_rows(benchmarks):
-    """{(model, batch): [(impl-dtype, ms per step, ops per step)]} for the test_step benchmarks."""
+    """{(model, batch): [(impl-dtype, ms per step, ops per step, first-call seconds)]} for the test_step benchmarks."""
     table = defaultdict(list)
     for b in benchmarks:
         info = b.get("extra_info", {})
         if info.get("kind") == "step":
             ms = info.get("ms_per_step", b["stats"]["median"] * 1e3 / info["steps"])
-            table[(info["model"], info["batch"])].append((f"{info['impl']}-{info['dtype']}", ms, info.get("ops_per_step")))
+            table[(info["model"], info["batch"])].append((f"{info['impl']}-{info['dtype']}", ms, info.get("ops_per_step"), info.get("first_call_s")))
     return table
 
 
 def step_markdown(label, benchmarks) -> list:
     lines = []
     for (model, batch), rows in sorted(step_rows(benchmarks).items()):
-        ref = next((ms for name, ms, _ in rows if name == "reference-fp32"), None)
-        lines += [f"**One step, {model} UNet, batch {batch}** — {label}\n", "| implementation | ms per step | ops per step | speed-up over reference |", "|---|---|---|---|"]
-        for name, ms, n_ops in rows:
-            lines.append(f"| {name} | {ms:.2f} | {'-' if n_ops is None else f'{n_ops:.0f}'} | {f'{ref / ms:.2f}x' if ref else '-'} |")
+        ref = next((ms for name, ms, *_ in rows if name == "reference-fp32"), None)
+        peers = [ms for name, ms, *_ in rows if name.startswith("peer-")]
+        best = min(peers) if peers else None  # the fastest torch.compile peer, any mode and dtype
+        lines += [f"**One step, {model} UNet, batch {batch}** — {label}\n",
+                  "| implementation | ms per step | ops per step | speed-up over reference | vs best compile peer | first call (s) |", "|---|---|---|---|---|---|"]
+        for name, ms, n_ops, first in rows:
+            cells = [name, f"{ms:.2f}", "-" if n_ops is None else f"{n_ops:.0f}", f"{ref / ms:.2f}x" if ref else "-",
+                     f"{best / ms:.2f}x" if best else "-", "-" if first is None else f"{first:.1f}"]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 

@@ -11,7 +11,9 @@ the embedded digits UNet (batch 1, 16) and the CIFAR-10 layout at ch=64 (batch 1
 a GPU the CIFAR-10 UNet (batch 1, 64).
 """
 
+import copy
 import functools
+import time
 
 import pytest
 import torch
@@ -27,12 +29,20 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 CASES = [("cifar10", 1), ("cifar10", 64)] if CUDA else [("digits", 1), ("digits", 16), ("cifar10-ch64", 1), ("cifar10-ch64", 8)]
 IMPLS = [("reference", "fp32"), ("fused", "fp32"), ("lean", "fp32"), ("fused", "bf16"), ("lean", "bf16")]
+# torch.compile rows, timed only with --benchmark-only (each compile takes 10-90 s on 2 cores):
+# FastSampler(compile=True) and the peers a user would pick instead, the reference loop over
+# torch.compile(model) in the same dtype ("reduce-overhead" captures CUDA graphs: GPU only).
+PEER_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs"] if CUDA else ["default", "max-autotune-no-cudagraphs"]
+COMPILED = [("lean-compile", d) for d in ("fp32", "bf16")] + [(f"peer-{m}", d) for m in PEER_MODES for d in ("fp32", "bf16")]
 
 
 def _sampler(impl, dtype, model, steps, cuda_graph=True):
     if impl == "reference":
         return ReferenceSampler(model, SCHEDULE, steps=steps)
-    return FastSampler(model, SCHEDULE, steps=steps, dtype=dtype, lean=impl == "lean", cuda_graph=cuda_graph)
+    if impl.startswith("peer-"):
+        peer = model if dtype == "fp32" else copy.deepcopy(model).to(getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype]))
+        return ReferenceSampler(torch.compile(peer, mode=impl[len("peer-"):]), SCHEDULE, steps=steps)
+    return FastSampler(model, SCHEDULE, steps=steps, dtype=dtype, lean=impl.startswith("lean"), cuda_graph=cuda_graph, compile=impl.endswith("-compile"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,8 +55,11 @@ def _ops(impl, dtype, model_name):
 
 
 @pytest.mark.parametrize("model_name, batch", CASES, ids=[f"{m}-b{b}" for m, b in CASES])
-@pytest.mark.parametrize("impl, dtype", IMPLS, ids=[f"{i}-{d}" for i, d in IMPLS])
+@pytest.mark.parametrize("impl, dtype", IMPLS + COMPILED, ids=[f"{i}-{d}" for i, d in IMPLS + COMPILED])
 def test_step(benchmark, model_name, batch, impl, dtype):
+    compiled = (impl, dtype) in COMPILED
+    if compiled and benchmark.disabled:
+        pytest.skip("torch.compile rows are timed with --benchmark-only (tests/test_compile.py checks compile=True)")
     model = get_model(model_name, DEVICE)
     sampler = _sampler(impl, dtype, model, STEPS)
     x_T = torch.randn((batch, *sample_shape(model)), generator=torch.Generator().manual_seed(0)).to(DEVICE)
@@ -60,8 +73,11 @@ def test_step(benchmark, model_name, batch, impl, dtype):
         return out
 
     if not benchmark.disabled:
-        run()  # preparation (the lean model, tables, oneDNN primitives, a CUDA graph) off the clock
-        benchmark.extra_info["ops_per_step"] = _ops(impl, dtype, model_name)
+        start = time.perf_counter()
+        run()  # preparation (the lean model, tables, oneDNN primitives, a compile, a CUDA graph) off the clock
+        benchmark.extra_info["first_call_s"] = time.perf_counter() - start
+        if not compiled:  # a compiled model dispatches inside one opaque region: nothing to count
+            benchmark.extra_info["ops_per_step"] = _ops(impl, dtype, model_name)
     out = benchmark(run)
     if benchmark.stats is not None:
         benchmark.extra_info["ms_per_step"] = benchmark.stats.stats.median * 1e3 / STEPS

@@ -76,6 +76,23 @@ def prepare_model(model, *, device: torch.device, dtype: torch.dtype, fuse, chan
     return model, fused
 
 
+# FastSampler's compile= values, and the torch.compile mode of each: never one that captures
+# CUDA graphs itself ("reduce-overhead"), because the sampler's graph runner captures model
+# and step together.
+COMPILE_MODES = {False: None, True: "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def compile_model(model, compile):
+    """The prepared model run through torch.compile (fullgraph, static shapes): a model that
+    runs from a table gets its forward_rows compiled (the table itself is made once per
+    plan, outside), any other module or callable is compiled whole."""
+    mode = COMPILE_MODES[compile]
+    if runs_from_table(model):
+        model.forward_rows = torch.compile(model.forward_rows, fullgraph=True, dynamic=False, mode=mode)
+        return model
+    return torch.compile(model, fullgraph=True, dynamic=False, mode=mode)
+
+
 def runs_from_table(model) -> bool:
     """Whether a prepared model takes its time embeddings from a table made once per plan:
     `time_table(timesteps)` before the loop, then `forward_rows(x, table[i])` at step i."""

@@ -26,7 +26,7 @@ from ..core.checks import PREDICTION_CODE, check_bool
 from ..core.options import check_dtype, make_options
 from ..core.plan import StepPlan, encoding_plan, sampling_plan
 from ..core.schedule import Schedule
-from ..models.prepare import model_dtype, prepare_model, runs_from_table
+from ..models.prepare import COMPILE_MODES, compile_model, model_dtype, prepare_model, runs_from_table
 from . import common as S
 from .graph import GRAPH_MODES, GraphCache
 from .noise import initial_noise
@@ -59,6 +59,12 @@ class FastSampler:
         (all S steps captured in one graph: less launch work, more capture time and
         graph memory; for small S).
     backend: force the backend of the step op ("cpu", "cuda", "triton", "torch").
+    compile: False (default), True or "max-autotune": run the prepared model (lean or
+        fused) through torch.compile (Inductor; its C++ backend on a CPU) with
+        fullgraph=True and static shapes, in a mode that leaves CUDA graphs to ours
+        ("max-autotune" is Inductor's "max-autotune-no-cudagraphs"). One compile per
+        shape, dtype and device, on the first sample(); our fused step stays outside it,
+        and on CUDA model and step are still captured together in one graph.
     """
 
     def __init__(
@@ -83,6 +89,7 @@ class FastSampler:
         graph_cache_size: int = 4,
         graph_mode: str = "step",
         backend: Optional[str] = None,
+        compile=False,
     ):
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
@@ -104,6 +111,9 @@ class FastSampler:
         if backend is not None and backend not in ops.BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {ops.BACKENDS}")
         self.backend = backend
+        if not (compile is False or compile is True or (isinstance(compile, str) and compile in COMPILE_MODES)):
+            raise ValueError(f"compile must be False, True or 'max-autotune', got {compile!r}")
+        self.compile = compile
         S.warn_if_training(model, "FastSampler")
         self.model = model
         self.dtype = check_dtype(dtype) or model_dtype(model) or torch.float32
@@ -127,6 +137,8 @@ class FastSampler:
         if self._prepared is not None and self._prepared[0] == device:
             return self._prepared[1]
         model, self.fused_sites = prepare_model(self.model, device=device, dtype=self.dtype, fuse=self._fuse, channels_last=self._channels_last(device), lean=self.lean)
+        if self.compile is not False:
+            model = compile_model(model, self.compile)
         self._prepared = (device, model)
         return model
 

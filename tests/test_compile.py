@@ -1,0 +1,63 @@
+"""FastSampler(compile=...): the prepared model through torch.compile (Inductor's C++
+backend here), the same samples as the eager fused path, one compile per shape."""
+
+import pytest
+import torch
+
+from ddim_fast import FastSampler, Schedule, UNet, ops
+
+SCHEDULE = Schedule.linear()
+
+pytestmark = pytest.mark.slow  # each compile takes 10-20 s on 2 cores
+
+
+def _small_unet():
+    torch.manual_seed(0)
+    return UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, in_channels=3, out_ch=3, resolution=8).eval()
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "fused-copy"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_compiled_matches_the_eager_fused_path(lean, eta):
+    model = _small_unet()
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    eager = FastSampler(model, SCHEDULE, steps=4, eta=eta, lean=lean).sample(x, generator=torch.Generator().manual_seed(2))
+    compiled = FastSampler(model, SCHEDULE, steps=4, eta=eta, lean=lean, compile=True).sample(x, generator=torch.Generator().manual_seed(2))
+    scale = eager.abs().max().item()
+    assert (compiled - eager).abs().max().item() <= 1e-4 * (1 + scale)
+
+
+def test_the_embedded_model_compiles_and_a_second_sample_does_not_recompile():
+    from torch._dynamo.utils import counters
+
+    model = UNet.from_pretrained("digits").eval()
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    sampler = FastSampler(model, SCHEDULE, steps=5, compile=True)
+    before = counters["stats"]["unique_graphs"]
+    first = sampler.sample(x)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > before, "compile=True compiled nothing"
+    second = sampler.sample(x)
+    assert counters["stats"]["unique_graphs"] == graphs, "a second sample() of the same shape compiled again"
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    eager = FastSampler(model, SCHEDULE, steps=5).sample(x)
+    assert (first - eager).abs().max().item() <= 1e-4 * (1 + eager.abs().max().item())
+
+
+def test_every_ops_entry_point_compiles_without_a_graph_break():
+    def every_op(x, eps, w, b, r):
+        h = ops.group_norm_silu(x, 4, w, b, 1e-6)
+        g = ops.group_norm_act(h, 4, w, b, 1e-6, silu=False)
+        s, y = ops.group_norm_act(g, 4, w, b, 1e-6, silu=True, residual=r)
+        x0 = ops.predict_x0(y, eps, 0.6, clip=(-1.0, 1.0))
+        return ops.ddim_step(s, eps, 0.6, 0.8, 0.1, noise=x0) + x0
+
+    args = [torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(i)) for i in range(2)] + [torch.randn(8), torch.randn(8), torch.randn(2, 8, 5, 5)]
+    compiled = torch.compile(every_op, fullgraph=True)
+    torch.testing.assert_close(compiled(*args), every_op(*args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", ["fast", "reduce-overhead", 1, 0, None, "max_autotune"])
+def test_a_bad_compile_value_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match=r"compile must be False, True or 'max-autotune', got"):
+        FastSampler(_small_unet(), SCHEDULE, steps=3, compile=bad)
