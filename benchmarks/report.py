@@ -87,13 +87,16 @@ def step_markdown(label, benchmarks) -> list:
     lines = []
     for (model, batch), rows in sorted(step_rows(benchmarks).items()):
         ref = next((ms for name, ms, *_ in rows if name == "reference-fp32"), None)
-        peers = [ms for name, ms, *_ in rows if name.startswith("peer-")]
-        best = min(peers) if peers else None  # the fastest torch.compile peer, any mode and dtype
+        best = {}  # dtype -> the fastest torch.compile peer in that dtype, any mode
+        for name, ms, *_ in rows:
+            if name.startswith("peer-"):
+                dtype = name.rsplit("-", 1)[1]
+                best[dtype] = min(ms, best.get(dtype, ms))
         lines += [f"**One step, {model} UNet, batch {batch}** — {label}\n",
-                  "| implementation | ms per step | ops per step | speed-up over reference | vs best compile peer | first call (s) |", "|---|---|---|---|---|---|"]
+                  "| implementation | ms per step | ops per step | speed-up over reference | vs best compile peer (same dtype) | first call (s) |", "|---|---|---|---|---|---|"]
         for name, ms, n_ops, first in rows:
             cells = [name, f"{ms:.2f}", "-" if n_ops is None else f"{n_ops:.0f}", f"{ref / ms:.2f}x" if ref else "-",
-                     f"{best / ms:.2f}x" if best else "-", "-" if first is None else f"{first:.1f}"]
+                     f"{best[name.rsplit('-', 1)[1]] / ms:.2f}x" if name.rsplit("-", 1)[1] in best else "-", "-" if first is None else f"{first:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return lines
