@@ -1,7 +1,7 @@
 """Benchmark options and the machine information recorded with every result.
 
     pytest benchmarks/ --benchmark-only [--ddim-model digits|small|cifar10] [--ddim-batch 1,16]
-                                        [--ddim-steps 10,20,50,100,1000] [--ddim-compile-mode max-autotune]
+                                        [--ddim-steps 10,20,50,100,1000]
 
 Defaults fit the machine: on a CPU the embedded digits UNet at batch 1 and 16; on a GPU
 the CIFAR-10 UNet at batch 1 and 64.
@@ -24,7 +24,6 @@ def pytest_addoption(parser):
     g.addoption("--ddim-model", default=None, help="digits (embedded), small, cifar10, celeba, lsun (default: digits on CPU, cifar10 on GPU)")
     g.addoption("--ddim-batch", default=None, help="comma-separated batch sizes (default: 1,16 on CPU, 1,64 on GPU)")
     g.addoption("--ddim-steps", default="10,20,50,100,1000", help="comma-separated S values")
-    g.addoption("--ddim-compile-mode", default="max-autotune", help="torch.compile mode of the `compile` baseline (GPU)")
 
 
 def _ints(text):
@@ -40,7 +39,6 @@ def bench_config(request):
         "model": opt("--ddim-model") or ("cifar10" if cuda else "digits"),
         "batches": _ints(opt("--ddim-batch") or ("1,64" if cuda else "1,16")),
         "steps": _ints(opt("--ddim-steps")),
-        "compile_mode": opt("--ddim-compile-mode"),
     }
 
 

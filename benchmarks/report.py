@@ -16,7 +16,7 @@ import json
 import sys
 from collections import defaultdict
 
-IMPL_ORDER = ["reference", "compile-fp32", "fast-fp32", "fast-bf16"]
+IMPL_ORDER = ["reference", "compile-fp32", "fast-fp32", "fast-bf16", "fast-compile-fp32", "fast-compile-bf16"]  # then the peers, by name
 
 
 def load(paths, best_of: bool = False):
@@ -128,9 +128,10 @@ def markdown(files) -> str:
             impls = [i for i in IMPL_ORDER if any(i in row for row in by_steps.values())]
             impls += sorted({i for row in by_steps.values() for i in row} - set(impls))
             lines.append(f"**{model} UNet, batch {batch}** — {label}\n")
+            peers = [i for i in impls if i.startswith("peer-")]
             head = ["S"] + [f"{i} (ms)" for i in impls] + ["fast / reference"]
-            if "compile-fp32" in impls:
-                head.append("fast / compile")
+            if peers:
+                head += ["best peer", "fast / best peer", "fast-compile / best peer"]
             lines.append("| " + " | ".join(head) + " |")
             lines.append("|" + "---|" * len(head))
             for steps in sorted(by_steps):
@@ -138,8 +139,12 @@ def markdown(files) -> str:
                 cells = [str(steps)] + [f"{row[i]:.1f}" if i in row else "-" for i in impls]
                 fast = row.get("fast-fp32")
                 cells.append(f"{row['reference'] / fast:.2f}x" if fast and "reference" in row else "-")
-                if "compile-fp32" in impls:
-                    cells.append(f"{row['compile-fp32'] / fast:.2f}x" if fast and "compile-fp32" in row else "-")
+                if peers:  # fp32 against fp32: the fastest peer mode of the row
+                    timed = {i: row[i] for i in peers if i in row and i.endswith("-fp32")}
+                    best = min(timed, key=timed.get) if timed else None
+                    fc = row.get("fast-compile-fp32")
+                    cells += [best[len("peer-"):] if best else "-", f"{timed[best] / fast:.2f}x" if best and fast else "-",
+                              f"{timed[best] / fc:.2f}x" if best and fc else "-"]
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)

@@ -6,14 +6,23 @@ Implementations (the benchmark name holds one of them):
   reference  ReferenceSampler, fp32: the plain eager loop of the official DDIM code
   fast       FastSampler with its defaults (fp32; a CUDA graph on GPU)
   fast-bf16  FastSampler(dtype="bf16") (GPU)
-  compile    ReferenceSampler over torch.compile(model, mode=--ddim-compile-mode), fp32 (GPU)
+  fast-compile  FastSampler(compile=True): Inductor inside our loop (and our CUDA graph)
+  peer-<mode>   the peer a user would pick instead: ReferenceSampler over
+             torch.compile(model, mode=<mode>) in the same dtype, for the modes "default",
+             "max-autotune-no-cudagraphs" and (GPU) "reduce-overhead"
+
+fast-compile and the peers are timed only with --benchmark-only (a compile takes 10-90 s);
+extra_info["first_call_s"] is the warm-up's wall time (the compile, or oneDNN's set-up).
 
 Groups pair the implementations for one (model, S, batch), so the table shows them side
 by side. Every timed call ends with a device synchronisation. S = 1000 runs two rounds.
 """
 
+import copy
 import functools
+import time
 
+import pytest
 import torch
 
 from ddim_fast import FastSampler, ReferenceSampler, Schedule
@@ -24,9 +33,9 @@ SCHEDULE = Schedule.linear()
 
 
 def _impls(device):
-    if device == "cuda":
-        return [("reference", "fp32"), ("fast", "fp32"), ("fast", "bf16"), ("compile", "fp32")]
-    return [("reference", "fp32"), ("fast", "fp32")]
+    dtypes = ("fp32", "bf16") if device == "cuda" else ("fp32",)
+    modes = ("default", "reduce-overhead", "max-autotune-no-cudagraphs") if device == "cuda" else ("default", "max-autotune-no-cudagraphs")
+    return [("reference", "fp32")] + [("fast", d) for d in dtypes] + [("fast-compile", d) for d in dtypes] + [(f"peer-{m}", d) for m in modes for d in dtypes]
 
 
 def pytest_generate_tests(metafunc):
@@ -45,19 +54,24 @@ def pytest_generate_tests(metafunc):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(name, device, mode):
-    return torch.compile(get_model(name, device), mode=mode)
+def _compiled(name, device, mode, dtype):
+    model = get_model(name, device)
+    if dtype != "fp32":
+        model = copy.deepcopy(model).to({"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+    return torch.compile(model, mode=mode)
 
 
 def _sampler(impl, dtype, model, steps, bench_config):
     if impl == "reference":
         return ReferenceSampler(model, SCHEDULE, steps=steps)
-    if impl == "compile":
-        return ReferenceSampler(_compiled(bench_config["model"], bench_config["device"], bench_config["compile_mode"]), SCHEDULE, steps=steps)
-    return FastSampler(model, SCHEDULE, steps=steps, dtype=dtype)
+    if impl.startswith("peer-"):
+        return ReferenceSampler(_compiled(bench_config["model"], bench_config["device"], impl[len("peer-"):], dtype), SCHEDULE, steps=steps)
+    return FastSampler(model, SCHEDULE, steps=steps, dtype=dtype, compile=impl == "fast-compile")
 
 
 def test_sample(benchmark, bench_config, impl, dtype, model, batch, steps):
+    if (impl == "fast-compile" or impl.startswith("peer-")) and benchmark.disabled:
+        pytest.skip("torch.compile rows are timed with --benchmark-only (tests/test_compile.py checks compile=True)")
     device = bench_config["device"]
     net = get_model(model, device)
     sampler = _sampler(impl, dtype, net, steps, bench_config)
@@ -75,11 +89,15 @@ def test_sample(benchmark, bench_config, impl, dtype, model, batch, steps):
     if not benchmark.disabled:
         # warm-up outside the clock: the graph capture (fast on GPU) or a short run
         # (oneDNN primitives, torch.compile) of the same model
-        if impl == "fast" and device == "cuda":
+        start = time.perf_counter()
+        if impl.startswith("fast") and device == "cuda":
             run()
+        elif impl == "fast-compile":
+            run()  # the sampler's own prepared model is the one compiled
         else:
             warm = _sampler(impl, dtype, net, 2, bench_config)
             warm.sample(x_T)
+        benchmark.extra_info["first_call_s"] = time.perf_counter() - start
     if steps >= 1000:
         out = benchmark.pedantic(run, rounds=2, iterations=1)
     else:
