@@ -130,6 +130,8 @@ def markdown(files) -> str:
             lines.append(f"**{model} UNet, batch {batch}** — {label}\n")
             peers = [i for i in impls if i.startswith("peer-")]
             head = ["S"] + [f"{i} (ms)" for i in impls] + ["fast / reference"]
+            if "compile-fp32" in impls:  # files before the peers: one compile baseline
+                head.append("fast / compile")
             if peers:
                 head += ["best peer", "fast / best peer", "fast-compile / best peer"]
             lines.append("| " + " | ".join(head) + " |")
@@ -139,11 +141,13 @@ def markdown(files) -> str:
                 cells = [str(steps)] + [f"{row[i]:.1f}" if i in row else "-" for i in impls]
                 fast = row.get("fast-fp32")
                 cells.append(f"{row['reference'] / fast:.2f}x" if fast and "reference" in row else "-")
+                if "compile-fp32" in impls:
+                    cells.append(f"{row['compile-fp32'] / fast:.2f}x" if fast and "compile-fp32" in row else "-")
                 if peers:  # fp32 against fp32: the fastest peer mode of the row
                     timed = {i: row[i] for i in peers if i in row and i.endswith("-fp32")}
                     best = min(timed, key=timed.get) if timed else None
                     fc = row.get("fast-compile-fp32")
-                    cells += [best[len("peer-"):] if best else "-", f"{timed[best] / fast:.2f}x" if best and fast else "-",
+                    cells += [best[len("peer-"):].rsplit("-", 1)[0] if best else "-", f"{timed[best] / fast:.2f}x" if best and fast else "-",
                               f"{timed[best] / fc:.2f}x" if best and fc else "-"]
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")

@@ -62,3 +62,20 @@ def test_best_of_keeps_each_benchmarks_lowest_median(tmp_path):
     assert sorted(b["stats"]["median"] for b in merged["benchmarks"]) == [0.10, 0.20]
     assert all("data" not in b["stats"] for b in merged["benchmarks"])
     assert merged["merged_from"] == {"files": 2, "rule": "lowest median of the files"}
+
+
+def test_peer_columns_compare_with_the_fastest_peer_of_the_same_dtype(tmp_path):
+    mi = {"cpu_model": "Test CPU", "cpu_count": 2, "commit": "abc123"}
+    sweep = [_bench("reference", "fp32", 10, 1, 0.4), _bench("fast", "fp32", 10, 1, 0.1), _bench("fast-compile", "fp32", 10, 1, 0.08),
+             _bench("peer-default", "fp32", 10, 1, 0.2), _bench("peer-max-autotune-no-cudagraphs", "fp32", 10, 1, 0.3)]
+    step = lambda impl, dtype, ms, first: {"group": "step-digits-b1", "stats": {"median": ms * 10 / 1e3},  # noqa: E731
+                                           "extra_info": {"kind": "step", "impl": impl, "dtype": dtype, "steps": 10, "batch": 1, "model": "digits", "ms_per_step": ms, "first_call_s": first}}
+    steps = [step("lean", "fp32", 2.0, 0.1), step("lean", "bf16", 1.0, 0.1), step("peer-default", "fp32", 3.0, 40.0), step("peer-default", "bf16", 4.0, 50.0),
+             step("peer-max-autotune-no-cudagraphs", "bf16", 2.5, 60.0)]
+    p = tmp_path / "p.json"
+    p.write_text(json.dumps({"machine_info": mi, "benchmarks": sweep + steps}))
+    md = report.markdown(report.load([str(p)]))
+    assert "| 10 | 400.0 | 100.0 | 80.0 | 200.0 | 300.0 | 4.00x | default | 2.00x | 2.50x |" in md
+    assert "| lean-fp32 | 2.00 | - | - | 1.50x | 0.1 |" in md  # against peer-default-fp32 (3.0)
+    assert "| lean-bf16 | 1.00 | - | - | 2.50x | 0.1 |" in md  # against peer-max-autotune-...-bf16 (2.5), not an fp32 peer
+    assert "| peer-default-bf16 | 4.00 | - | - | 0.62x | 50.0 |" in md
