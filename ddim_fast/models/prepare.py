@@ -85,18 +85,8 @@ COMPILE_MODES = {False: None, True: "default", "max-autotune": "max-autotune-no-
 def compile_model(model, compile):
     """The prepared model run through torch.compile (fullgraph, static shapes): a model that
     runs from a table gets its forward_rows compiled (the table itself is made once per
-    plan, outside), any other module or callable is compiled whole.
-
-    A LeanUNet owns its weights (copies made once), so Inductor may freeze them: constants
-    folded, and on a CPU oneDNN convolutions with prepacked weights and fused adds. A model
-    that shares the caller's weights is not frozen, so it keeps seeing their changes."""
+    plan, outside), any other module or callable is compiled whole."""
     mode = COMPILE_MODES[compile]
-    if isinstance(model, LeanUNet):
-        from torch import _inductor
-
-        options = dict(_inductor.list_mode_options(mode), freezing=True)
-        model.forward_rows = torch.compile(model.forward_rows, fullgraph=True, dynamic=False, options=options)
-        return model
     if runs_from_table(model):
         model.forward_rows = torch.compile(model.forward_rows, fullgraph=True, dynamic=False, mode=mode)
         return model
