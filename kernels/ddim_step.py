@@ -8,9 +8,12 @@ counter, so one captured CUDA graph serves every step (ddim_fast.sampling.graph)
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 NUM_COEFS = 6  # sqrt_alpha_t, sqrt_one_minus_alpha_t, c_x0, c_eps, c_xt, sigma
 
@@ -99,12 +102,14 @@ def launch(
     seed: torch.Tensor | None = None,
     has_xt: bool = True,
     x0_out: torch.Tensor | None = None,
+    traceable: bool = False,
 ):
     """Launch on dense tensors of one layout, coefficients read from coef_table[step].
 
     coef_table: fp32 (rows, 6) on x's device; step: int32 (1,) on x's device. noise
     (a tensor) or seed (int64 (1,), in-kernel Philox) or neither (sigma must be 0).
-    Allocates nothing: safe inside a CUDA graph capture.
+    Allocates nothing: safe inside a CUDA graph capture. traceable: the launch through
+    torch.library.wrap_triton (inside the triton_op below, for torch.compile).
     """
     n = x.numel()
     if n == 0:
@@ -112,7 +117,8 @@ def launch(
     mode = NOISE_TENSOR if noise is not None else (NOISE_PHILOX if seed is not None else NOISE_NONE)
     block, warps = _block_and_warps(n)
     lo, hi = (float(clip[0]), float(clip[1])) if clip is not None else (0.0, 0.0)
-    _ddim_step_kernel[(triton.cdiv(n, block),)](
+    kernel = wrap_triton(_ddim_step_kernel) if traceable else _ddim_step_kernel
+    kernel[(triton.cdiv(n, block),)](
         x,
         model_output,
         noise if noise is not None else x,
@@ -136,6 +142,40 @@ def launch(
     return out
 
 
+@triton_op("ddim_fast_triton::ddim_step", mutates_args=("out", "x0_out"))
+def ddim_step_op(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    coef_table: torch.Tensor,
+    step: torch.Tensor,
+    noise: Optional[torch.Tensor],
+    out: torch.Tensor,
+    x0_out: Optional[torch.Tensor],
+    prediction: int,
+    clip: bool,
+    clip_lo: float,
+    clip_hi: float,
+    clipped_eps: bool,
+    has_xt: bool,
+) -> None:
+    """launch() as an operator torch.compile traces into (Inductor sees and schedules the
+    kernel): torch.ops.ddim_fast_triton.ddim_step."""
+    launch(
+        x,
+        model_output,
+        coef_table,
+        step,
+        out,
+        prediction=prediction,
+        clip=(clip_lo, clip_hi) if clip else None,
+        clipped_eps=clipped_eps,
+        noise=noise,
+        has_xt=has_xt,
+        x0_out=x0_out,
+        traceable=True,
+    )
+
+
 def ddim_step(x, model_output, coefs, noise, clip, prediction: int, clipped_eps: bool, out, x0_out=None):
     """Eager entry (ops.ddim_step with backend="triton"): coefs as 6 Python floats.
 
@@ -143,20 +183,10 @@ def ddim_step(x, model_output, coefs, noise, clip, prediction: int, clipped_eps:
     """
     table = torch.tensor([coefs], dtype=torch.float32, device=x.device)
     step = torch.zeros(1, dtype=torch.int32, device=x.device)
-    sigma = coefs[5]
-    return launch(
-        x,
-        model_output,
-        table,
-        step,
-        out,
-        prediction=prediction,
-        clip=clip,
-        clipped_eps=clipped_eps,
-        noise=noise if sigma != 0 else None,
-        has_xt=coefs[4] != 0,
-        x0_out=x0_out,
-    )
+    lo, hi = (float(clip[0]), float(clip[1])) if clip is not None else (0.0, 0.0)
+    noise = noise if coefs[5] != 0 else None
+    ddim_step_op(x, model_output, table, step, noise, out, x0_out, prediction, clip is not None, lo, hi, bool(clipped_eps), coefs[4] != 0)
+    return out
 
 
 def advance(step: torch.Tensor, t_table: torch.Tensor, t_buf: torch.Tensor):

@@ -23,11 +23,12 @@ for an add and a norm, 2R+2W in the one-pass plan where the add alone is 2R+1W.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 ONE_PASS_MAX = 16384  # values one program holds (padded tile size): 32 fp32 registers per thread at 16 warps
 SPLIT_TILE = 4096  # values per tile of the split kernels' loops
@@ -261,10 +262,16 @@ def _programs(device: torch.device) -> int:
     return 264  # the interpreter: as an H100 (132 SMs) would plan
 
 
-def group_norm_act(x: torch.Tensor, num_groups: int, weight, bias, eps: float, add_bias=None, residual=None, silu: bool = True, *, launch_plan: Plan = None):
+def _direct(kernel):
+    return kernel
+
+
+def group_norm_act(x: torch.Tensor, num_groups: int, weight, bias, eps: float, add_bias=None, residual=None, silu: bool = True, *, launch_plan: Plan = None, traceable: bool = False):
     """Checked arguments (ddim_fast.ops does the checking); x contiguous or channels_last and a
     residual laid out like x. Returns y, or (x + residual, y) with a residual. launch_plan
-    overrides plan() (tests use it to reach every path on small shapes)."""
+    overrides plan() (tests use it to reach every path on small shapes); traceable: the
+    launches through torch.library.wrap_triton (inside the triton_ops below)."""
+    run = wrap_triton if traceable else _direct
     N, C = x.shape[0], x.shape[1]
     HW = x.numel() // max(N * C, 1)
     y = torch.empty_like(x)  # keeps channels_last
@@ -285,7 +292,7 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight, bias, eps: float, a
     geometry = (C, HW, D, G, stride_c, stride_p, ab_stride_n)  # the arguments every kernel takes after its pointers
     p = launch_plan or plan(N, C, HW, G, x.element_size(), channels_last, _programs(x.device))
     if p.kind == "one_pass":
-        _gn_one_pass_kernel[(N * G // p.gpb,)](
+        run(_gn_one_pass_kernel)[(N * G // p.gpb,)](
             x,
             r,
             s if has_res else y,
@@ -307,7 +314,7 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight, bias, eps: float, a
     parts = torch.empty(N * G, p.split, 3, **f32)
     grid = (N * G, p.split)
     warps = _num_warps(p.block_p * p.block_d)
-    _gn_partial_stats_kernel[grid](
+    run(_gn_partial_stats_kernel)[grid](
         x,
         r,
         s if has_res else y,
@@ -322,7 +329,7 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight, bias, eps: float, a
         BLOCK_D=p.block_d,
         num_warps=warps,
     )
-    _gn_normalize_kernel[grid](
+    run(_gn_normalize_kernel)[grid](
         s if has_res else x,
         y,
         w,
@@ -346,3 +353,29 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight, bias, eps: float, a
 def group_norm_silu(x: torch.Tensor, num_groups: int, weight, bias, eps: float, add_bias=None) -> torch.Tensor:
     """silu(group_norm(x + add_bias)); see group_norm_act."""
     return group_norm_act(x, num_groups, weight, bias, eps, add_bias)
+
+
+# The operators torch.compile traces into (Inductor sees and schedules the kernels):
+# torch.ops.ddim_fast_triton.group_norm_act and .add_group_norm_act, the entries of
+# ops.group_norm_silu / group_norm_act with backend="triton".
+
+
+@triton_op("ddim_fast_triton::group_norm_act", mutates_args=())
+def group_norm_act_op(
+    x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], add_bias: Optional[torch.Tensor], eps: float, silu: bool
+) -> torch.Tensor:
+    return group_norm_act(x, num_groups, weight, bias, eps, add_bias, None, silu, traceable=True)
+
+
+@triton_op("ddim_fast_triton::add_group_norm_act", mutates_args=())
+def add_group_norm_act_op(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    num_groups: int,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    add_bias: Optional[torch.Tensor],
+    eps: float,
+    silu: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return group_norm_act(x, num_groups, weight, bias, eps, add_bias, residual, silu, traceable=True)

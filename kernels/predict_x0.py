@@ -6,8 +6,12 @@ diffusers' use_clipped_model_output): 3-4 passes instead of the eager chain's 6-
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 
 @triton.jit
@@ -48,30 +52,48 @@ def _predict_x0_kernel(
         tl.store(eps_ptr + offs, eps.to(eps_ptr.dtype.element_ty), mask=mask)
 
 
-def predict_x0(x, model_output, sa: float, s1m: float, clip, prediction: int, out, eps_out=None):
-    """Checked, dense, same-layout arguments (ddim_fast.ops does the checking)."""
+@triton_op("ddim_fast_triton::predict_x0", mutates_args=("out", "eps_out"))
+def predict_x0_op(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    sa: float,
+    s1m: float,
+    clip: bool,
+    clip_lo: float,
+    clip_hi: float,
+    prediction: int,
+    out: torch.Tensor,
+    eps_out: Optional[torch.Tensor],
+) -> None:
+    """The kernel as an operator torch.compile traces into: torch.ops.ddim_fast_triton.predict_x0.
+    Checked, dense, same-layout arguments (ddim_fast.ops does the checking)."""
     n = x.numel()
     if n == 0:
-        return out
+        return
     block = 1024
-    lo, hi = (float(clip[0]), float(clip[1])) if clip is not None else (0.0, 0.0)
-    _predict_x0_kernel[(triton.cdiv(n, block),)](
+    wrap_triton(_predict_x0_kernel)[(triton.cdiv(n, block),)](
         x,
         model_output,
         out,
         eps_out if eps_out is not None else out,
         n,
-        float(sa),
-        float(s1m),
-        lo,
-        hi,
+        sa,
+        s1m,
+        clip_lo,
+        clip_hi,
         PREDICTION=prediction,
-        CLIP=clip is not None,
+        CLIP=clip,
         WRITE_EPS=eps_out is not None,
         BLOCK=block,
         num_warps=4,
     )
+
+
+def predict_x0(x, model_output, sa: float, s1m: float, clip, prediction: int, out, eps_out=None):
+    """Eager entry (ops.predict_x0 with backend="triton"); clip None or (lo, hi)."""
+    lo, hi = (float(clip[0]), float(clip[1])) if clip is not None else (0.0, 0.0)
+    predict_x0_op(x, model_output, float(sa), float(s1m), clip is not None, lo, hi, prediction, out, eps_out)
     return out
 
 
-__all__ = ["predict_x0"]
+__all__ = ["predict_x0", "predict_x0_op"]

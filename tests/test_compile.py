@@ -57,6 +57,31 @@ def test_every_ops_entry_point_compiles_without_a_graph_break():
     torch.testing.assert_close(compiled(*args), every_op(*args), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", None], ids=["triton", "default"])
+def test_every_ops_entry_point_compiles_on_cuda_and_inductor_sees_the_triton_kernels(backend):
+    """On CUDA the Triton backend's ops are torch.library triton_ops: Inductor lowers them to
+    calls of our kernels inside its own generated code (the native ops stay extern calls)."""
+    from torch._inductor.utils import run_and_get_code
+
+    def every_op(x, eps, w, b, r):
+        h = ops.group_norm_silu(x, 4, w, b, 1e-6, add_bias=w, backend=backend)
+        g = ops.group_norm_act(h, 4, w, b, 1e-6, silu=False, backend=backend)
+        s, y = ops.group_norm_act(g, 4, w, b, 1e-6, silu=True, residual=r, backend=backend)
+        x0 = ops.predict_x0(y, eps, 0.6, clip=(-1.0, 1.0), backend=backend)
+        return ops.ddim_step(s, eps, 0.6, 0.8, 0.1, noise=x0, backend=backend) + x0
+
+    gen = torch.Generator().manual_seed(3)
+    args = [torch.randn(s, generator=gen).cuda() for s in ((2, 8, 5, 5), (2, 8, 5, 5), (8,), (8,), (2, 8, 5, 5))]
+    compiled = torch.compile(every_op, fullgraph=True)
+    out, code = run_and_get_code(compiled, *args)
+    torch.testing.assert_close(out, every_op(*args), rtol=1e-5, atol=1e-5)
+    if backend == "triton":
+        for kernel in ("_gn_one_pass_kernel", "_predict_x0_kernel", "_ddim_step_kernel"):
+            assert kernel in "\n".join(code), f"{kernel} is not in Inductor's generated code"
+
+
 @pytest.mark.parametrize("bad", ["fast", "reduce-overhead", 1, 0, None, "max_autotune"])
 def test_a_bad_compile_value_is_a_clear_error(bad):
     with pytest.raises(ValueError, match=r"compile must be False, True or 'max-autotune', got"):

@@ -1,9 +1,12 @@
-"""The Triton kernels compile for Hopper (sm_90) on this machine, no GPU needed.
+"""The Triton kernels compile for Hopper (sm_90) on this machine, no GPU needed, and
+torch.compile can see them.
 
 The interpreter checks what the kernels compute; this checks that the real compiler
 takes them (types of loop-carried values, constexpr branches, Philox on int64 offsets),
-so that the first GPU run does not find a compile error. Runs in a subprocess, without
-TRITON_INTERPRET.
+so that the first GPU run does not find a compile error, and that the torch.library
+triton_ops behind backend="triton" decompose into their kernels when functionalized, as
+AOTAutograd hands them to Inductor (traced on fake CUDA tensors). Both run in a
+subprocess, without TRITON_INTERPRET (under the interpreter wrap_triton steps aside).
 """
 
 import os
@@ -65,6 +68,47 @@ SCRIPT = textwrap.dedent(
 )
 
 
+TRACE_SCRIPT = textwrap.dedent(
+    '''
+    import collections
+    import logging
+    import torch
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from ddim_fast import ops
+    import ddim_fast.ops.dispatch as dispatch
+    import ddim_fast.kernels.group_norm_silu as gn
+
+    # no GPU here: the Triton backend taken as present, the launch planned as for an H100,
+    # and the kernels' mutation analysis (which needs a GPU driver) left to assume the worst
+    dispatch.triton_status = lambda: (True, "")
+    gn._programs = lambda device: 264
+    logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
+
+    def every_op(x, eps, w, b, r):
+        h = ops.group_norm_silu(x, 4, w, b, 1e-6, add_bias=w, backend="triton")
+        g = ops.group_norm_act(h, 4, w, b, 1e-6, silu=False, backend="triton")
+        s, y = ops.group_norm_act(g, 4, w, b, 1e-6, silu=True, residual=r, backend="triton")
+        x0 = ops.predict_x0(y, eps, 0.6, clip=(-1.0, 1.0), backend="triton")
+        return ops.ddim_step(s, eps, 0.6, 0.8, 0.1, noise=x0, x0_out=torch.empty_like(x), backend="triton") + x0
+
+    with FakeTensorMode():
+        shape = (2, 8, 5, 5)
+        args = [torch.empty(shape, device="cuda"), torch.empty(shape, device="cuda"), torch.empty(8, device="cuda"),
+                torch.empty(8, device="cuda"), torch.empty(shape, device="cuda")]
+    opaque = make_fx(every_op, tracing_mode="fake")(*args)
+    seen = collections.Counter(str(n.target) for n in opaque.graph.nodes if n.op == "call_function" and "ddim_fast_triton" in str(n.target))
+    print("ops", dict(sorted(seen.items())))
+    functional = make_fx(dispatch_functionalize(every_op), tracing_mode="fake")(*args)
+    names = [kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in functional.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    left = [str(n.target) for n in functional.graph.nodes if "ddim_fast" in str(n.target)]
+    print("kernels", names, "left", left)
+    '''
+)
+
+
 def _nvidia_backend_present():
     try:
         import triton.backends.nvidia  # noqa: F401
@@ -82,3 +126,24 @@ def test_triton_kernels_compile_for_sm90():
     res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "compiled" in res.stdout
+
+
+@requires_triton
+@pytest.mark.slow
+@pytest.mark.skipif(not _nvidia_backend_present(), reason="this triton has no NVIDIA backend")
+def test_triton_ops_decompose_into_their_kernels_for_inductor():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    lines = dict(line.split(" ", 1) for line in res.stdout.splitlines() if line.startswith(("ops ", "kernels ")))
+    # traced as operators: one call per entry point, none broken up or run eagerly
+    assert lines["ops"] == str(
+        {
+            "ddim_fast_triton.add_group_norm_act.default": 1,
+            "ddim_fast_triton.ddim_step.default": 1,
+            "ddim_fast_triton.group_norm_act.default": 2,
+            "ddim_fast_triton.predict_x0.default": 1,
+        }
+    ), res.stdout
+    # functionalized: only the kernels are left, where Inductor can schedule them
+    assert lines["kernels"] == str(["_gn_one_pass_kernel"] * 3 + ["_predict_x0_kernel", "_ddim_step_kernel"]) + " left []", res.stdout

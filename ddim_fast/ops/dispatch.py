@@ -9,7 +9,9 @@ Backends (`backend=`): "cpu" and "cuda" (the native extension), "triton" (CUDA t
 or CPU tensors under TRITON_INTERPRET=1), "torch" (plain PyTorch, anywhere). By default
 each call takes the best one built for the tensor's device: the native op, else Triton
 (CUDA), else PyTorch, warning once when a fused backend is missing. float64 tensors go
-to the PyTorch backend, which computes in float64.
+to the PyTorch backend, which computes in float64. Under torch.compile the native ops are
+extern calls (fake kernels in ops/fake.py) and the Triton ones torch.library triton_ops,
+which Inductor lowers to launches of the kernels in its own generated code.
 """
 
 from __future__ import annotations
@@ -333,7 +335,9 @@ def _group_norm(op, x, num_groups, weight, bias, eps, add_bias, residual, silu, 
     if be == "triton":
         from ..kernels import group_norm_silu as tk
 
-        return tk.group_norm_act(x, int(num_groups), weight, bias, float(eps), add_bias, residual, silu)
+        if residual is not None:
+            return tk.add_group_norm_act_op(x, residual, int(num_groups), weight, bias, add_bias, float(eps), silu)
+        return tk.group_norm_act_op(x, int(num_groups), weight, bias, add_bias, float(eps), silu)
     if residual is not None:
         return torch.ops.ddim_fast.add_group_norm_act(x, residual, int(num_groups), weight, bias, add_bias, float(eps), silu)
     if op == "group_norm_silu":
