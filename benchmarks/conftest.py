@@ -1,7 +1,7 @@
 """Benchmark options and the machine information recorded with every result.
 
     pytest benchmarks/ --benchmark-only [--ddim-model digits|small|cifar10] [--ddim-batch 1,16]
-                                        [--ddim-steps 10,20,50,100,1000]
+                                        [--ddim-steps 10,20,50,100,1000] [--ddim-compile-budget SECONDS]
 
 Defaults fit the machine: on a CPU the embedded digits UNet at batch 1 and 16; on a GPU
 the CIFAR-10 UNet at batch 1 and 64.
@@ -24,6 +24,12 @@ def pytest_addoption(parser):
     g.addoption("--ddim-model", default=None, help="digits (embedded), small, cifar10, celeba, lsun (default: digits on CPU, cifar10 on GPU)")
     g.addoption("--ddim-batch", default=None, help="comma-separated batch sizes (default: 1,16 on CPU, 1,64 on GPU)")
     g.addoption("--ddim-steps", default="10,20,50,100,1000", help="comma-separated S values")
+    g.addoption(
+        "--ddim-compile-budget",
+        type=float,
+        default=None,
+        help="seconds the torch.compile rows may spend compiling (first calls) in this run; a row that would not fit is skipped, with why (default: no limit)",
+    )
 
 
 def _ints(text):
@@ -62,8 +68,49 @@ def _steady_allocator() -> str:
     return "glibc: mmap threshold 32 MB, no trim" if ok else "glibc default (mallopt refused)"
 
 
+class CompileBudget:
+    """The compile time a time-limited run (one GPU call) allows its torch.compile rows.
+
+    A compiled row asks `admit(name)` before its first call: it is skipped, with the reason,
+    once the seconds spent plus the longest first call so far would pass the budget; after
+    the first call it reports `spent(seconds)`. The skipped rows go into the benchmark JSON
+    ("skipped"), and report.py lists them under the tables."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.used = 0.0
+        self.longest = 0.0
+        self.skipped = []
+
+    def admit(self, name: str) -> None:
+        if self.seconds is None or self.used + self.longest <= self.seconds:
+            return
+        reason = (
+            f"compile budget: {self.used:.0f} s of the {self.seconds:.0f} s of --ddim-compile-budget spent, "
+            f"and the longest first call so far took {self.longest:.0f} s"
+        )
+        self.skipped.append({"name": name, "reason": reason})
+        pytest.skip(reason)
+
+    def spent(self, seconds: float) -> None:
+        self.used += seconds
+        self.longest = max(self.longest, seconds)
+
+
+@pytest.fixture(scope="session")
+def compile_budget(request):
+    return request.config._ddim_compile_budget
+
+
 def pytest_configure(config):
     config._ddim_malloc = _steady_allocator()
+    config._ddim_compile_budget = CompileBudget(config.getoption("--ddim-compile-budget", default=None))
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    budget = getattr(config, "_ddim_compile_budget", None)
+    if budget is not None and budget.skipped:
+        output_json["skipped"] = budget.skipped
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -12,7 +12,10 @@
 #   profile   benchmarks/profile_step.py, fp32 and bf16 -> OUTDIR/profile-*.json (45 s each)
 #   step      benchmarks/test_step.py: ms and ops per step, CIFAR-10 UNet, batch 1 and 64 -> OUTDIR/step.json (120 s)
 #   sampling  reference / fast / fast-bf16, CIFAR-10 UNet, batch 1 and 64 -> OUTDIR/sampling.json (240 s)
-#   compile   FastSampler(compile=True) and the torch.compile peers (three modes, fp32 and bf16) -> OUTDIR/compile.json  (whatever is left, 300 s at most)
+#   compile   per step, FastSampler(compile=True) and the torch.compile peers (three modes, fp32 and
+#             bf16) -> OUTDIR/compile-step.json, then the S-sweep's, batch 1 -> OUTDIR/compile.json
+#             (whatever is left, 300 s at most; --ddim-compile-budget keeps each inside its share,
+#             and the rows that do not fit are listed as skipped, with why, in the JSON and report)
 # Then benchmarks/report.py writes OUTDIR/report.md (and report.png with matplotlib).
 # A stage that fails or times out is recorded in OUTDIR/status.txt and the next runs.
 set -uo pipefail
@@ -55,19 +58,25 @@ has tests && stage tests 150 "$py" -m pytest tests/test_cuda.py tests/test_ops.p
 has kernels && stage kernels 90 "$py" -m pytest benchmarks/test_kernels.py --benchmark-only --benchmark-max-time=0.2 -q -p no:cacheprovider --benchmark-json="$out/kernels.json"
 has profile && stage profile-fp32 45 "$py" benchmarks/profile_step.py --json "$out/profile-fp32.json"
 has profile && stage profile-bf16 45 "$py" benchmarks/profile_step.py --dtype bf16 --json "$out/profile-bf16.json"
-has step && stage step 120 "$py" -m pytest benchmarks/test_step.py --benchmark-only -q -p no:cacheprovider --benchmark-json="$out/step.json"
+has step && stage step 120 "$py" -m pytest benchmarks/test_step.py --benchmark-only -q -p no:cacheprovider -k "not compile and not peer" --benchmark-json="$out/step.json"
 has sampling && stage sampling 240 "$py" -m pytest benchmarks/test_sampling.py --benchmark-only -q -p no:cacheprovider -k "not compile and not peer" --benchmark-json="$out/sampling.json"
 if has compile; then
   left=$(( 570 - ($(date +%s) - start) ))
   (( left > 300 )) && left=300
-  if (( left > 30 )); then
-    stage compile "$left" "$py" -m pytest benchmarks/test_sampling.py --benchmark-only -q -p no:cacheprovider -k "compile or peer or reference" --ddim-batch 1 --benchmark-json="$out/compile.json"
+  if (( left > 60 )); then
+    # two thirds for the per-step rows (the measure), the rest for the S-sweep; each
+    # compile budget leaves a quarter of its stage for the timed rounds after the last compile
+    step_s=$(( left * 2 / 3 )); sweep_s=$(( left - step_s ))
+    stage compile-step "$step_s" "$py" -m pytest benchmarks/test_step.py --benchmark-only -q -rs -p no:cacheprovider -k "compile or peer" \
+      --ddim-compile-budget $(( step_s * 3 / 4 )) --benchmark-json="$out/compile-step.json"
+    stage compile "$sweep_s" "$py" -m pytest benchmarks/test_sampling.py --benchmark-only -q -rs -p no:cacheprovider -k "compile or peer or reference" --ddim-batch 1 \
+      --ddim-compile-budget $(( sweep_s * 3 / 4 )) --benchmark-json="$out/compile.json"
   else
     echo "compile skipped: ${left}s left" | tee -a "$status"
   fi
 fi
 
-jsons=$(ls "$out"/step.json "$out"/sampling.json "$out"/compile.json "$out"/kernels.json 2>/dev/null)
+jsons=$(ls "$out"/step.json "$out"/compile-step.json "$out"/sampling.json "$out"/compile.json "$out"/kernels.json 2>/dev/null)
 if [ -n "$jsons" ]; then
   # shellcheck disable=SC2086
   "$py" benchmarks/report.py $jsons --md "$out/report.md" --png "$out/report.png" && cat "$out/report.md"

@@ -154,6 +154,17 @@ def markdown(files) -> str:
     return "\n".join(lines)
 
 
+def skipped_markdown(paths) -> str:
+    """The rows a run skipped for its compile budget (benchmarks/conftest.py), with why."""
+    lines = []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        for row in data.get("skipped", []):
+            lines.append(f"- not run: {row['name']} ({row['reason']}; {path})")
+    return "\n".join(lines)
+
+
 def plot(files, path: str) -> None:
     import matplotlib
 
@@ -190,6 +201,9 @@ def main(argv=None) -> int:
     if args.write_json:
         write_json(args.files, args.write_json, args.best_of)
     text = markdown(files)
+    skipped = skipped_markdown(args.files)
+    if skipped:
+        text += "\n" + skipped + "\n"
     if args.md:
         with open(args.md, "w") as f:
             f.write(text + "\n")

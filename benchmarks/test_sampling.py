@@ -69,9 +69,12 @@ def _sampler(impl, dtype, model, steps, bench_config):
     return FastSampler(model, SCHEDULE, steps=steps, dtype=dtype, compile=impl == "fast-compile")
 
 
-def test_sample(benchmark, bench_config, impl, dtype, model, batch, steps):
-    if (impl == "fast-compile" or impl.startswith("peer-")) and benchmark.disabled:
+def test_sample(benchmark, bench_config, compile_budget, impl, dtype, model, batch, steps):
+    compiled = impl == "fast-compile" or impl.startswith("peer-")
+    if compiled and benchmark.disabled:
         pytest.skip("torch.compile rows are timed with --benchmark-only (tests/test_compile.py checks compile=True)")
+    if compiled:
+        compile_budget.admit(f"sample-{model}-S{steps}-b{batch}: {impl}-{dtype}")
     device = bench_config["device"]
     net = get_model(model, device)
     sampler = _sampler(impl, dtype, net, steps, bench_config)
@@ -98,6 +101,8 @@ def test_sample(benchmark, bench_config, impl, dtype, model, batch, steps):
             warm = _sampler(impl, dtype, net, 2, bench_config)
             warm.sample(x_T)
         benchmark.extra_info["first_call_s"] = time.perf_counter() - start
+        if compiled:
+            compile_budget.spent(benchmark.extra_info["first_call_s"])
     if steps >= 1000:
         out = benchmark.pedantic(run, rounds=2, iterations=1)
     else:

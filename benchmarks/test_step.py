@@ -56,10 +56,12 @@ def _ops(impl, dtype, model_name):
 
 @pytest.mark.parametrize("model_name, batch", CASES, ids=[f"{m}-b{b}" for m, b in CASES])
 @pytest.mark.parametrize("impl, dtype", IMPLS + COMPILED, ids=[f"{i}-{d}" for i, d in IMPLS + COMPILED])
-def test_step(benchmark, model_name, batch, impl, dtype):
+def test_step(benchmark, compile_budget, model_name, batch, impl, dtype):
     compiled = (impl, dtype) in COMPILED
     if compiled and benchmark.disabled:
         pytest.skip("torch.compile rows are timed with --benchmark-only (tests/test_compile.py checks compile=True)")
+    if compiled:
+        compile_budget.admit(f"step-{model_name}-b{batch}: {impl}-{dtype}")
     model = get_model(model_name, DEVICE)
     sampler = _sampler(impl, dtype, model, STEPS)
     x_T = torch.randn((batch, *sample_shape(model)), generator=torch.Generator().manual_seed(0)).to(DEVICE)
@@ -76,6 +78,8 @@ def test_step(benchmark, model_name, batch, impl, dtype):
         start = time.perf_counter()
         run()  # preparation (the lean model, tables, oneDNN primitives, a compile, a CUDA graph) off the clock
         benchmark.extra_info["first_call_s"] = time.perf_counter() - start
+        if compiled:
+            compile_budget.spent(benchmark.extra_info["first_call_s"])
         if not compiled:  # a compiled model dispatches inside one opaque region: nothing to count
             benchmark.extra_info["ops_per_step"] = _ops(impl, dtype, model_name)
     out = benchmark(run)

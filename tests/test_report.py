@@ -79,3 +79,26 @@ def test_peer_columns_compare_with_the_fastest_peer_of_the_same_dtype(tmp_path):
     assert "| lean-fp32 | 2.00 | - | - | 1.50x | 0.1 |" in md  # against peer-default-fp32 (3.0)
     assert "| lean-bf16 | 1.00 | - | - | 2.50x | 0.1 |" in md  # against peer-max-autotune-...-bf16 (2.5), not an fp32 peer
     assert "| peer-default-bf16 | 4.00 | - | - | 0.62x | 50.0 |" in md
+
+
+def test_rows_skipped_for_the_compile_budget_are_listed_with_why(tmp_path):
+    import pytest
+
+    from benchmarks.conftest import CompileBudget
+
+    budget = CompileBudget(60.0)
+    budget.admit("a")
+    budget.spent(25.0)
+    budget.admit("b")  # 25 + 25 <= 60
+    budget.spent(30.0)
+    with pytest.raises(pytest.skip.Exception, match="55 s of the 60 s"):
+        budget.admit("c")  # 55 + 30 > 60
+    assert [row["name"] for row in budget.skipped] == ["c"]
+    CompileBudget(None).admit("no limit")
+
+    data = {"machine_info": {"cpu_model": "Test CPU", "cpu_count": 2}, "benchmarks": [], "skipped": budget.skipped}
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(data))
+    out = tmp_path / "r.md"
+    assert report.main([str(p), "--md", str(out)]) == 0
+    assert "- not run: c (compile budget: 55 s of the 60 s of --ddim-compile-budget spent" in out.read_text()
