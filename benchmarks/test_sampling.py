@@ -34,7 +34,7 @@ SCHEDULE = Schedule.linear()
 
 def _impls(device):
     dtypes = ("fp32", "bf16") if device == "cuda" else ("fp32",)
-    modes = ("default", "reduce-overhead", "max-autotune-no-cudagraphs") if device == "cuda" else ("default", "max-autotune-no-cudagraphs")
+    modes = ("reduce-overhead", "default", "max-autotune-no-cudagraphs") if device == "cuda" else ("default", "max-autotune-no-cudagraphs")
     return [("reference", "fp32")] + [("fast", d) for d in dtypes] + [("fast-compile", d) for d in dtypes] + [(f"peer-{m}", d) for m in modes for d in dtypes]
 
 
