@@ -1,5 +1,6 @@
 """Models the benchmarks sample from (one instance per session and device)."""
 
+import copy
 import functools
 
 import torch
@@ -30,3 +31,10 @@ def get_model(name: str, device: str) -> torch.nn.Module:
 
 def sample_shape(model) -> tuple:
     return (model.in_channels, model.resolution, model.resolution)
+
+
+def in_dtype(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    """model itself for "fp32", else a copy in "bf16" or "fp16" (a compile peer's own weights)."""
+    if dtype == "fp32":
+        return model
+    return copy.deepcopy(model).to({"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])

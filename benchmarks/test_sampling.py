@@ -18,7 +18,6 @@ Groups pair the implementations for one (model, S, batch), so the table shows th
 by side. Every timed call ends with a device synchronisation. S = 1000 runs two rounds.
 """
 
-import copy
 import functools
 import time
 
@@ -27,7 +26,7 @@ import torch
 
 from ddim_fast import FastSampler, ReferenceSampler, Schedule
 
-from ._models import get_model, sample_shape
+from ._models import get_model, in_dtype, sample_shape
 
 SCHEDULE = Schedule.linear()
 
@@ -55,10 +54,7 @@ def pytest_generate_tests(metafunc):
 
 @functools.lru_cache(maxsize=None)
 def _compiled(name, device, mode, dtype):
-    model = get_model(name, device)
-    if dtype != "fp32":
-        model = copy.deepcopy(model).to({"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
-    return torch.compile(model, mode=mode)
+    return torch.compile(in_dtype(get_model(name, device), dtype), mode=mode)
 
 
 def _sampler(impl, dtype, model, steps, bench_config):

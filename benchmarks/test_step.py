@@ -11,7 +11,6 @@ the embedded digits UNet (batch 1, 16) and the CIFAR-10 layout at ch=64 (batch 1
 a GPU the CIFAR-10 UNet (batch 1, 64).
 """
 
-import copy
 import functools
 import time
 
@@ -21,7 +20,7 @@ import torch
 from ddim_fast import FastSampler, ReferenceSampler, Schedule
 from ddim_fast.apps.opcount import ops_per_step
 
-from ._models import get_model, sample_shape
+from ._models import get_model, in_dtype, sample_shape
 
 SCHEDULE = Schedule.linear()
 STEPS = 10
@@ -44,8 +43,7 @@ def _sampler(impl, dtype, model, steps, cuda_graph=True):
     if impl == "reference":
         return ReferenceSampler(model, SCHEDULE, steps=steps)
     if impl.startswith("peer-"):
-        peer = model if dtype == "fp32" else copy.deepcopy(model).to(getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype]))
-        return ReferenceSampler(torch.compile(peer, mode=impl[len("peer-"):]), SCHEDULE, steps=steps)
+        return ReferenceSampler(torch.compile(in_dtype(model, dtype), mode=impl[len("peer-"):]), SCHEDULE, steps=steps)
     return FastSampler(model, SCHEDULE, steps=steps, dtype=dtype, lean=impl.startswith("lean"), cuda_graph=cuda_graph, compile=impl.endswith("-compile"))
 
 
