@@ -220,8 +220,9 @@ def test_quality_quick_json(tmp_path, capsys):
     code, out, _ = _run(capsys, "quality", "--quick", "--num-samples", "4", "--num-reconstruct", "2", "--steps", "2", "3", "--recon-steps", "2", "4", "--json", str(path), "--quiet")
     assert code == 0, out
     res = json.loads(path.read_text())
-    etas = [0.0, 0.2, 0.5, 1.0, "ddpm_noisy"]
+    etas = [0.0, 1.0, "ddpm_noisy"]  # the quick run's rows (--steps without 1000: no reduced column)
     assert [(r["eta"], r["steps"]) for r in res["fid"]] == [(e, s) for e in etas for s in (2, 3)]
+    assert res["meta"]["cells"] == [{"eta": e, "steps": s, "num_samples": 4} for e in etas for s in (2, 3)]
     assert all(isinstance(r["fid"], float) and r["fid"] >= 0 for r in res["fid"])
     assert [r["steps"] for r in res["reconstruction"]] == [2, 4]
     assert all(r["mse"] > 0 for r in res["reconstruction"])

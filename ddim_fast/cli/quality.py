@@ -26,7 +26,7 @@ def cmd_quality(args) -> int:
     model, schedule, desc = load_model(args.model, args.config, device, args)
     if (model.in_channels, model.resolution) != (1, 16):
         raise CLIError(f"--model {args.model!r}: the quality metric is for 1 x 16 x 16 digits, got {model.in_channels} x {model.resolution} x {model.resolution}")
-    note(args, f"quality of {desc}: {settings.num_samples} samples per (S, eta) cell, {settings.num_reconstruct} reconstructions, {settings.model_calls():,} model calls on {device.type} ({torch.get_num_threads()} threads)")
+    note(args, f"quality of {desc} ({'quick' if args.quick else 'full'} run): {settings.describe()}; {settings.num_reconstruct} reconstructions per S; {settings.model_calls():,} model calls on {device.type} ({torch.get_num_threads()} threads)")
     result = run_quality(model, schedule, settings, device=device, progress=not args.quiet, log=lambda s: note(args, s))
     result["meta"].update(model=desc, mode="quick" if args.quick else "full", commit=git_commit(), cpu=cpu_name(), cpu_count=os.cpu_count())
     print(format_tables(result))
