@@ -149,8 +149,10 @@ def test_uint8_levels():
 
 
 def _direct_kid(real, fake):
-    """The unbiased MMD² with the cubic kernel on standardised features, by explicit sums."""
-    mu, sd = real.mean(0), real.std(0) + 1e-12
+    """The unbiased MMD² with the cubic kernel on features centred and scaled by the real
+    set's mean and RMS deviation, by explicit sums."""
+    mu = real.mean(0)
+    sd = np.sqrt(((real - mu) ** 2).mean())
     x, y = (real - mu) / sd, (fake - mu) / sd
     d = x.shape[1]
     k = lambda a, b: (a @ b / d + 1.0) ** 3  # noqa: E731
@@ -210,6 +212,14 @@ def test_kid_input_errors(bad, match):
         kid(np.random.default_rng(0).standard_normal((10, 4)), bad)
 
 
+def test_kid_survives_a_dimension_that_is_constant_on_the_real_set():
+    g = np.random.default_rng(3)
+    real = np.concatenate([g.standard_normal((200, 4)), np.zeros((200, 1))], axis=1)  # a dead ReLU unit
+    fake = np.concatenate([g.standard_normal((50, 4)), np.full((50, 1), 0.5)], axis=1)
+    est, se = kid(real, fake)
+    assert 0 < est < 1 and math.isfinite(se)
+
+
 def test_kid_dimension_mismatch():
     with pytest.raises(ValueError, match="D = 3, the real ones 4"):
         kid(np.zeros((10, 4)) + np.arange(4), np.zeros((5, 3)))
@@ -230,6 +240,7 @@ def test_the_quick_preset_keeps_the_papers_rows_and_whole_batches():
     assert {e for e, _, _ in s.cells()} == {0.0, 1.0, "ddpm_noisy"}
     assert all(n % s.batch_size == 0 for _, _, n in s.cells())  # whole batches: sample i is one draw in every cell
     assert {(e, n) for e, steps, n in s.cells() if steps == 1000} == {(0.0, 100)}
+    assert {n for _, steps, n in s.cells() if steps in (10, 20)} == {1000}  # where the ordering is checked
 
 
 @pytest.mark.parametrize(
