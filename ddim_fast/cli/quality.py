@@ -27,6 +27,9 @@ def cmd_quality(args) -> int:
     if (model.in_channels, model.resolution) != (1, 16):
         raise CLIError(f"--model {args.model!r}: the quality metric is for 1 x 16 x 16 digits, got {model.in_channels} x {model.resolution} x {model.resolution}")
     note(args, f"quality of {desc} ({'quick' if args.quick else 'full'} run): {settings.describe()}; {settings.num_reconstruct} reconstructions per S; {settings.model_calls():,} model calls on {device.type} ({torch.get_num_threads()} threads)")
+    partial = sorted({n for _, _, n in settings.cells() if n % settings.batch_size})
+    if partial and len({n for _, _, n in settings.cells()}) > 1:
+        note(args, f"note: cells of {', '.join(map(str, partial))} samples are not whole batches of {settings.batch_size}: they share x_T with the others but not all of the step noise")
     result = run_quality(model, schedule, settings, device=device, progress=not args.quiet, log=lambda s: note(args, s))
     result["meta"].update(model=desc, mode="quick" if args.quick else "full", commit=git_commit(), cpu=cpu_name(), cpu_count=os.cpu_count())
     print(format_tables(result))
@@ -44,9 +47,9 @@ def cmd_quality(args) -> int:
 
 def add_parsers(sub) -> None:
     """The quality command."""
-    q = sub.add_parser("quality", help="the paper's Table 1 (FID over S x eta) and Table 2 (reconstruction) on the digits model", description="FID of the embedded classifier's features and its mean confidence, for S x eta, and the encode-decode reconstruction error over S. Full: 1000 samples per cell, 256 reconstructions (about 55 minutes on 2 CPU cores); --quick: 250 and 50 (about 12 minutes). FID on few samples is noisy and biased upwards: compare cells of one run, and see the real-data floor it prints.")
+    q = sub.add_parser("quality", help="the paper's Table 1 (FID over S x eta) and Table 2 (reconstruction) on the digits model", description="FID and KID (with its standard error) of the embedded classifier's features and its mean confidence, for S x eta, and the encode-decode reconstruction error over S. Every cell draws sample i from the same x_T and step noise. Full: 1000 samples per cell for eta 0, 0.2, 0.5, 1 and sigma-hat, 256 reconstructions (about 55 minutes on 2 CPU cores); --quick: eta 0, 1 and sigma-hat with 1000 samples at S = 10 and 20, 200 at S = 50 and 100, S = 1000 for eta 0 only on 100, 16 reconstructions (under 4 minutes on 2 cores). FID on few samples is biased upwards (see the real-data floor it prints); KID is not, and its paired differences say which gaps are more than noise.")
     common_args(q)
-    q.add_argument("--quick", action="store_true", help="fewer samples: 250 per cell, 50 reconstructions")
+    q.add_argument("--quick", action="store_true", help="the paper's three rows on fewer cells and samples (see above); under 4 minutes on 2 cores")
     q.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     q.add_argument("--num-samples", type=positive_int, default=None, help="override: samples per (S, eta) cell (>= 2)")
     q.add_argument("--num-reconstruct", type=nonneg_int, default=None, help="override: real images to encode and decode")
