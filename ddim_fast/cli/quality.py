@@ -47,9 +47,9 @@ def cmd_quality(args) -> int:
 
 def add_parsers(sub) -> None:
     """The quality command."""
-    q = sub.add_parser("quality", help="the paper's Table 1 (FID over S x eta) and Table 2 (reconstruction) on the digits model", description="FID and KID (with its standard error) of the embedded classifier's features and its mean confidence, for S x eta, and the encode-decode reconstruction error over S. Every cell draws sample i from the same x_T and step noise. Full: 1000 samples per cell for eta 0, 0.2, 0.5, 1 and sigma-hat, 256 reconstructions (about 55 minutes on 2 CPU cores); --quick: eta 0, 1 and sigma-hat with 1000 samples at S = 10 and 20, 200 at S = 50 and 100, S = 1000 for eta 0 only on 100, 16 reconstructions (under 4 minutes on 2 cores). FID on few samples is biased upwards (see the real-data floor it prints); KID is not, and its paired differences say which gaps are more than noise.")
+    q = sub.add_parser("quality", help="the paper's Table 1 (FID over S x eta) and Table 2 (reconstruction) on the digits model", description="FID and KID (with its standard error) of the embedded classifier's features and its mean confidence, for S x eta, and the encode-decode reconstruction error over S. Every cell draws sample i from the same x_T and step noise. Full: 1000 samples per cell for eta 0, 0.2, 0.5, 1 and sigma-hat, 256 reconstructions (about 55 minutes on 2 CPU cores); --quick: eta 0, 1 and sigma-hat with 1000 samples at S = 10 and 20, 200 at S = 50 and 100, S = 1000 for eta 0 only on 100, 16 reconstructions (3-4 minutes on 2 cores). FID on few samples is biased upwards (see the real-data floor it prints); KID is not, and its paired differences say which gaps are more than noise.")
     common_args(q)
-    q.add_argument("--quick", action="store_true", help="the paper's three rows on fewer cells and samples (see above); under 4 minutes on 2 cores")
+    q.add_argument("--quick", action="store_true", help="the paper's three rows on fewer cells and samples (see above); 3-4 minutes on 2 cores")
     q.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     q.add_argument("--num-samples", type=positive_int, default=None, help="override: samples per (S, eta) cell (>= 2)")
     q.add_argument("--num-reconstruct", type=nonneg_int, default=None, help="override: real images to encode and decode")
