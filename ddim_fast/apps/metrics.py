@@ -163,7 +163,7 @@ def to_uint8_levels(x: torch.Tensor) -> torch.Tensor:
 
 
 class DigitMetric:
-    """FID and mean confidence of generated 16x16 digits against the real ones.
+    """FID, KID (with its standard error) and mean confidence of generated 16x16 digits against the real ones.
 
     classifier: a DigitClassifier (default: the embedded one). real: (N, 1, 16, 16) real
     images in [-1, 1] (default: all 1,797 embedded digits).
