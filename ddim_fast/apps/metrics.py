@@ -33,13 +33,19 @@ from .pretrained import load_classifier
 # --- the Fréchet distance -----------------------------------------------------------------
 
 
+def _as_float64(name: str, features, least: int) -> np.ndarray:
+    """features (a tensor or array) as a float64 (N, D) array, checked: N >= least, finite."""
+    f = features.detach().cpu().double().numpy() if torch.is_tensor(features) else np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < least:
+        raise ValueError(f"{name} must be (N, D) with N >= {least}, got shape {f.shape}")
+    if not np.isfinite(f).all():
+        raise ValueError(f"{name} hold NaN or Inf")
+    return f
+
+
 def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
     """(mean (D,), covariance (D, D)) in float64 of features (N, D), N >= 2 (unbiased covariance)."""
-    f = features.detach().cpu().double().numpy() if torch.is_tensor(features) else np.asarray(features, dtype=np.float64)
-    if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"features must be (N, D) with N >= 2, got shape {f.shape}")
-    if not np.isfinite(f).all():
-        raise ValueError("features hold NaN or Inf")
+    f = _as_float64("features", features, 2)
     return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
 
 
@@ -82,15 +88,6 @@ def fid_from_features(real, fake) -> float:
 # --- KID: the unbiased MMD² with a polynomial kernel ------------------------------------------
 
 
-def _as_float64(name: str, features) -> np.ndarray:
-    f = features.detach().cpu().double().numpy() if torch.is_tensor(features) else np.asarray(features, dtype=np.float64)
-    if f.ndim != 2 or f.shape[0] < 3:
-        raise ValueError(f"{name} must be (N, D) with N >= 3, got shape {f.shape}")
-    if not np.isfinite(f).all():
-        raise ValueError(f"{name} holds NaN or Inf")
-    return f
-
-
 def polynomial_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """KID's kernel (Bińkowski et al., 2018): k(x, y) = (xᵀy / D + 1)³, float64."""
     return (a @ b.T / a.shape[1] + 1.0) ** 3
@@ -108,7 +105,7 @@ class KidReference:
     a fixed kernel."""
 
     def __init__(self, real):
-        real = _as_float64("real features", real)
+        real = _as_float64("real features", real, 3)
         self.shift = real.mean(axis=0)
         self.scale = float(np.sqrt(((real - self.shift) ** 2).mean())) or 1.0
         self.real = (real - self.shift) / self.scale
@@ -123,7 +120,7 @@ class KidReference:
         estimate of MMD² (real x, generated y), so its expectation does not depend on the number
         of samples, unlike FID's. The leave-one-out values drop one generated sample at a time,
         from the kernel's row sums (no recomputation): the jackknife's input."""
-        y = _as_float64("generated features", fake)
+        y = _as_float64("generated features", fake, 3)
         if y.shape[1] != self.real.shape[1]:
             raise ValueError(f"generated features have D = {y.shape[1]}, the real ones {self.real.shape[1]}")
         y = (y - self.shift) / self.scale
