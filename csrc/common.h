@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <cmath>
 #include <optional>
 
 namespace ddim_fast {
@@ -115,6 +116,22 @@ inline StepCoefs check_ddim_step(const at::Tensor& x, const at::Tensor& model_ou
                    static_cast<float>(c_x0),         static_cast<float>(c_eps),
                    static_cast<float>(c_xt),         static_cast<float>(sigma),
                    static_cast<float>(clip_min),     static_cast<float>(clip_max)};
+}
+
+// Checks of guided_step's: ddim_step's with the model output in two halves (uncond, cond)
+// of x's shape and layout, and a finite guidance scale.
+inline StepCoefs check_guided_step(const at::Tensor& x, const at::Tensor& uncond, const at::Tensor& cond,
+                                   double guidance_scale, double sqrt_alpha_t, double sqrt_one_minus_alpha_t,
+                                   double c_x0, double c_eps, double c_xt, double sigma,
+                                   const std::optional<at::Tensor>& noise, bool clip, double clip_min,
+                                   double clip_max, int64_t prediction, const at::Tensor& out,
+                                   const std::optional<at::Tensor>& x0_out) {
+  check_dense("guided_step", x);
+  check_like("guided_step", "uncond", x, uncond);
+  check_like("guided_step", "cond", x, cond);
+  TORCH_CHECK(std::isfinite(guidance_scale), "guided_step: guidance_scale must be finite, got ", guidance_scale);
+  return check_ddim_step(x, uncond, sqrt_alpha_t, sqrt_one_minus_alpha_t, c_x0, c_eps, c_xt, sigma, noise, clip,
+                         clip_min, clip_max, prediction, out, x0_out);
 }
 
 // Checks of predict_x0's arguments, shared by every backend.

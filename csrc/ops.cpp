@@ -19,6 +19,12 @@ TORCH_LIBRARY(ddim_fast, m) {
       "ddim_step(Tensor x, Tensor model_output, float sqrt_alpha_t, float sqrt_one_minus_alpha_t, "
       "float c_x0, float c_eps, float c_xt, float sigma, Tensor? noise, bool clip, float clip_min, "
       "float clip_max, int prediction, bool clipped_eps, Tensor(a!) out, Tensor(b!)? x0_out) -> ()");
+  // ddim_step on a guided model call's two halves (classifier-free guidance): the model
+  // output is uncond + guidance_scale * (cond - uncond), formed in the same pass.
+  m.def(
+      "guided_step(Tensor x, Tensor uncond, Tensor cond, float guidance_scale, float sqrt_alpha_t, "
+      "float sqrt_one_minus_alpha_t, float c_x0, float c_eps, float c_xt, float sigma, Tensor? noise, bool clip, "
+      "float clip_min, float clip_max, int prediction, bool clipped_eps, Tensor(a!) out, Tensor(b!)? x0_out) -> ()");
   // x0 from the model output, clamped if `clip`; `eps_out`, when given, receives eps
   // recomputed from the clamped x0 (diffusers' use_clipped_model_output).
   m.def(

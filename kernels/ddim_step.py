@@ -4,6 +4,9 @@ Reads x and the model output (and z when the noise comes as a tensor); writes x_
 (and x̂₀ when asked): 3-5 passes over memory instead of the ~11 of the eager chain.
 The step's coefficients come from a device table indexed by a device-side step
 counter, so one captured CUDA graph serves every step (ddim_fast.sampling.graph).
+Guided (classifier-free guidance), it reads the two halves of the model call on the
+doubled batch and forms uncond + w·(cond − uncond) first; w comes from a device scalar,
+so a captured graph replays any guidance scale.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
 @triton.jit
 def _ddim_step_kernel(
     x_ptr,  # x_t: (n,) fp32/fp16/bf16
-    m_ptr,  # model output (eps, x0 or v): like x
+    m_ptr,  # model output (eps, x0 or v): like x; guided, its unconditional half
+    mc_ptr,  # guided: the conditional half of the model output, like x (read when GUIDED)
+    w_ptr,  # guided: fp32 (1,) guidance scale (read when GUIDED)
     z_ptr,  # noise (n,): fp32 or x's dtype; read when NOISE == 1
     out_ptr,  # x_prev: like x; may be x_ptr itself
     x0_ptr,  # x0 prediction out: like x; written when WRITE_X0
@@ -39,6 +44,7 @@ def _ddim_step_kernel(
     NOISE: tl.constexpr,  # 0 none, 1 from z_ptr, 2 generated here (Philox)
     HAS_XT: tl.constexpr,  # c_xt != 0 somewhere (DDPM posterior mean, inversion)
     WRITE_X0: tl.constexpr,
+    GUIDED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -54,6 +60,9 @@ def _ddim_step_kernel(
 
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if GUIDED:
+        w = tl.load(w_ptr)
+        m = m + w * (tl.load(mc_ptr + offs, mask=mask, other=0.0).to(tl.float32) - m)
     if PREDICTION == 0:  # eps: x0 = (x - sqrt(1-a) eps) / sqrt(a)
         eps = m
         x0 = (x - s1m * m) / sa
@@ -102,12 +111,16 @@ def launch(
     seed: torch.Tensor | None = None,
     has_xt: bool = True,
     x0_out: torch.Tensor | None = None,
+    cond: torch.Tensor | None = None,
+    guidance: torch.Tensor | None = None,
     traceable: bool = False,
 ):
     """Launch on dense tensors of one layout, coefficients read from coef_table[step].
 
     coef_table: fp32 (rows, 6) on x's device; step: int32 (1,) on x's device. noise
     (a tensor) or seed (int64 (1,), in-kernel Philox) or neither (sigma must be 0).
+    cond and guidance (fp32 (1,) on x's device), together: guided, model_output is the
+    unconditional half and cond the conditional one.
     Allocates nothing: safe inside a CUDA graph capture. traceable: the launch through
     torch.library.wrap_triton (inside the triton_op below, for torch.compile).
     """
@@ -118,9 +131,13 @@ def launch(
     block, warps = _block_and_warps(n)
     lo, hi = (float(clip[0]), float(clip[1])) if clip is not None else (0.0, 0.0)
     kernel = wrap_triton(_ddim_step_kernel) if traceable else _ddim_step_kernel
+    if (cond is None) != (guidance is None):
+        raise ValueError("ddim_step launch: cond and guidance go together (a guided step needs both)")
     kernel[(triton.cdiv(n, block),)](
         x,
         model_output,
+        cond if cond is not None else model_output,
+        guidance if guidance is not None else coef_table,
         noise if noise is not None else x,
         out,
         x0_out if x0_out is not None else out,
@@ -136,6 +153,7 @@ def launch(
         NOISE=mode,
         HAS_XT=has_xt,
         WRITE_X0=x0_out is not None,
+        GUIDED=cond is not None,
         BLOCK=block,
         num_warps=warps,
     )
@@ -176,8 +194,46 @@ def ddim_step_op(
     )
 
 
-def ddim_step(x, model_output, coefs, noise, clip, prediction: int, clipped_eps: bool, out, x0_out=None):
-    """Eager entry (ops.ddim_step with backend="triton"): coefs as 6 Python floats.
+@triton_op("ddim_fast_triton::guided_step", mutates_args=("out", "x0_out"))
+def guided_step_op(
+    x: torch.Tensor,
+    uncond: torch.Tensor,
+    cond: torch.Tensor,
+    guidance: torch.Tensor,
+    coef_table: torch.Tensor,
+    step: torch.Tensor,
+    noise: Optional[torch.Tensor],
+    out: torch.Tensor,
+    x0_out: Optional[torch.Tensor],
+    prediction: int,
+    clip: bool,
+    clip_lo: float,
+    clip_hi: float,
+    clipped_eps: bool,
+    has_xt: bool,
+) -> None:
+    """The guided launch() as an operator: torch.ops.ddim_fast_triton.guided_step."""
+    launch(
+        x,
+        uncond,
+        coef_table,
+        step,
+        out,
+        prediction=prediction,
+        clip=(clip_lo, clip_hi) if clip else None,
+        clipped_eps=clipped_eps,
+        noise=noise,
+        has_xt=has_xt,
+        x0_out=x0_out,
+        cond=cond,
+        guidance=guidance,
+        traceable=True,
+    )
+
+
+def ddim_step(x, model_output, coefs, noise, clip, prediction: int, clipped_eps: bool, out, x0_out=None, *, cond=None, guidance: float = 0.0):
+    """Eager entry (ops.ddim_step / ops.guided_step with backend="triton"): coefs as 6 Python
+    floats; with cond, guided with scale `guidance`.
 
     Checked, dense, same-layout arguments (ddim_fast.ops does the checking).
     """
@@ -185,7 +241,11 @@ def ddim_step(x, model_output, coefs, noise, clip, prediction: int, clipped_eps:
     step = torch.zeros(1, dtype=torch.int32, device=x.device)
     lo, hi = (float(clip[0]), float(clip[1])) if clip is not None else (0.0, 0.0)
     noise = noise if coefs[5] != 0 else None
-    ddim_step_op(x, model_output, table, step, noise, out, x0_out, prediction, clip is not None, lo, hi, bool(clipped_eps), coefs[4] != 0)
+    if cond is None:
+        ddim_step_op(x, model_output, table, step, noise, out, x0_out, prediction, clip is not None, lo, hi, bool(clipped_eps), coefs[4] != 0)
+    else:
+        w = torch.tensor([guidance], dtype=torch.float32, device=x.device)
+        guided_step_op(x, model_output, cond, w, table, step, noise, out, x0_out, prediction, clip is not None, lo, hi, bool(clipped_eps), coefs[4] != 0)
     return out
 
 

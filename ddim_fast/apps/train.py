@@ -37,6 +37,9 @@ from .pretrained import save_classifier, save_pretrained
 DIGITS_MODEL_CONFIG = dict(
     ch=32, out_ch=1, ch_mult=(1, 1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.1, in_channels=1, resolution=16, resamp_with_conv=True
 )
+# its class-conditional twin ("digits-cond"): the same UNet with a label embedding (10 digits
+# and the null label), trained with label dropout for classifier-free guidance
+DIGITS_COND_MODEL_CONFIG = dict(DIGITS_MODEL_CONFIG, num_classes=10)
 # the schedule it is trained with (DDPM's linear betas), as pretrained files record it
 DIGITS_SCHEDULE = dict(name="linear", num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02)
 
@@ -49,7 +52,10 @@ class TrainConfig:
     after `warmup` steps, then a cosine decay to lr * final_lr_ratio; ema_decay: the EMA's
     decay per step; grad_clip: max global gradient norm (0: none); seed: every random
     choice (init, dropout, batches, t, eps); num_threads: torch CPU threads;
-    checkpoint_every: steps between resumable checkpoints (when a checkpoint path is given).
+    checkpoint_every: steps between resumable checkpoints (when a checkpoint path is given);
+    label_dropout: for a class-conditional model (model has num_classes), the probability
+    that a training label is replaced by the null label (Ho & Salimans 2022), so that one
+    network learns both the conditional and the unconditional model.
     """
 
     model: dict = field(default_factory=lambda: dict(DIGITS_MODEL_CONFIG))
@@ -64,6 +70,7 @@ class TrainConfig:
     seed: int = 0
     num_threads: int = 1
     checkpoint_every: int = 500
+    label_dropout: float = 0.1
 
     def validate(self) -> "TrainConfig":
         for name in ("steps", "batch_size", "num_threads", "checkpoint_every"):
@@ -78,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout!r}")
         if not self.grad_clip >= 0:
             raise ValueError(f"grad_clip must be >= 0 (0: no clipping), got {self.grad_clip!r}")
         return self
@@ -128,20 +137,23 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
         e.lerp_(p, 1.0 - decay)
 
 
-def diffusion_loss(model, x0: torch.Tensor, schedule: Schedule, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def diffusion_loss(model, x0: torch.Tensor, schedule: Schedule, t: torch.Tensor, eps: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """L_simple: mean over all elements of (eps - model(x_t, t))², x_t = sqrt(α_t) x0 + sqrt(1 - α_t) eps.
 
-    x0, eps: (B, C, H, W); t: (B,) int64 in [0, T).
+    x0, eps: (B, C, H, W); t: (B,) int64 in [0, T); class_labels: (B,) for a
+    class-conditional model (model(x_t, t, class_labels)).
     """
     a = schedule.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * eps
-    return F.mse_loss(model(x_t, t), eps)
+    out = model(x_t, t) if class_labels is None else model(x_t, t, class_labels)
+    return F.mse_loss(out, eps)
 
 
 def train_diffusion(
     cfg: Optional[TrainConfig] = None,
     *,
     data: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
     out=None,
     checkpoint=None,
     log: Optional[Callable[[str], None]] = print,
@@ -150,7 +162,8 @@ def train_diffusion(
 ) -> tuple[UNet, list]:
     """Train a UNet with L_simple on `data` (default: the 16x16 digits) and return (EMA model, history).
 
-    data: (N, C, H, W) float images in [-1, 1]. out: where to save the EMA weights as a
+    data: (N, C, H, W) float images in [-1, 1]; labels: (N,) int64 class labels, needed when
+    cfg.model has num_classes (default: the digits' labels). out: where to save the EMA weights as a
     pretrained file (apps.pretrained.save_pretrained). checkpoint: a path for
     resumable checkpoints, written every cfg.checkpoint_every steps; training resumes from
     it when it exists. history: (step, mean loss over the last log_every steps) pairs.
@@ -161,17 +174,26 @@ def train_diffusion(
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.num_threads)
     try:
-        return _train_diffusion(cfg, data, out, checkpoint, log, log_every, progress)
+        return _train_diffusion(cfg, data, labels, out, checkpoint, log, log_every, progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_diffusion(cfg, data, out, checkpoint, log, log_every, progress):
+def _train_diffusion(cfg, data, labels, out, checkpoint, log, log_every, progress):
+    conditional = cfg.model.get("num_classes") is not None
     if data is None:
-        data = load_digits()[0]
+        data, digit_labels = load_digits()
+        labels = digit_labels if labels is None else labels
     if not isinstance(data, torch.Tensor) or data.dim() != 4 or not data.is_floating_point():
         raise ValueError(f"data must be a float tensor (N, C, H, W), got {getattr(data, 'shape', type(data).__name__)}")
     data = data.float().contiguous()
+    if conditional:
+        n_cls = cfg.model["num_classes"]
+        if not isinstance(labels, torch.Tensor) or labels.shape != (data.shape[0],) or labels.is_floating_point():
+            raise ValueError(f"a class-conditional model needs labels, an int tensor of shape ({data.shape[0]},), got {getattr(labels, 'shape', type(labels).__name__)}")
+        if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < n_cls):
+            raise ValueError(f"labels must lie in [0, num_classes = {n_cls}), got [{int(labels.min())}, {int(labels.max())}]")
+        labels = labels.long()
     schedule = Schedule.from_spec(cfg.schedule)
     T = schedule.num_train_timesteps
 
@@ -210,10 +232,15 @@ def _train_diffusion(cfg, data, out, checkpoint, log, log_every, progress):
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        x0 = data[batches.next()]
+        idx = batches.next()
+        x0 = data[idx]
         t = torch.randint(0, T, (x0.shape[0],), generator=noise_gen)
         eps = torch.randn(x0.shape, generator=noise_gen)
-        loss = diffusion_loss(model, x0, schedule, t, eps)
+        y = None
+        if conditional:  # label dropout: the null label trains the unconditional model
+            drop = torch.rand(x0.shape[0], generator=noise_gen) < cfg.label_dropout
+            y = torch.where(drop, torch.full_like(labels[idx], n_cls), labels[idx])
+        loss = diffusion_loss(model, x0, schedule, t, eps, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

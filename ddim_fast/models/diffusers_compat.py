@@ -2,7 +2,8 @@
 
 - The fusion rules of diffusers' blocks, registered with the pass (models/fuse.py):
   ResnetBlock2D (whose one `nonlinearity` module is shared with the time embedding,
-  which keeps its SiLU) and UNet2DModel's output head (conv_norm_out -> conv_act).
+  which keeps its SiLU) and the output head (conv_norm_out -> conv_act) of UNet2DModel and
+  UNet2DConditionModel (Stable Diffusion's UNet; its transformer blocks stay as they are).
 - `official_to_diffusers` / `diffusers_to_official`: state-dict key mapping between the
   official DDPM/DDIM layout (our UNet) and UNet2DModel, both ways; `to_diffusers(unet)`
   and `from_diffusers(unet2d)` convert whole models.
@@ -33,7 +34,8 @@ def _is_resnet2d(m) -> bool:
 
 
 def _is_unet2d(m) -> bool:
-    return "diffusers" in sys.modules and type(m).__name__ == "UNet2DModel" and getattr(m, "conv_norm_out", None) is not None
+    """UNet2DModel or UNet2DConditionModel with an output head (the latter's is optional)."""
+    return "diffusers" in sys.modules and type(m).__name__ in ("UNet2DModel", "UNet2DConditionModel") and getattr(m, "conv_norm_out", None) is not None
 
 
 def _fuse_resnet(block) -> int:

@@ -14,6 +14,10 @@ in fewer, fatter ops. What one step of the official UNet dispatches that this on
 - nearest upsampling and its 3x3 convolution as one 4x4 stride-2 transposed convolution
   (an exact rewrite of the weights, with 16 instead of 36 multiply-adds per input pixel).
 
+A class-conditional UNet (num_classes) keeps its label embedding: its table holds the time
+embeddings before the projections, and each step adds the labels' rows and projects (one
+embedding lookup, one add, one SiLU and one linear per step).
+
 Activations stay in one dtype and one layout (channels_last by default) from x to the
 output. The weights are copies in that dtype and layout, made from the UNet's when the
 lean model is built: a later change to the UNet's weights does not reach it.
@@ -240,6 +244,9 @@ class LeanUNet(nn.Module):
         self.register_buffer("temb_b0", _copy(unet.temb.dense[0].bias, dtype))
         self.register_buffer("temb_w1", _copy(unet.temb.dense[1].weight, dtype))
         self.register_buffer("temb_b1", _copy(unet.temb.dense[1].bias, dtype))
+        self.num_classes = unet.num_classes
+        if self.num_classes is not None:  # labels' rows, added to the time embedding (the last row: no label)
+            self.register_buffer("class_emb", _copy(unet.class_emb.weight, dtype))
         projections = []  # every ResNet block's temb_proj, in the order the blocks are made here
 
         def res(block):
@@ -266,7 +273,8 @@ class LeanUNet(nn.Module):
         # every block's projection as one matrix: one linear gives a row of all their biases
         self.register_buffer("proj_w", _copy(torch.cat([p.weight for p in projections]), dtype))
         self.register_buffer("proj_b", _copy(torch.cat([p.bias for p in projections]), dtype))
-        self.table_width = self.proj_w.shape[0]
+        # a conditional model's table holds the time embeddings; the projection runs per step
+        self.table_width = self.proj_w.shape[0] if self.num_classes is None else self.temb_w1.shape[0]
         self._tables: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
         self._table_cache_size = table_cache_size
 
@@ -276,10 +284,24 @@ class LeanUNet(nn.Module):
 
     # --- time embedding -----------------------------------------------------------------
     def time_rows(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, table_width) in fp32 (fp64 for fp64): every block's time-embedding bias at t (B,)."""
+        """(B, table_width) at timesteps t (B,): every block's time-embedding bias, in fp32 (fp64
+        for fp64); for a class-conditional model the time embedding itself, in the model's dtype."""
         emb = get_timestep_embedding(t, self.ch).to(self.dtype)
         temb = F.linear(F.silu(F.linear(emb, self.temb_w0, self.temb_b0)), self.temb_w1, self.temb_b1)
+        if self.num_classes is not None:
+            return temb
+        return self._project(temb)
+
+    def _project(self, temb: torch.Tensor) -> torch.Tensor:
         return F.linear(F.silu(temb), self.proj_w, self.proj_b).to(_arithmetic_dtype(self.dtype))
+
+    def _conditioned(self, rows: torch.Tensor, class_labels: Optional[torch.Tensor], batch: int) -> torch.Tensor:
+        """A conditional model's projection rows (B, width) from time-embedding rows and labels."""
+        if class_labels is None:
+            return self._project(rows + self.class_emb[self.num_classes])
+        if class_labels.shape != (batch,):
+            raise ValueError(f"LeanUNet: class_labels must have shape ({batch},), one label per sample, got {tuple(class_labels.shape)}")
+        return self._project(rows + F.embedding(class_labels, self.class_emb))
 
     def time_table(self, timesteps: Sequence[int]) -> torch.Tensor:
         """(S, table_width): row i for timesteps[i]; made once per plan (a small LRU cache)."""
@@ -297,17 +319,22 @@ class LeanUNet(nn.Module):
         return table
 
     # --- forward ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The UNet's forward(x, t), t of shape (B,) or a scalar."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The UNet's forward(x, t[, class_labels]), t of shape (B,) or a scalar."""
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        return self.forward_rows(x, self.time_rows(t))
+        return self.forward_rows(x, self.time_rows(t), class_labels)
 
-    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The UNet at x with time-embedding rows: (table_width,) shared by the batch (a row
-        of time_table) or (B, table_width). x: (B, C, H, W) in this model's dtype and layout."""
+        of time_table) or (B, table_width). x: (B, C, H, W) in this model's dtype and layout.
+        class_labels: (B,) for a class-conditional model (None: the null label)."""
         if x.dim() != 4 or x.shape[2] != self.resolution or x.shape[3] != self.resolution:
             raise ValueError(f"LeanUNet: x must be (B, {self.in_channels}, {self.resolution}, {self.resolution}), got {tuple(x.shape)}")
+        if self.num_classes is not None:
+            rows = self._conditioned(rows, class_labels, x.shape[0])
+        elif class_labels is not None:
+            raise ValueError("LeanUNet: class_labels given, but this UNet is not class-conditional (num_classes=None)")
         hs = [F.conv2d(x, self.conv_in_w, self.conv_in_b, padding=1)]
         for level in self.down:
             for i_block, block in enumerate(level.block):

@@ -148,6 +148,13 @@ class UNet(nn.Module):
     """The DDPM/DDIM UNet (ermongroup/ddim `Model`), taking the official config's arguments.
 
     forward(x, t): x (B, in_channels, resolution, resolution), t (B,) timesteps -> (B, out_ch, H, W).
+
+    num_classes (not in the official code; default None): a class-conditional UNet, as
+    diffusers' UNet2DModel(num_class_embeds=...) makes it: an embedding of the label is added
+    to the time embedding after its MLP. It has num_classes + 1 rows; the last,
+    `null_label` (= num_classes), is "no label", the unconditional model that classifier-free
+    guidance needs (trained by dropping labels). forward(x, t, class_labels): (B,) int64
+    labels in [0, num_classes]; None means null_label for every sample.
     """
 
     def __init__(
@@ -161,6 +168,7 @@ class UNet(nn.Module):
         in_channels: int = 3,
         resolution: int = 32,
         resamp_with_conv: bool = True,
+        num_classes: Optional[int] = None,
     ):
         super().__init__()
         if ch % 32:
@@ -173,7 +181,12 @@ class UNet(nn.Module):
             raise ValueError(f"ch_mult must be a non-empty sequence of positive ints, got {ch_mult}")
         if resolution % (2 ** (len(ch_mult) - 1)):
             raise ValueError(f"resolution {resolution} must be divisible by 2**(len(ch_mult) - 1) = {2 ** (len(ch_mult) - 1)}")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"num_classes must be None or a positive int, got {num_classes!r}")
         self.config = dict(ch=ch, out_ch=out_ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=tuple(attn_resolutions), dropout=dropout, in_channels=in_channels, resolution=resolution, resamp_with_conv=resamp_with_conv)
+        if num_classes is not None:  # only then, so that an official config round-trips unchanged
+            self.config["num_classes"] = num_classes
+        self.num_classes = num_classes
         self.ch = ch
         self.temb_ch = ch * 4
         self.num_resolutions = len(ch_mult)
@@ -185,6 +198,8 @@ class UNet(nn.Module):
         self.temb = nn.Module()
         self.temb.dense = nn.ModuleList([nn.Linear(ch, self.temb_ch), nn.Linear(self.temb_ch, self.temb_ch)])
         self.temb_act = nn.SiLU()
+        if num_classes is not None:
+            self.class_emb = nn.Embedding(num_classes + 1, self.temb_ch)
 
         self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
         curr_res = resolution
@@ -235,13 +250,34 @@ class UNet(nn.Module):
         self.act_out = nn.SiLU()
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    @property
+    def null_label(self) -> Optional[int]:
+        """The label of the unconditional model (num_classes), or None for an unconditional UNet."""
+        return self.num_classes
+
+    def label_embedding(self, class_labels: Optional[torch.Tensor], batch: int, device) -> torch.Tensor:
+        """(B, temb_ch): the class embedding added to the time embedding (checked labels; None: null_label)."""
+        if class_labels is None:
+            class_labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        if not isinstance(class_labels, torch.Tensor) or class_labels.is_floating_point() or class_labels.is_complex() or class_labels.dtype == torch.bool:
+            raise TypeError(f"UNet: class_labels must be an integer tensor of shape (B,), got {getattr(class_labels, 'dtype', type(class_labels).__name__)}")
+        if class_labels.dim() == 0:
+            class_labels = class_labels.expand(batch)
+        if class_labels.shape != (batch,):
+            raise ValueError(f"UNet: class_labels must have shape ({batch},), one label per sample, got {tuple(class_labels.shape)}")
+        return self.class_emb(class_labels.long())
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() != 4 or x.shape[2] != self.resolution or x.shape[3] != self.resolution:
             raise ValueError(f"UNet: x must be (B, {self.in_channels}, {self.resolution}, {self.resolution}), got {tuple(x.shape)}")
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         temb = get_timestep_embedding(t, self.ch).to(self.conv_in.weight.dtype)
         temb = self.temb.dense[1](self.temb_act(self.temb.dense[0](temb)))
+        if self.num_classes is not None:
+            temb = temb + self.label_embedding(class_labels, x.shape[0], x.device)
+        elif class_labels is not None:
+            raise ValueError("UNet: class_labels given, but this UNet is not class-conditional (num_classes=None)")
 
         hs = [self.conv_in(x)]
         for i_level in range(self.num_resolutions):

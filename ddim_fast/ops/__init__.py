@@ -2,6 +2,7 @@
 base layer (ddim_fast.core) and the Triton kernels (ddim_fast.kernels) only.
 
     ddim_step(x, eps, alpha_t, alpha_prev, sigma, noise=None, clip=None, out=None)
+    guided_step(x, uncond, cond, guidance_scale, alpha_t, alpha_prev, sigma, ...)  # ddim_step on uncond + w (cond - uncond)
     predict_x0(x, eps, alpha_t, clip=None, out=None)
     group_norm_silu(x, num_groups, weight, bias, eps=1e-6)
     group_norm_act(x, num_groups, weight, bias, eps=1e-6, silu=True, residual=None)  # (s, y) with a residual
@@ -15,7 +16,7 @@ base layer (ddim_fast.core) and the Triton kernels (ddim_fast.kernels) only.
     fallback   the plain-PyTorch backend (and the float64 path)
 """
 
-from .dispatch import BACKENDS, ddim_step, group_norm_act, group_norm_silu, predict_x0, step
+from .dispatch import BACKENDS, ddim_step, group_norm_act, group_norm_silu, guided_step, predict_x0, step
 from .extension import backends, has_native_kernel
 
-__all__ = ["ddim_step", "predict_x0", "group_norm_silu", "group_norm_act", "step", "BACKENDS", "backends", "has_native_kernel"]
+__all__ = ["ddim_step", "guided_step", "predict_x0", "group_norm_silu", "group_norm_act", "step", "BACKENDS", "backends", "has_native_kernel"]

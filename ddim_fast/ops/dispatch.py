@@ -1,6 +1,7 @@
 """The fused ops, with input checks and backend dispatch.
 
     ddim_step(x, eps, alpha_t, alpha_prev, sigma, noise=None, clip=None, out=None)
+    guided_step(x, uncond, cond, guidance_scale, alpha_t, alpha_prev, sigma, ...)
     predict_x0(x, eps, alpha_t, clip=None, out=None)
     group_norm_silu(x, num_groups, weight, bias, eps=1e-6)
     group_norm_act(x, num_groups, weight, bias, eps=1e-6, silu=True, residual=None)
@@ -162,6 +163,52 @@ def ddim_step(
     op = "ddim_step"
     _check_tensor(op, "x", x)
     _check_like(op, "eps", x, eps)
+    coefs, code, clip, noise, out = _step_args(op, x, alpha_t, alpha_prev, sigma, noise, clip, out, prediction, ddpm_mean, x0_out, generator)
+    return step(x, eps, coefs, noise, clip, code, use_clipped_model_output, out, x0_out, backend=backend)
+
+
+def guided_step(
+    x,
+    uncond,
+    cond,
+    guidance_scale,
+    alpha_t,
+    alpha_prev,
+    sigma,
+    noise=None,
+    clip=None,
+    out=None,
+    *,
+    prediction: str = "eps",
+    use_clipped_model_output: bool = False,
+    ddpm_mean: bool = False,
+    x0_out=None,
+    generator=None,
+    backend=None,
+):
+    """ddim_step on the two halves of a guided model call (classifier-free guidance), in one pass:
+    the model output is uncond + guidance_scale * (cond - uncond), formed in the kernel.
+
+    uncond, cond: x's shape, dtype and layout (e.g. the two halves out.chunk(2) of the model
+    call on the doubled batch). guidance_scale: a finite number. The rest as ddim_step.
+    """
+    op = "guided_step"
+    _check_tensor(op, "x", x)
+    _check_like(op, "uncond", x, uncond)
+    _check_like(op, "cond", x, cond)
+    w = _check_guidance(op, guidance_scale)
+    coefs, code, clip, noise, out = _step_args(op, x, alpha_t, alpha_prev, sigma, noise, clip, out, prediction, ddpm_mean, x0_out, generator)
+    return step(x, uncond, coefs, noise, clip, code, use_clipped_model_output, out, x0_out, backend=backend, cond=cond, guidance=w)
+
+
+def _check_guidance(op: str, w) -> float:
+    if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
+        raise ValueError(f"{op}: guidance_scale must be a finite number, got {w!r}")
+    return float(w)
+
+
+def _step_args(op, x, alpha_t, alpha_prev, sigma, noise, clip, out, prediction, ddpm_mean, x0_out, generator):
+    """(coefs, prediction code, clip, noise, out): ddim_step's and guided_step's checked arguments."""
     a_t = _check_alpha(op, "alpha_t", alpha_t)
     a_s = _check_alpha(op, "alpha_prev", alpha_prev)
     if type(sigma) is not float and (isinstance(sigma, bool) or not isinstance(sigma, numbers.Real)) or not math.isfinite(sigma) or sigma < 0:
@@ -188,34 +235,41 @@ def ddim_step(
         _check_like(op, "out", x, out)
     if x0_out is not None:
         _check_like(op, "x0_out", x, x0_out)
-    return step(x, eps, coefs, noise, clip, code, use_clipped_model_output, out, x0_out, backend=backend)
+    return coefs, code, clip, noise, out
 
 
-def step(x, model_output, coefs, noise, clip, prediction: int, clipped_eps: bool, out, x0_out=None, *, backend=None):
+def step(x, model_output, coefs, noise, clip, prediction: int, clipped_eps: bool, out, x0_out=None, *, backend=None, cond=None, guidance: float = 0.0):
     """ddim_step on checked arguments with precomputed coefficients (the samplers' entry).
 
     coefs: 6 floats (sqrt_alpha_t, sqrt_one_minus_alpha_t, c_x0, c_eps, c_xt, sigma);
-    clip: None or (lo, hi); prediction: 0 eps, 1 x0, 2 v.
+    clip: None or (lo, hi); prediction: 0 eps, 1 x0, 2 v. cond: with guidance, the
+    conditional half of a guided call (model_output is then the unconditional half):
+    guided_step.
     """
-    be = _pick_backend("ddim_step", x, backend)
+    op = "ddim_step" if cond is None else "guided_step"
+    be = _pick_backend(op, x, backend)
     if be == "torch":
-        return fallback.ddim_step(x, model_output, coefs, noise, clip, prediction, clipped_eps, out, x0_out)
-    if not _dense_layout(x, model_output, noise, out, x0_out):
+        return fallback.ddim_step(x, model_output, coefs, noise, clip, prediction, clipped_eps, out, x0_out, cond=cond, guidance=guidance)
+    if not _dense_layout(x, model_output, cond, noise, out, x0_out):
         # a kernel addresses all operands with one flat index: compute on dense copies
         xc = x.contiguous()
         tmp_out = torch.empty_like(xc)
         tmp_x0 = torch.empty_like(xc) if x0_out is not None else None
-        step(xc, model_output.contiguous(), coefs, None if noise is None else noise.contiguous(), clip, prediction, clipped_eps, tmp_out, tmp_x0, backend=be)
+        dense_cond = None if cond is None else cond.contiguous()
+        step(xc, model_output.contiguous(), coefs, None if noise is None else noise.contiguous(), clip, prediction, clipped_eps, tmp_out, tmp_x0, backend=be, cond=dense_cond, guidance=guidance)
         if x0_out is not None:
             x0_out.copy_(tmp_x0)
         return out.copy_(tmp_out)
     if be == "triton":
         from ..kernels import ddim_step as tk
 
-        tk.ddim_step(x, model_output, coefs, noise, clip, prediction, clipped_eps, out, x0_out)
+        tk.ddim_step(x, model_output, coefs, noise, clip, prediction, clipped_eps, out, x0_out, cond=cond, guidance=guidance)
         return out
     lo, hi = clip if clip is not None else (0.0, 0.0)
-    torch.ops.ddim_fast.ddim_step(x, model_output, *coefs, noise, clip is not None, lo, hi, prediction, clipped_eps, out, x0_out)
+    if cond is None:
+        torch.ops.ddim_fast.ddim_step(x, model_output, *coefs, noise, clip is not None, lo, hi, prediction, clipped_eps, out, x0_out)
+    else:
+        torch.ops.ddim_fast.guided_step(x, model_output, cond, guidance, *coefs, noise, clip is not None, lo, hi, prediction, clipped_eps, out, x0_out)
     return out
 
 

@@ -13,6 +13,9 @@ def register() -> None:
         torch._check(out.shape == x.shape, lambda: f"ddim_step: out must have x's shape {tuple(x.shape)}")
         return None
 
+    if hasattr(torch.ops.ddim_fast, "guided_step"):  # not in a build older than the op (the ops layer then falls back)
+        _register_guided_step()
+
     @torch.library.register_fake("ddim_fast::predict_x0")
     def _predict_x0(x, model_output, sqrt_alpha_t, sqrt_one_minus_alpha_t, clip, clip_min, clip_max, prediction, out, eps_out):
         torch._check(out.shape == x.shape, lambda: f"predict_x0: out must have x's shape {tuple(x.shape)}")
@@ -33,3 +36,11 @@ def register() -> None:
         torch._check(x.dim() >= 2, lambda: f"add_group_norm_act: x must be (N, C, *spatial), got {tuple(x.shape)}")
         torch._check(residual.shape == x.shape, lambda: f"add_group_norm_act: residual must have x's shape {tuple(x.shape)}")
         return torch.empty_like(x), torch.empty_like(x)
+
+
+def _register_guided_step() -> None:
+    @torch.library.register_fake("ddim_fast::guided_step")
+    def _guided_step(x, uncond, cond, guidance_scale, sqrt_alpha_t, sqrt_one_minus_alpha_t, c_x0, c_eps, c_xt, sigma, noise, clip, clip_min, clip_max, prediction, clipped_eps, out, x0_out):
+        torch._check(uncond.shape == x.shape and cond.shape == x.shape, lambda: f"guided_step: uncond and cond must have x's shape {tuple(x.shape)}")
+        torch._check(out.shape == x.shape, lambda: f"guided_step: out must have x's shape {tuple(x.shape)}")
+        return None

@@ -23,11 +23,14 @@ def x0_eps_from(x, m, sa, s1m, prediction: int):
     return sa * x - s1m * m, sa * m + s1m * x
 
 
-def ddim_step(x, model_output, coefs, noise, clip, prediction: int, clipped_eps: bool, out, x0_out=None):
-    """out = c_x0 * x0 + c_eps * eps + c_xt * x + sigma * noise (see csrc/ops.cpp)."""
+def ddim_step(x, model_output, coefs, noise, clip, prediction: int, clipped_eps: bool, out, x0_out=None, *, cond=None, guidance: float = 0.0):
+    """out = c_x0 * x0 + c_eps * eps + c_xt * x + sigma * noise (see csrc/ops.cpp); with
+    cond (guided_step), the model output is model_output + guidance * (cond - model_output)."""
     sa, s1m, c_x0, c_eps, c_xt, sigma = coefs
     cd = _compute_dtype(x.dtype)
     xf, mf = x.to(cd), model_output.to(cd)
+    if cond is not None:
+        mf = mf + guidance * (cond.to(cd) - mf)
     x0, eps = x0_eps_from(xf, mf, sa, s1m, prediction)
     if clip is not None:
         x0 = x0.clamp(clip[0], clip[1])

@@ -28,9 +28,10 @@ def warn_if_training(model, who: str) -> None:
         warnings.warn(f"{who}: the model is in training mode, so dropout makes sampling random; call model.eval() first", UserWarning, stacklevel=3)
 
 
-def call_model(model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    out = model(x, t)
+def call_model(model, x: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
+    out = model(x, t, **model_kwargs)
     return getattr(out, "sample", out)  # diffusers' UNet2DOutput
+
 
 
 def check_model_output(out, x: torch.Tensor, step: int, t: int) -> None:

@@ -28,6 +28,7 @@ from ..core.plan import StepPlan, encoding_plan, sampling_plan
 from ..core.schedule import Schedule
 from ..models.prepare import COMPILE_MODES, compile_model, model_dtype, prepare_model, runs_from_table
 from . import common as S
+from .conditioning import NONE, Conditioning, GuidanceBuffers, cast_kwargs, make_conditioning
 from .graph import GRAPH_MODES, GraphCache
 from .noise import initial_noise
 
@@ -150,29 +151,50 @@ class FastSampler:
         """The model timesteps in sampling order."""
         return list(self._plan.timesteps)
 
+    def _format(self, x: torch.Tensor):
+        return torch.channels_last if (self._channels_last(x.device) and x.dim() == 4) else torch.contiguous_format
+
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        fmt = torch.channels_last if (self._channels_last(x.device) and x.dim() == 4) else torch.contiguous_format
-        return x.to(dtype=self.dtype, memory_format=fmt, copy=True)
+        return x.to(dtype=self.dtype, memory_format=self._format(x), copy=True)
 
     # --- public -------------------------------------------------------------------------------
-    def sample(self, x_T=None, *, batch_size=None, generator=None, shape=None, return_x0: bool = False, return_trajectory: bool = False):
-        """Sample x0 from x_T (drawn from `generator` when not given); see ReferenceSampler.sample.
+    def sample(
+        self,
+        x_T=None,
+        *,
+        batch_size=None,
+        generator=None,
+        shape=None,
+        return_x0: bool = False,
+        return_trajectory: bool = False,
+        model_kwargs=None,
+        guidance_scale=None,
+        uncond_kwargs=None,
+        guidance_rescale=None,
+    ):
+        """Sample x0 from x_T (drawn from `generator` when not given); see ReferenceSampler.sample
+        (model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale as there).
 
+        Guided, the combination ε_u + w·(ε_c − ε_u) is formed inside the fused step, and on
+        CUDA the conditioning tensors and w are static buffers of the captured graph: new
+        values of the same shapes replay it without a new capture.
         The result has the sampling dtype and x_T's memory format is not kept (contiguous).
         """
         x = initial_noise(self.model, x_T, batch_size, generator, shape, None, None)
-        return self._run(self._plan, x, generator, return_x0, return_trajectory, "sampling")
+        cond = make_conditioning(x, model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale)
+        return self._run(self._plan, x, generator, return_x0, return_trajectory, "sampling", cond)
 
-    def encode(self, x0, *, return_trajectory: bool = False):
+    def encode(self, x0, *, return_trajectory: bool = False, model_kwargs=None, guidance_scale=None, uncond_kwargs=None, guidance_rescale=None):
         """DDIM inversion (η = 0) of x0 along the same grid; see ReferenceSampler.encode."""
         x = S.check_input(self.model, x0, "x0")
+        cond = make_conditioning(x, model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale)
         if self._encode_plan is None:
             self._encode_plan = encoding_plan(self.schedule, list(self.options.grid))
-        res = self._run(self._encode_plan, x, None, False, return_trajectory, "encoding")
+        res = self._run(self._encode_plan, x, None, False, return_trajectory, "encoding", cond)
         return (res.sample, res.trajectory) if return_trajectory else res
 
     # --- the loops ----------------------------------------------------------------------------
-    def _run(self, plan: StepPlan, x, generator, return_x0, return_trajectory, what):
+    def _run(self, plan: StepPlan, x, generator, return_x0, return_trajectory, what, cond: Conditioning = NONE):
         encoding = what == "encoding"
         want_extra = return_x0 or return_trajectory
         if x.shape[0] == 0:
@@ -182,65 +204,92 @@ class FastSampler:
             raise ValueError(f"fast_rng draws the noise inside the CUDA step kernel; x is on {x.device} (use fast_rng=False there)")
         with self._lock, torch.inference_mode():
             x = self._layout(x)
+            cond = cast_kwargs(cond, self.dtype)
             if x.device.type == "cuda" and self.cuda_graph and not want_extra and not self.options.check_finite:
                 if self._graphs is None:
                     self._graphs = GraphCache(self._graph_cache_size, self.graph_mode)
-                out = self._graphs.run(self, plan, x, generator, encoding)
+                out = self._graphs.run(self, plan, x, generator, encoding, cond)
                 if out is not None:
                     return out
-            return self._eager(plan, x, generator, return_x0, return_trajectory, encoding)
+            return self._eager(plan, x, generator, return_x0, return_trajectory, encoding, cond)
 
-    def _eager(self, plan: StepPlan, x, generator, return_x0, return_trajectory, encoding):
-        """The loop over static buffers: one model call and one fused op per step."""
+    def _model_caller(self, model, plan: StepPlan, batch: int, device, cond: Conditioning):
+        """call(x, i): the prepared model at step i on the model batch x (2B when guided)."""
+        kw = cond.kwargs
+        if runs_from_table(model):  # the time embeddings of the whole plan, once
+            table = model.time_table(plan.timesteps)
+            return lambda x, i: model.forward_rows(x, table[i], **kw)  # noqa: E731
+        t_table = torch.tensor(plan.timesteps, dtype=torch.long, device=device).repeat_interleave(batch).view(plan.steps, batch)
+        return lambda x, i: S.call_model(model, x, t_table[i], **kw)  # noqa: E731
+
+    def _eager(self, plan: StepPlan, x, generator, return_x0, return_trajectory, encoding, cond: Conditioning = NONE):
+        """The loop over static buffers: one model call and one fused op per step.
+
+        Guided, the model runs on a buffer xx of 2B samples whose first half is x: the step
+        writes x (reading both halves of the output), then x is copied into the second half."""
         o = self.options
         n, dev = x.shape[0], x.device
         model = self._prepared_model(dev)
-        if runs_from_table(model):  # the time embeddings of the whole plan, once
-            table = model.time_table(plan.timesteps)
-            call = lambda x, i: model.forward_rows(x, table[i])  # noqa: E731
-        else:
-            t_table = torch.tensor(plan.timesteps, dtype=torch.long, device=dev).repeat_interleave(n).view(plan.steps, n)
-            call = lambda x, i: S.call_model(model, x, t_table[i])  # noqa: E731
+        xx = x
+        if cond.guided:
+            xx = torch.empty((2 * n, *x.shape[1:]), dtype=x.dtype, device=dev, memory_format=self._format(x))
+            xx[:n].copy_(x)
+            xx[n:].copy_(x)
+            x = xx[:n]
+        call = self._model_caller(model, plan, xx.shape[0], dev, cond)
         noisy = [plan.draws_noise(i) for i in range(plan.steps)]
-        step = self._philox_stepper(plan, x, generator, encoding) if (self.fast_rng and any(noisy)) else self._op_stepper(plan, x, generator, encoding)
+        guide = GuidanceBuffers(x, cond) if cond.guided else None
+        step = self._philox_stepper(plan, x, generator, encoding, guide) if (self.fast_rng and any(noisy)) else self._op_stepper(plan, x, generator, encoding, guide)
         x0_preds = [] if return_x0 else None
         xs = [x.clone()] if return_trajectory else None
         for i in range(plan.steps):
-            out = call(x, i)
+            out = call(xx, i)
             if i == 0:
-                S.check_model_output(out, x, i, plan.timesteps[i])
+                S.check_model_output(out, xx, i, plan.timesteps[i])
             if out.dtype != x.dtype:
                 out = out.to(x.dtype)
             x0_out = torch.empty_like(x) if return_x0 else None
             step(i, out, noisy[i], x0_out)  # x updated in place
+            if guide is not None:
+                xx[n:].copy_(x)
             if o.check_finite:
                 S.check_finite(x, i, plan.timesteps[i], "encoding" if encoding else "sampling")
             if return_x0:
                 x0_preds.append(x0_out)
             if return_trajectory:
                 xs.append(x.clone())
+        if guide is not None:
+            x = x.clone()  # not a view of the doubled buffer
         if return_x0 or return_trajectory:
             return S.SamplerOutput(x, x0_preds, xs)
         return x
 
-    def _op_stepper(self, plan: StepPlan, x, generator, encoding):
-        """step(i, model_output, noisy, x0_out): the fused op, noise from the reference's stream."""
+    def _op_stepper(self, plan: StepPlan, x, generator, encoding, guide: Optional[GuidanceBuffers] = None):
+        """step(i, model_output, noisy, x0_out): the fused op, noise from the reference's stream.
+
+        guide: a guided loop's buffers; model_output is then the doubled batch's (uncond, cond)."""
         rows = [tuple(float(v) for v in r) for r in plan.coefs]
         clip = None if encoding else self.options.clip
         clipped_eps = self.options.use_clipped_model_output and not encoding
         z = torch.empty(x.shape, dtype=torch.float32, device=x.device) if any(plan.draws_noise(i) for i in range(plan.steps)) else None
         # a generator on another device draws there, then the draw moves (as ReferenceSampler does)
         z_gen = torch.empty(x.shape, dtype=torch.float32, device=generator.device) if (z is not None and generator is not None and generator.device != x.device) else None
+        n = x.shape[0]
 
         def step(i, out, noisy, x0_out):
             noise = None
             if noisy:
                 noise = z.copy_(torch.randn(x.shape, generator=generator, out=z_gen)) if z_gen is not None else torch.randn(x.shape, generator=generator, out=z)
-            ops.step(x, out, rows[i], noise, clip, self._prediction, clipped_eps, x, x0_out, backend=self.backend)
+            if guide is None:
+                ops.step(x, out, rows[i], noise, clip, self._prediction, clipped_eps, x, x0_out, backend=self.backend)
+            elif guide.rescale:  # per-sample statistics first: the combine cannot be fused
+                ops.step(x, guide.rescaled(out), rows[i], noise, clip, self._prediction, clipped_eps, x, x0_out, backend=self.backend)
+            else:
+                ops.step(x, out[:n], rows[i], noise, clip, self._prediction, clipped_eps, x, x0_out, backend=self.backend, cond=out[n:], guidance=guide.guidance)
 
         return step
 
-    def _philox_stepper(self, plan: StepPlan, x, generator, encoding):
+    def _philox_stepper(self, plan: StepPlan, x, generator, encoding, guide: Optional[GuidanceBuffers] = None):
         """step(i, ...): the Triton step kernel drawing its own noise (fast_rng, CUDA only)."""
         from ..kernels import ddim_step as tk
 
@@ -252,10 +301,16 @@ class FastSampler:
         clip = None if encoding else self.options.clip
         clipped_eps = self.options.use_clipped_model_output and not encoding
         has_xt = bool((plan.coefs[:, 4] != 0).any())
+        n = x.shape[0]
 
         def step(i, out, noisy, x0_out):
             row.fill_(i)
-            tk.launch(x, out, table, row, x, prediction=self._prediction, clip=clip, clipped_eps=clipped_eps, seed=seed if noisy else None, has_xt=has_xt, x0_out=x0_out)
+            m, mc, w = out, None, None
+            if guide is not None and guide.rescale:
+                m = guide.rescaled(out)
+            elif guide is not None:
+                m, mc, w = out[:n], out[n:], guide.w
+            tk.launch(x, m, table, row, x, prediction=self._prediction, clip=clip, clipped_eps=clipped_eps, seed=seed if noisy else None, has_xt=has_xt, x0_out=x0_out, cond=mc, guidance=w)
 
         return step
 

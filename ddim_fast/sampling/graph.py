@@ -10,6 +10,13 @@ of it reads its inputs from static device buffers:
     step       (1,) int32    the device-side step counter that selects both rows
     table      (S, W) fp32   the time embeddings of every step, for a model that runs from a table
     z_buf      (B, C, H, W)  fp32 noise, drawn with torch.randn inside the graph
+    kwargs     the model_kwargs' tensors (class labels, text embeddings), copied in per run
+    w          (1,) fp32     the guidance scale, read by the step kernel
+
+Guided (classifier-free guidance), x_buf holds 2B samples and the sample is its first half:
+the model runs on all 2B with the kwargs [uncond, cond], the step kernel reads both halves
+of its output and writes the first half of x_buf, and one copy refreshes the second. A new
+prompt (or label, or w) of the same shapes replays the same graphs.
 
 The step kernel reads coefs[step]; the advance kernel then does step += 1 and
 t_buf = t_table[step]. A model that runs from a table (models.prepare.runs_from_table)
@@ -40,8 +47,13 @@ import torch
 
 from ..core.plan import StepPlan
 from ..models.prepare import runs_from_table
+from .conditioning import NONE, Conditioning, GuidanceBuffers, copy_into, signature, static_copy
 
 GRAPH_MODES = ("step", "loop")
+
+
+def _format(x: torch.Tensor):
+    return torch.channels_last if (x.dim() == 4 and not x.is_contiguous()) else torch.contiguous_format
 
 
 def _kernels():
@@ -53,7 +65,7 @@ def _kernels():
 class CapturedLoop:
     """Static buffers and the captured graphs of one (shape, dtype, device, task)."""
 
-    def __init__(self, sampler, model, plan: StepPlan, x: torch.Tensor, encoding: bool, mode: str, pool, capture: bool = True):
+    def __init__(self, sampler, model, plan: StepPlan, x: torch.Tensor, encoding: bool, mode: str, pool, capture: bool = True, cond: Conditioning = NONE):
         """capture=False runs the same steps on the same buffers without a graph (any
         device; the CPU under TRITON_INTERPRET=1 in tests)."""
         k = _kernels()
@@ -64,10 +76,20 @@ class CapturedLoop:
         self.encoding = encoding
         self.noisy = [plan.draws_noise(i) for i in range(plan.steps)]
         self.fast_rng = sampler.fast_rng and any(self.noisy)
-        self.x_buf = torch.empty_like(x)
-        self.x_buf.copy_(x)
+        self.n = n
+        self.kwargs = static_copy(cond.kwargs)
+        self.guide = None
+        if cond.guided:  # the doubled batch; self.x is its first half, the sample
+            self.x_buf = torch.empty((2 * n, *x.shape[1:]), dtype=x.dtype, device=dev, memory_format=_format(x))
+            self.x = self.x_buf[:n]
+            self.guide = GuidanceBuffers(self.x, cond)
+        else:
+            self.x_buf = torch.empty_like(x)
+            self.x = self.x_buf
+        self._load(x)
+        m = self.x_buf.shape[0]
         rows = torch.tensor(list(plan.timesteps) + [plan.timesteps[-1]], dtype=torch.long, device=dev)
-        self.t_table = rows.repeat_interleave(n).view(plan.steps + 1, n).contiguous()
+        self.t_table = rows.repeat_interleave(m).view(plan.steps + 1, m).contiguous()
         self.t_buf = self.t_table[0].clone()
         self.coefs = torch.tensor(plan.coefs, dtype=torch.float32, device=dev).contiguous()
         self.step = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -121,36 +143,54 @@ class CapturedLoop:
         self.step.zero_()
         self.t_buf.copy_(self.t_table[0])
 
+    def _load(self, x: torch.Tensor) -> None:
+        self.x.copy_(x)
+        if self.guide is not None:
+            self.x_buf[self.n :].copy_(x)
+
     def _one_step(self, noisy: bool):
         if self.table is not None:
-            out = self._model.forward_rows(self.x_buf, self.table.index_select(0, self.step)[0])
+            out = self._model.forward_rows(self.x_buf, self.table.index_select(0, self.step)[0], **self.kwargs)
         else:
-            out = self._model(self.x_buf, self.t_buf)
+            out = self._model(self.x_buf, self.t_buf, **self.kwargs)
             out = getattr(out, "sample", out)
         if out.dtype != self.x_buf.dtype:
             out = out.to(self.x_buf.dtype)
         noise = None
         if noisy and self.z_buf is not None:
             noise = torch.randn(self._shape, generator=self.gen, device=self.x_buf.device, dtype=torch.float32, out=self.z_buf)
+        m, mc, w = out, None, None
+        if self.guide is not None and self.guide.rescale:
+            m = self.guide.rescaled(out)
+        elif self.guide is not None:
+            m, mc, w = out[: self.n], out[self.n :], self.guide.w
         self._k.launch(
-            self.x_buf,
-            out,
+            self.x,
+            m,
             self.coefs,
             self.step,
-            self.x_buf,
+            self.x,
             prediction=self.prediction,
             clip=self.clip,
             clipped_eps=self.clipped_eps,
             noise=noise,
             seed=self.seed if (noisy and self.fast_rng) else None,
             has_xt=self.has_xt,
+            cond=mc,
+            guidance=w,
         )
+        if self.guide is not None:
+            self.x_buf[self.n :].copy_(self.x)
         self._k.advance(self.step, self.t_table, self.t_buf)
 
-    def run(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-        """Sample from x (already in this loop's shape, dtype and layout). No host sync."""
+    def run(self, x: torch.Tensor, generator: Optional[torch.Generator], cond: Conditioning = NONE) -> torch.Tensor:
+        """Sample from x (already in this loop's shape, dtype and layout) with the conditioning
+        `cond` (of this loop's signature). No host sync."""
         dev = self.x_buf.device
-        self.x_buf.copy_(x)
+        self._load(x)
+        copy_into(self.kwargs, cond.kwargs)
+        if self.guide is not None:
+            self.guide.w.fill_(cond.guidance)
         self._reset()
         if generator is not None:
             source = generator
@@ -170,7 +210,7 @@ class CapturedLoop:
                 self.graphs[self.noisy[i]].replay()
         if self.gen is not None:
             source.set_state(self.gen.get_state())
-        return self.x_buf.clone()
+        return self.x.clone()
 
 
 class GraphCache:
@@ -185,28 +225,28 @@ class GraphCache:
         self._pool = None
         self.disabled_reason: Optional[str] = None
 
-    def key(self, x: torch.Tensor, encoding: bool) -> tuple:
+    def key(self, x: torch.Tensor, encoding: bool, cond: Conditioning = NONE) -> tuple:
         fmt = "channels_last" if (x.dim() == 4 and not x.is_contiguous()) else "contiguous"
-        return (tuple(x.shape), x.dtype, fmt, x.device, "encode" if encoding else "sample")
+        return (tuple(x.shape), x.dtype, fmt, x.device, "encode" if encoding else "sample", signature(cond))
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def run(self, sampler, plan: StepPlan, x: torch.Tensor, generator, encoding: bool):
+    def run(self, sampler, plan: StepPlan, x: torch.Tensor, generator, encoding: bool, cond: Conditioning = NONE):
         """The result, or None when the caller should run the eager loop instead."""
         if self.disabled_reason is not None:
             return None
         if generator is not None and generator.device.type != "cuda":
             warnings.warn("FastSampler: a CPU generator cannot feed a CUDA graph; running the eager loop (pass a CUDA generator for the captured loop)", RuntimeWarning, stacklevel=4)
             return None
-        key = self.key(x, encoding)
+        key = self.key(x, encoding, cond)
         entry = self._entries.get(key)
         if entry is None:
             model = sampler._prepared_model(x.device)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             try:
-                entry = CapturedLoop(sampler, model, plan, x, encoding, self.mode, self._pool)
+                entry = CapturedLoop(sampler, model, plan, x, encoding, self.mode, self._pool, cond=cond)
             except Exception as e:  # noqa: BLE001 - any failure to capture means: run eagerly
                 torch.cuda.synchronize(x.device)
                 self.disabled_reason = f"{type(e).__name__}: {e}".splitlines()[0]
@@ -222,4 +262,4 @@ class GraphCache:
                 self._entries.popitem(last=False)
         else:
             self._entries.move_to_end(key)
-        return entry.run(x, generator)
+        return entry.run(x, generator, cond)

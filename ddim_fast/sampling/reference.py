@@ -20,6 +20,7 @@ from ..core.plan import encoding_plan, sampling_plan
 from ..core.schedule import Schedule
 from ..models.prepare import model_dtype
 from . import common as S
+from .conditioning import call_model, combine, make_conditioning
 from .noise import initial_noise, noise_like
 
 
@@ -89,14 +90,34 @@ class ReferenceSampler:
         return at.sqrt() * x - (1 - at).sqrt() * out, at.sqrt() * out + (1 - at).sqrt() * x
 
     @torch.no_grad()
-    def sample(self, x_T=None, *, batch_size=None, generator=None, shape=None, return_x0: bool = False, return_trajectory: bool = False):
+    def sample(
+        self,
+        x_T=None,
+        *,
+        batch_size=None,
+        generator=None,
+        shape=None,
+        return_x0: bool = False,
+        return_trajectory: bool = False,
+        model_kwargs=None,
+        guidance_scale=None,
+        uncond_kwargs=None,
+        guidance_rescale=None,
+    ):
         """Sample x0 from x_T (drawn from `generator` when not given).
+
+        model_kwargs: passed as model(x, t, **model_kwargs); tensors in it are per sample
+        (batched along dim 0 with x). guidance_scale w with uncond_kwargs: classifier-free
+        guidance, one model call per step on [x, x] with [uncond, cond] and
+        ε = ε_u + w·(ε_c − ε_u); guidance_rescale φ in [0, 1] as diffusers defines it
+        (sampling/conditioning.py).
 
         Returns the sample (B, C, H, W), or a SamplerOutput(sample, x0_preds, trajectory)
         when return_x0 or return_trajectory is set.
         """
         o = self.options
         x = initial_noise(self.model, x_T, batch_size, generator, shape, None, None)
+        cond = make_conditioning(x, model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale)
         n = x.shape[0]
         x0_preds = [] if return_x0 else None
         xs = [x] if return_trajectory else None
@@ -108,10 +129,8 @@ class ReferenceSampler:
             t_next = torch.full((n,), s_i, dtype=torch.long, device=x.device)
             at = ac.index_select(0, t + 1).view(-1, *([1] * (x.dim() - 1)))
             at_next = ac.index_select(0, t_next + 1).view(-1, *([1] * (x.dim() - 1)))
-            et = S.call_model(self.model, self._model_input(x), t)
-            if i == 0:
-                S.check_model_output(et, x, i, t_i)
-            x0_t, et = self._x0_eps(x, et.to(x.dtype), at)
+            et = self._model_output(x, t, cond, i, t_i)
+            x0_t, et = self._x0_eps(x, et, at)
             if o.clip is not None:
                 x0_t = x0_t.clamp(*o.clip)
                 if o.use_clipped_model_output:
@@ -138,15 +157,30 @@ class ReferenceSampler:
             return S.SamplerOutput(x, x0_preds, xs)
         return x
 
+    def _model_output(self, x, t, cond, i, t_i):
+        """The model's output at x (B, ...) and t (B,), in x's dtype: guided, the combination
+        of its two halves on the doubled batch."""
+        if cond.guided:
+            out = call_model(self.model, self._model_input(torch.cat([x, x])), torch.cat([t, t]), cond)
+            if i == 0:
+                S.check_model_output(out, torch.cat([x, x]), i, t_i)
+            return combine(out.to(x.dtype), cond)
+        out = call_model(self.model, self._model_input(x), t, cond)
+        if i == 0:
+            S.check_model_output(out, x, i, t_i)
+        return out.to(x.dtype)
+
     @torch.no_grad()
-    def encode(self, x0, *, return_trajectory: bool = False):
+    def encode(self, x0, *, return_trajectory: bool = False, model_kwargs=None, guidance_scale=None, uncond_kwargs=None, guidance_rescale=None):
         """DDIM inversion (η = 0): x0 -> x_T along the same grid, forward in t.
 
         Each step s -> t evaluates the model at t on x_s, then x_t = sqrt(α_t) x̂₀ +
-        sqrt(1 - α_t) eps with x̂₀ = (x_s - sqrt(1 - α_s) eps) / sqrt(α_s).
+        sqrt(1 - α_t) eps with x̂₀ = (x_s - sqrt(1 - α_s) eps) / sqrt(α_s). The model sees
+        model_kwargs; no guidance unless guidance_scale and uncond_kwargs are given (as in sample).
         Returns x_T, or (x_T, trajectory) when return_trajectory is set.
         """
         x = S.check_input(self.model, x0, "x0")
+        cond = make_conditioning(x, model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale)
         plan = encoding_plan(self.schedule, list(self.options.grid))
         xs = [x] if return_trajectory else None
         n = x.shape[0]
@@ -156,10 +190,8 @@ class ReferenceSampler:
                 t = torch.full((n,), t_i, dtype=torch.long, device=x.device)
                 a_t = ac[t_i + 1]
                 a_s = ac[s_i + 1]
-                out = S.call_model(self.model, self._model_input(x), t)
-                if i == 0:
-                    S.check_model_output(out, x, i, t_i)
-                _, et = self._x0_eps(x, out.to(x.dtype), a_t)  # eps at the model's timestep
+                out = self._model_output(x, t, cond, i, t_i)
+                _, et = self._x0_eps(x, out, a_t)  # eps at the model's timestep
                 x0_t = (x - (1 - a_s).sqrt() * et) / a_s.sqrt()
                 x = a_t.sqrt() * x0_t + (1 - a_t).sqrt() * et
                 if self.options.check_finite:
