@@ -148,3 +148,81 @@ def test_unet2d_that_cannot_be_tabled_runs_as_a_fused_copy():
 
     assert not is_tableable(fused_copy(classy)[0]) and not is_tableable(fused_copy(scaled)[0])
     assert is_tableable(fused_copy(_unet2d())[0]) and not is_tableable(_unet2d())  # fused first
+
+
+# --- conditional models and classifier-free guidance ------------------------------------------
+
+
+def _unet2d_condition(seed=0):
+    """A tiny Stable-Diffusion-shaped UNet2DConditionModel (cross-attention to a 5x16 context)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    m = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                             cross_attention_dim=16, attention_head_dim=8, norm_num_groups=32).eval()
+    with torch.no_grad():
+        m.conv_out.weight.mul_(10)
+    return m
+
+
+def _diffusers_guided_loop(unet, scheduler, x, steps, w, cond, uncond):
+    """diffusers' pipelines' loop: one call on [x, x] with [uncond, cond], ε_u + w (ε_c − ε_u), DDIMScheduler.step."""
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        with torch.no_grad():
+            out = unet(torch.cat([x, x]), t, **{k: torch.cat([uncond[k], cond[k]]) for k in cond}).sample
+        eps_u, eps_c = out.chunk(2)
+        x = scheduler.step(eps_u + w * (eps_c - eps_u), t, x, eta=0.0).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("cls", [ReferenceSampler, FastSampler])
+def test_guided_sampling_of_unet2dcondition_matches_diffusers_loop(cls):
+    unet = _unet2d_condition()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = {"encoder_hidden_states": torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))}
+    uncond = {"encoder_hidden_states": torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(2))}
+    expected = _diffusers_guided_loop(unet, scheduler, x_T.clone(), 10, 7.5, cond, uncond)
+    schedule, options = Schedule.from_diffusers_config(scheduler.config)
+    sampler = cls(unet, schedule, steps=10, **options)
+    got = sampler.sample(x_T, model_kwargs=cond, guidance_scale=7.5, uncond_kwargs=uncond)
+    assert max_err(got, expected) <= 1e-4 * (1 + expected.abs().max().item())
+    if cls is FastSampler:
+        blocks = sum(1 for m in unet.modules() if type(m).__name__ == "ResnetBlock2D")
+        assert sampler.fused_sites == 2 * blocks + 1  # every ResnetBlock2D and the head; attention as it is
+
+
+@pytest.mark.parametrize("cls", [ReferenceSampler, FastSampler])
+def test_class_conditional_unet2dmodel_takes_class_labels(cls):
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=32, attention_head_dim=None, num_class_embeds=4).eval()
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(10)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 3, 1])
+    scheduler.set_timesteps(10)
+    expected = x_T.clone()
+    for t in scheduler.timesteps:
+        with torch.no_grad():
+            expected = scheduler.step(unet(expected, t, class_labels=labels).sample, t, expected, eta=0.0).prev_sample
+    schedule, options = Schedule.from_diffusers_config(scheduler.config)
+    got = cls(unet, schedule, steps=10, **options).sample(x_T, model_kwargs={"class_labels": labels})
+    assert max_err(got, expected) <= 1e-4 * (1 + expected.abs().max().item())
+    unlabelled = cls(unet, schedule, steps=10, **options).sample(x_T, model_kwargs={"class_labels": torch.tensor([2, 2, 2])})
+    assert max_err(unlabelled, expected) > 1e-3  # the labels reached the model
+
+
+def test_fusion_pass_on_unet2dcondition():
+    unet = _unet2d_condition()
+    fused = copy.deepcopy(unet)
+    n = fuse_groupnorm_silu(fused)
+    assert n == 2 * sum(1 for m in unet.modules() if type(m).__name__ == "ResnetBlock2D") + 1
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, t, encoder_hidden_states=c).sample, unet(x, t, encoder_hidden_states=c).sample, rtol=1e-4, atol=1e-4)
+    assert list(fused.state_dict()) == list(unet.state_dict())

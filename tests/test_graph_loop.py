@@ -98,11 +98,11 @@ def test_advance_kernel_moves_counter_and_timesteps():
 class _FakeLoop:
     made = 0
 
-    def __init__(self, sampler, model, plan, x, encoding, mode, pool, capture=True):
+    def __init__(self, sampler, model, plan, x, encoding, mode, pool, capture=True, cond=None):
         type(self).made += 1
         self.x = x
 
-    def run(self, x, generator):
+    def run(self, x, generator, cond=None):
         return x + 1
 
 

@@ -83,6 +83,16 @@ def positive_float(s: str) -> float:
     return v
 
 
+def finite_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return v
+
+
 # --- option groups -------------------------------------------------------------------------
 
 

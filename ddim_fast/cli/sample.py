@@ -4,22 +4,49 @@
 from __future__ import annotations
 
 import os
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from ..apps.distributed import World, batches, finish, generate, init_world
+from ..apps.pretrained import COND_MODEL, classify_digits
 from ..sampling.noise import derive_seed, indexed_noise, slerp
-from .args import DTYPES, CLIError, common_args, nonneg_int, positive_int, sampling_args
+from .args import DTYPES, CLIError, common_args, finite_float, nonneg_int, positive_int, sampling_args
 from .common import auto_scale, fast_sampler, load_model, note, pick_device, pil_image, progress_bar, reference_sampler, save_grid, set_threads, time_run, to_uint8
+
+
+def _conditioning(args, model) -> Optional[Callable[[int], dict]]:
+    """count -> the sample() keyword arguments of --digit / --guidance, or None without them."""
+    if args.digit is None:
+        if args.guidance is not None:
+            raise CLIError("--guidance needs --digit (the class to guide towards)")
+        return None
+    null = getattr(model, "null_label", None)
+    if null is None:
+        raise CLIError(f"--digit needs a class-conditional model; --model {args.model!r} is not one (the embedded one is {COND_MODEL!r})")
+    if not 0 <= args.digit < null:
+        raise CLIError(f"--digit must be a class of the model, 0 to {null - 1}, got {args.digit}")
+    device = next(model.parameters()).device
+
+    def kwargs(count: int) -> dict:
+        kw = dict(model_kwargs={"class_labels": torch.full((count,), args.digit, dtype=torch.long, device=device)})
+        if args.guidance is not None:
+            kw.update(guidance_scale=args.guidance, uncond_kwargs={"class_labels": torch.full((count,), null, dtype=torch.long, device=device)})
+        return kw
+
+    return kwargs
 
 
 def cmd_sample(args) -> int:
     set_threads(args)
     world = _world_for(args)
     device = pick_device(args.device) if world.size == 1 or args.device == "cpu" else _rank_device(args, world)
+    if args.digit is not None and args.model == "digits":  # the embedded model's class-conditional twin
+        args.model = COND_MODEL
     try:
         model, schedule, desc = load_model(args.model, args.config, device, args if world.is_main else None)
+        conditioning = _conditioning(args, model)
         if args.out is None and args.out_dir is None:
             args.out = "samples.png"
         sampler = fast_sampler(model, schedule, args)
@@ -35,7 +62,7 @@ def cmd_sample(args) -> int:
                 first_batch = x_T
             # step noise (η > 0): one stream per batch, on the sampling device (graph-safe on CUDA)
             g = torch.Generator(device=device).manual_seed(derive_seed(args.seed, 1, b))
-            x, dt = time_run(device, sampler.sample, x_T, generator=g)
+            x, dt = time_run(device, sampler.sample, x_T, generator=g, **(conditioning(count) if conditioning else {}))
             seconds += dt
             return to_uint8(x)
 
@@ -50,9 +77,13 @@ def cmd_sample(args) -> int:
     rank_note = f", rank {world.rank} of {world.size}" if world.size > 1 else ""
     made = f"{n} samples" if world.size == 1 else "this rank's samples"
     per = f": {1000 * seconds / n:.2f} ms/sample" if world.size == 1 and seconds > 0 else ""
-    print(f"{made} in {seconds:.2f} s{per} (FastSampler, {desc}, S={args.steps}, eta={args.eta}, batch {bs}, {device.type} {args.dtype}{rank_note})")
+    asked = "" if args.digit is None else f", digit {args.digit}" + ("" if args.guidance is None else f", guidance {args.guidance:g}")
+    print(f"{made} in {seconds:.2f} s{per} (FastSampler, {desc}, S={args.steps}, eta={args.eta}, batch {bs}, {device.type} {args.dtype}{asked}{rank_note})")
     if images is None:  # not rank 0 of a sharded run
         return 0
+    if args.digit is not None and args.model == COND_MODEL:
+        hits = int((classify_digits(images) == args.digit).sum())
+        print(f"the digit classifier reads {hits} of {n} samples as a {args.digit} ({100 * hits / n:.1f}%)")
     if args.out:
         w, h = save_grid(images, args.out, scale=auto_scale(args, model.resolution))
         print(f"wrote {args.out} ({w}x{h} grid of {n})")
@@ -140,6 +171,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--out-dir", default=None, metavar="DIR", help="one PNG per sample (000000.png, ...) and samples.npz (uint8 NHWC, key arr_0, for FID tools)")
     s.add_argument("--scale", type=positive_int, default=None, help="enlarge the grid by this integer factor (default: to at least 64 px per image)")
     s.add_argument("--compare", action="store_true", help="also time ReferenceSampler vs FastSampler on the first batch")
+    s.add_argument("--digit", type=nonneg_int, default=None, metavar="D", help=f"draw the digit D with the class-conditional model ({COND_MODEL!r} for the embedded one), and say how many samples the digit classifier reads as D")
+    s.add_argument("--guidance", type=finite_float, default=None, metavar="W", help="with --digit: classifier-free guidance scale (eps_u + W (eps_c - eps_u), one model call on the doubled batch; default: none, the conditional model alone)")
     s.set_defaults(func=cmd_sample)
 
     it = sub.add_parser("interpolate", help="slerp between the x_T of two seeds, as a row of frames", description="Spherical interpolation between sample 0 of --seeds A and of B (the x_T that `sample --seed A` starts its first image from), sampled with eta = 0.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from ..apps.train import DIGITS_COND_MODEL_CONFIG, ClassifierConfig, TrainConfig, train_classifier, train_diffusion
-from .args import common_args, nonneg_int, positive_float, positive_int
+from .args import CLIError, common_args, nonneg_int, positive_float, positive_int
 
 
 def cmd_train(args) -> int:
@@ -24,7 +24,7 @@ def cmd_train(args) -> int:
     if args.conditional:
         fields["model"] = dict(DIGITS_COND_MODEL_CONFIG)
     elif args.label_dropout is not None:
-        raise SystemExit("ddim-fast train: --label-dropout needs --conditional")
+        raise CLIError("ddim-fast train: error: --label-dropout needs --conditional")
     cfg = TrainConfig(seed=args.seed, num_threads=threads, **{k: v for k, v in fields.items() if v is not None}).validate()
     t0 = time.perf_counter()
     _ema, history = train_diffusion(cfg, out=out, checkpoint=args.checkpoint, log=log, log_every=args.log_every, progress=not args.quiet)

@@ -1,4 +1,5 @@
-"""Models that ship inside the package (no download): the "digits" UNet and its classifier.
+"""Models that ship inside the package (no download): the "digits" UNet, its class-conditional
+twin "digits-cond" (for classifier-free guidance) and the digit classifier.
 
 Each file here is a plain `torch.save` of a dict that loads with weights_only=True:
 
@@ -7,8 +8,10 @@ Each file here is a plain `torch.save` of a dict that loads with weights_only=Tr
      "state_dict": fp32 EMA weights, "meta": {how it was trained}}
 
 and for the classifier {"format": 1, "kind": "classifier", "config": ..., "state_dict": ...,
-"meta": ...}. digits.pt was made by `ddim-fast train` (apps/train.py) and
-digits_classifier.pt by `ddim-fast train --classifier`, on apps/data/digits16.npz.
+"meta": ...}. digits.pt was made by `ddim-fast train` (apps/train.py), digits_cond.pt by
+`ddim-fast train --conditional` (the same recipe with labels, 10% of them dropped to the
+null label 10) and digits_classifier.pt by `ddim-fast train --classifier`, on
+apps/data/digits16.npz.
 
 Importing this module registers each UNet here with `UNet.from_pretrained` (the package's
 __init__ imports it, so the names are there whatever a user imports first).
@@ -26,7 +29,8 @@ from ...models.unet import UNet, register_pretrained
 from ..classifier import DigitClassifier
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODELS = {"digits": "digits.pt"}  # UNets
+MODELS = {"digits": "digits.pt", "digits-cond": "digits_cond.pt"}  # UNets
+COND_MODEL = "digits-cond"  # the class-conditional twin of "digits" (labels 0-9, null label 10, for guidance)
 CLASSIFIERS = {"digits": "digits_classifier.pt"}
 FORMAT = 1
 
@@ -83,6 +87,19 @@ def load_classifier(name: str = "digits") -> DigitClassifier:
     return model.eval()
 
 
+@torch.no_grad()
+def classify_digits(images) -> "torch.Tensor":
+    """The embedded classifier's reading (0-9) of 16x16 digit images: uint8 (N, 16, 16, 1) or
+    (N, 16, 16) as the CLI writes them, or a float tensor (N, 1, 16, 16) in [-1, 1]."""
+    x = images
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(x)
+    if x.dtype == torch.uint8:
+        x = x.float().div(127.5).sub(1.0)
+        x = x.view(x.shape[0], 1, *x.shape[1:3]) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+    return load_classifier().to(x.device)(x.float()).argmax(1).cpu()
+
+
 def _plain_state(model: torch.nn.Module) -> dict:
     return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in model.state_dict().items()}
 
@@ -98,4 +115,4 @@ def save_classifier(path, model, meta=None) -> None:
     torch.save(dict(format=FORMAT, kind="classifier", config=dict(model.config), state_dict=_plain_state(model), meta=meta or {}), path)
 
 
-__all__ = ["load_pretrained", "load_schedule", "load_classifier", "pretrained_info", "save_pretrained", "save_classifier", "MODELS", "CLASSIFIERS"]
+__all__ = ["load_pretrained", "load_schedule", "load_classifier", "classify_digits", "COND_MODEL", "pretrained_info", "save_pretrained", "save_classifier", "MODELS", "CLASSIFIERS"]
