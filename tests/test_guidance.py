@@ -290,3 +290,26 @@ def test_bad_conditioning_gets_a_clear_error(cls):
             sampler.sample(x, **kw)
     with pytest.raises(ValueError, match="batched with x"):
         sampler.encode(x, model_kwargs={"class_labels": torch.tensor([1])})
+
+
+@pytest.mark.skipif(not ops.has_native_kernel("guided_step", "cpu"), reason="counts the native step ops (the extension's CPU kernels are not built)")
+def test_ops_per_step_of_labels_and_guidance():
+    """What conditioning adds to a lean step: the labels' rows (embedding, add, SiLU, one linear
+    for every block's projection); guidance then one copy (x into the doubled batch's second
+    half), the combine being inside the one fused step op."""
+    from ddim_fast.apps.opcount import ops_per_step
+    from ddim_fast.apps.train import DIGITS_COND_MODEL_CONFIG, DIGITS_MODEL_CONFIG
+
+    torch.manual_seed(0)
+    cond, plain = UNet(**DIGITS_COND_MODEL_CONFIG).eval(), UNet(**DIGITS_MODEL_CONFIG).eval()
+    x = torch.randn(2, 1, 16, 16)
+    y, null = torch.tensor([1, 2]), torch.tensor([10, 10])
+    base, _ = ops_per_step(lambda s: FastSampler(plain, SCHEDULE, steps=s), x)
+    labelled, _ = ops_per_step(lambda s: FastSampler(cond, SCHEDULE, steps=s), x, model_kwargs={"class_labels": y})
+    guided, _ = ops_per_step(lambda s: FastSampler(cond, SCHEDULE, steps=s), x, model_kwargs={"class_labels": y}, guidance_scale=2.0, uncond_kwargs={"class_labels": null})
+
+    def diff(a, b):
+        return {k: b.get(k, 0) - a.get(k, 0) for k in set(a) | set(b) if b.get(k, 0) != a.get(k, 0)}
+
+    assert diff(base, labelled) == {"aten::embedding": 1, "aten::add.Tensor": 1, "aten::silu": 1, "aten::linear": 1}
+    assert diff(labelled, guided) == {"aten::copy_": 1, "ddim_fast::ddim_step": -1, "ddim_fast::guided_step": 1}

@@ -42,18 +42,19 @@ class OpCounter(TorchDispatchMode):
         return out
 
 
-def ops_per_step(sampler_for_steps: Callable[[int], object], x_T: torch.Tensor, steps: Sequence[int] = (2, 5)) -> tuple:
+def ops_per_step(sampler_for_steps: Callable[[int], object], x_T: torch.Tensor, steps: Sequence[int] = (2, 5), **sample_kwargs) -> tuple:
     """({op: count per step}, {op: uses of non-channels_last 4-d tensors per step}).
 
     sampler_for_steps(S) makes a sampler of S steps; each is warmed up by one sample(x_T)
     before the counted one, so that set-up done once (model preparation) is not counted.
+    sample_kwargs go to sample() (model_kwargs, guidance_scale, ...).
     """
     counts = []
     for s in steps:
         sampler = sampler_for_steps(s)
-        sampler.sample(x_T)
+        sampler.sample(x_T, **sample_kwargs)
         with OpCounter() as c:
-            sampler.sample(x_T)
+            sampler.sample(x_T, **sample_kwargs)
         counts.append(c)
     a, b = counts
     span = steps[1] - steps[0]
