@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_run.sh OUTDIR [stages]
 #
-# stages (default "build tests kernels profile step sampling compile"), each with its own
+# stages (default "build tests kernels profile step sampling guided compile"), each with its own
 # time limit so that the whole run stays under 10 minutes:
 #   build     pip install --no-build-isolation --no-deps -e .  (CUDA arch 90 only; 180 s)
 #   tests     tests/test_cuda.py and the CUDA cases of tests/test_ops.py        (150 s)
@@ -12,6 +12,9 @@
 #   profile   benchmarks/profile_step.py, fp32 and bf16 -> OUTDIR/profile-*.json (45 s each)
 #   step      benchmarks/test_step.py: ms and ops per step, CIFAR-10 UNet, batch 1 and 64 -> OUTDIR/step.json (120 s)
 #   sampling  reference / fast / fast-bf16, CIFAR-10 UNet, batch 1 and 64 -> OUTDIR/sampling.json (240 s)
+#   guided    guided sampling (w = 7.5), reference / fast / fast-bf16, S = 10 and 50, batch 1: the
+#             digits-cond architecture and (with diffusers installed) an SD-1.5-sized
+#             UNet2DConditionModel -> OUTDIR/guided.json (120 s)
 #   compile   per step, FastSampler(compile=True) and the torch.compile peers (three modes, fp32 and
 #             bf16) -> OUTDIR/compile-step.json, then the S-sweep's, batch 1 -> OUTDIR/compile.json
 #             (whatever is left, 300 s at most; --ddim-compile-budget keeps each inside its share,
@@ -21,7 +24,7 @@
 set -uo pipefail
 
 out=${1:?usage: gpu_run.sh OUTDIR [stages]}
-stages=${2:-"build tests kernels profile step sampling compile"}
+stages=${2:-"build tests kernels profile step sampling guided compile"}
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 mkdir -p "$out"
@@ -60,6 +63,7 @@ has profile && stage profile-fp32 45 "$py" benchmarks/profile_step.py --json "$o
 has profile && stage profile-bf16 45 "$py" benchmarks/profile_step.py --dtype bf16 --json "$out/profile-bf16.json"
 has step && stage step 120 "$py" -m pytest benchmarks/test_step.py --benchmark-only -q -p no:cacheprovider -k "not compile and not peer" --benchmark-json="$out/step.json"
 has sampling && stage sampling 240 "$py" -m pytest benchmarks/test_sampling.py --benchmark-only -q -p no:cacheprovider -k "not compile and not peer" --benchmark-json="$out/sampling.json"
+has guided && stage guided 120 "$py" -m pytest benchmarks/test_guided.py --benchmark-only -q -rs -p no:cacheprovider -k "not peer" --ddim-steps 10,50 --ddim-batch 1 --benchmark-json="$out/guided.json"
 if has compile; then
   left=$(( 570 - ($(date +%s) - start) ))
   (( left > 300 )) && left=300
@@ -76,7 +80,7 @@ if has compile; then
   fi
 fi
 
-jsons=$(ls "$out"/step.json "$out"/compile-step.json "$out"/sampling.json "$out"/compile.json "$out"/kernels.json 2>/dev/null)
+jsons=$(ls "$out"/step.json "$out"/compile-step.json "$out"/sampling.json "$out"/guided.json "$out"/compile.json "$out"/kernels.json 2>/dev/null)
 if [ -n "$jsons" ]; then
   # shellcheck disable=SC2086
   "$py" benchmarks/report.py $jsons --md "$out/report.md" --png "$out/report.png" && cat "$out/report.md"

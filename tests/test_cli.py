@@ -230,6 +230,30 @@ def test_quality_quick_json(tmp_path, capsys):
     assert "| η \\ S | 2 | 3 |" in out
 
 
+def test_sample_a_digit_with_guidance(tmp_path, capsys):
+    grid = tmp_path / "sevens.png"
+    code, out, _ = _run(capsys, "sample", "--digit", "7", "--guidance", "2", "--steps", "10", "--num-samples", "8", "--batch-size", "4", "--out", str(grid), "--quiet")
+    assert code == 0, out
+    assert "embedded 'digits-cond'" in out and "digit 7, guidance 2" in out
+    hits = int(re.search(r"the digit classifier reads (\d+) of 8 samples as a 7", out).group(1))
+    assert hits >= 6  # guided sevens of the trained model (seeded: the same run every time)
+    code, out_all, _ = _run(capsys, "sample", "--digit", "all", "--guidance", "2", "--steps", "10", "--num-samples", "10", "--out", str(tmp_path / "all.png"), "--quiet")
+    assert code == 0 and re.search(r"reads \d+ of 10 samples as the digit asked for", out_all)
+
+
+def test_guidance_command_json(tmp_path, capsys):
+    path = tmp_path / "g.json"
+    code, out, _ = _run(capsys, "guidance", "--scales", "0", "3", "--per-digit", "3", "--steps", "5", "--json", str(path), "--quiet")
+    assert code == 0, out
+    res = json.loads(path.read_text())
+    assert [r["w"] for r in res["rows"]] == [0.0, 3.0]
+    for r in res["rows"]:
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["confidence"] <= 1
+        assert sorted(int(d) for d in r["per_digit"]) == list(range(10))
+    assert res["settings"]["per_digit"] == 3 and res["meta"]["model"] == "embedded 'digits-cond'"
+    assert "| guidance w |" in out
+
+
 # --- bad arguments: one line on stderr, exit code 2 -------------------------------------------------------
 
 
@@ -249,6 +273,14 @@ def test_quality_quick_json(tmp_path, capsys):
         (["interpolate", "--frames", "1"], "--frames"),
         (["encode", "--input", "nothing.txt"], "--input"),
         (["quality", "--etas", "0", "7"], "--etas"),
+        (["sample", "--guidance", "2"], "--guidance needs --digit"),
+        (["sample", "--digit", "10"], "--digit must be a class of the model, 0 to 9"),
+        (["sample", "--digit", "seven"], "--digit"),
+        (["sample", "--digit", "3", "--guidance", "nan"], "--guidance"),
+        (["sample", "--digit", "3", "--model", "cifar10"], "needs a class-conditional model"),
+        (["guidance", "--model", "digits"], "not class-conditional"),
+        (["guidance", "--scales", "inf"], "--scales"),
+        (["train", "--label-dropout", "0.2"], "--label-dropout needs --conditional"),
         (["frobnicate"], "invalid choice"),
         ([], "required"),
     ],

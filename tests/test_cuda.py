@@ -112,6 +112,31 @@ def test_batch_change_recaptures_and_cache_is_bounded():
     assert len(sampler._graphs) == 2
 
 
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("lean", [True, False])
+def test_guided_graph_replays_new_labels_and_scale_without_recapture(eta, lean):
+    """The conditioning tensors and w are static buffers of the captured graph: new values of
+    the same shapes replay it, and give the reference's samples for them."""
+    model = _model(num_classes=10)
+    model64 = copy.deepcopy(model).double()
+    x_T = _x_T()
+    sampler = FastSampler(model, SCHEDULE, steps=10, eta=eta, lean=lean)
+    null = torch.full((2,), 10, device="cuda")
+    for labels, w in (([1, 2], 2.0), ([7, 3], 5.0), ([7, 3], 2.0)):
+        kw = dict(model_kwargs={"class_labels": torch.tensor(labels, device="cuda")}, guidance_scale=w, uncond_kwargs={"class_labels": null})
+        got = sampler.sample(x_T, generator=_gen(1), **kw)
+        ref = ReferenceSampler(model, SCHEDULE, steps=10, eta=eta).sample(x_T, generator=_gen(1), **kw)
+        ref64 = ReferenceSampler(model64, SCHEDULE, steps=10, eta=eta).sample(x_T.double(), generator=_gen(1), **kw)
+        assert max_err(got, ref64) <= 2 * max_err(ref, ref64) + 1e-5 * (1 + ref64.abs().max().item())
+    assert len(sampler._graphs) == 1 and sampler._graphs.disabled_reason is None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sampler.sample(x_T, generator=_gen(0), **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_uncapturable_model_falls_back_with_one_warning():
     model = _model()
 

@@ -76,7 +76,7 @@ def test_from_pretrained_matches_load_pretrained(model):
 
 @pytest.mark.parametrize("name", ["cifar10", "Digits", "", None])
 def test_unknown_pretrained_name(name):
-    with pytest.raises(ValueError, match=r"unknown pretrained model .*known: \['digits'\]"):
+    with pytest.raises(ValueError, match=r"unknown pretrained model .*known: \['digits', 'digits-cond'\]"):
         load_pretrained(name)
     with pytest.raises(ValueError, match="known"):
         UNet.from_pretrained(name)
@@ -106,6 +106,44 @@ def test_pretrained_model_predicts_noise(model, digits):
     with torch.no_grad():
         loss = diffusion_loss(model, x0, load_schedule("digits"), t, eps).item()
     assert loss < 0.05  # the shipped model: about 0.02
+
+
+def test_class_conditional_twin():
+    """digits-cond: the digits UNet with 10 labels and the null label, trained with label
+    dropout; its conditional and unconditional predictions both fit the data, and the
+    conditional one (right label) fits better than with a wrong one."""
+    model = UNet.from_pretrained("digits-cond")
+    assert model.num_classes == 10 and model.null_label == 10
+    info = pretrained_info("digits-cond")
+    assert info["config"] == dict(pretrained_info("digits")["config"], num_classes=10)
+    assert info["meta"]["train"]["label_dropout"] == 0.1 and info["meta"]["train"]["steps"] == 8000
+    x0, y = load_digits()
+    x0, y = x0[:256], y[:256]
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 600, (256,), generator=g)  # where the label matters: not pure noise
+    eps = torch.randn(x0.shape, generator=g)
+    schedule = load_schedule("digits-cond")
+    with torch.no_grad():
+        right = diffusion_loss(model, x0, schedule, t, eps, y).item()
+        null = diffusion_loss(model, x0, schedule, t, eps, torch.full_like(y, 10)).item()
+        wrong = diffusion_loss(model, x0, schedule, t, eps, (y + 5) % 10).item()
+    assert right < 0.05 and null < 0.05
+    assert right < null < wrong
+
+
+def test_conditional_training_drops_labels(tmp_path):
+    """label_dropout: the trained model sees the null label (its embedding row moves), and a
+    conditional config needs labels."""
+    data, labels = load_digits()
+    cfg = TrainConfig(model=dict(_TINY, num_classes=10), steps=3, batch_size=16, warmup=1, label_dropout=0.5)
+    model, _ = train_diffusion(cfg, data=data[:32], labels=labels[:32], log=None)
+    torch.manual_seed(cfg.seed)
+    init = UNet(**cfg.model)
+    assert not torch.equal(model.class_emb.weight[10], init.class_emb.weight[10])
+    with pytest.raises(ValueError, match="needs labels"):
+        train_diffusion(cfg, data=data[:32], labels=None, log=None)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes = 10\)"):
+        train_diffusion(cfg, data=data[:32], labels=labels[:32] + 10, log=None)
 
 
 # --- the classifier ----------------------------------------------------------------------------
@@ -196,6 +234,7 @@ def test_lr_schedule():
         ("lr", -1.0, "lr must be"),
         ("ema_decay", 1.0, r"ema_decay must be in \[0, 1\)"),
         ("warmup", -1, "warmup must be"),
+        ("label_dropout", 1.0, r"label_dropout must be in \[0, 1\)"),
     ],
 )
 def test_train_config_errors(field, value, match):

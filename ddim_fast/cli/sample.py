@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Callable, Optional
 
@@ -16,8 +17,9 @@ from .args import DTYPES, CLIError, common_args, finite_float, nonneg_int, posit
 from .common import auto_scale, fast_sampler, load_model, note, pick_device, pil_image, progress_bar, reference_sampler, save_grid, set_threads, time_run, to_uint8
 
 
-def _conditioning(args, model) -> Optional[Callable[[int], dict]]:
-    """count -> the sample() keyword arguments of --digit / --guidance, or None without them."""
+def _conditioning(args, model) -> Optional[Callable[[int, int], dict]]:
+    """(start, count) -> the sample() keyword arguments of --digit / --guidance for samples
+    start .. start+count-1, or None without them."""
     if args.digit is None:
         if args.guidance is not None:
             raise CLIError("--guidance needs --digit (the class to guide towards)")
@@ -25,17 +27,34 @@ def _conditioning(args, model) -> Optional[Callable[[int], dict]]:
     null = getattr(model, "null_label", None)
     if null is None:
         raise CLIError(f"--digit needs a class-conditional model; --model {args.model!r} is not one (the embedded one is {COND_MODEL!r})")
-    if not 0 <= args.digit < null:
-        raise CLIError(f"--digit must be a class of the model, 0 to {null - 1}, got {args.digit}")
+    if args.digit != "all" and not 0 <= args.digit < null:
+        raise CLIError(f"--digit must be a class of the model, 0 to {null - 1} (or 'all'), got {args.digit}")
     device = next(model.parameters()).device
 
-    def kwargs(count: int) -> dict:
-        kw = dict(model_kwargs={"class_labels": torch.full((count,), args.digit, dtype=torch.long, device=device)})
+    def kwargs(start: int, count: int) -> dict:
+        labels = _labels(args.digit, start, count, null).to(device)
+        kw = dict(model_kwargs={"class_labels": labels})
         if args.guidance is not None:
-            kw.update(guidance_scale=args.guidance, uncond_kwargs={"class_labels": torch.full((count,), null, dtype=torch.long, device=device)})
+            kw.update(guidance_scale=args.guidance, uncond_kwargs={"class_labels": torch.full_like(labels, null)})
         return kw
 
     return kwargs
+
+
+def _labels(digit, start: int, count: int, classes: int) -> torch.Tensor:
+    """The class of samples start .. start+count-1: `digit`, or with "all" sample i's i mod classes."""
+    if digit == "all":
+        return torch.arange(start, start + count, dtype=torch.long) % classes
+    return torch.full((count,), digit, dtype=torch.long)
+
+
+def digit_arg(s: str):
+    if s == "all":
+        return s
+    try:
+        return nonneg_int(s)
+    except Exception:
+        raise argparse.ArgumentTypeError(f"expected a digit (an int >= 0) or 'all', got {s!r}") from None
 
 
 def cmd_sample(args) -> int:
@@ -62,7 +81,7 @@ def cmd_sample(args) -> int:
                 first_batch = x_T
             # step noise (η > 0): one stream per batch, on the sampling device (graph-safe on CUDA)
             g = torch.Generator(device=device).manual_seed(derive_seed(args.seed, 1, b))
-            x, dt = time_run(device, sampler.sample, x_T, generator=g, **(conditioning(count) if conditioning else {}))
+            x, dt = time_run(device, sampler.sample, x_T, generator=g, **(conditioning(start, count) if conditioning else {}))
             seconds += dt
             return to_uint8(x)
 
@@ -82,8 +101,9 @@ def cmd_sample(args) -> int:
     if images is None:  # not rank 0 of a sharded run
         return 0
     if args.digit is not None and args.model == COND_MODEL:
-        hits = int((classify_digits(images) == args.digit).sum())
-        print(f"the digit classifier reads {hits} of {n} samples as a {args.digit} ({100 * hits / n:.1f}%)")
+        hits = int((classify_digits(images) == _labels(args.digit, 0, n, model.null_label)).sum())
+        what = f"a {args.digit}" if args.digit != "all" else "the digit asked for (sample i: i mod 10)"
+        print(f"the digit classifier reads {hits} of {n} samples as {what} ({100 * hits / n:.1f}%)")
     if args.out:
         w, h = save_grid(images, args.out, scale=auto_scale(args, model.resolution))
         print(f"wrote {args.out} ({w}x{h} grid of {n})")
@@ -171,7 +191,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--out-dir", default=None, metavar="DIR", help="one PNG per sample (000000.png, ...) and samples.npz (uint8 NHWC, key arr_0, for FID tools)")
     s.add_argument("--scale", type=positive_int, default=None, help="enlarge the grid by this integer factor (default: to at least 64 px per image)")
     s.add_argument("--compare", action="store_true", help="also time ReferenceSampler vs FastSampler on the first batch")
-    s.add_argument("--digit", type=nonneg_int, default=None, metavar="D", help=f"draw the digit D with the class-conditional model ({COND_MODEL!r} for the embedded one), and say how many samples the digit classifier reads as D")
+    s.add_argument("--digit", type=digit_arg, default=None, metavar="D", help=f"draw the digit D (or 'all': sample i draws i mod 10) with the class-conditional model ({COND_MODEL!r} for the embedded one), and say how many samples the digit classifier reads as asked")
     s.add_argument("--guidance", type=finite_float, default=None, metavar="W", help="with --digit: classifier-free guidance scale (eps_u + W (eps_c - eps_u), one model call on the doubled batch; default: none, the conditional model alone)")
     s.set_defaults(func=cmd_sample)
 
