@@ -157,8 +157,8 @@ def test_encode_takes_model_kwargs(cls):
     assert max_err(guided, ref_guided) <= 1e-4 * (1 + ref_guided.abs().max().item())
 
 
-def test_fast_sampler_bf16_casts_float_kwargs():
-    """A sampler dtype other than the caller's: float conditioning tensors reach the model in it."""
+def test_samplers_cast_float_kwargs_to_the_model_dtype():
+    """A model dtype other than the caller's: float conditioning tensors reach the model in it."""
     seen = []
 
     class Model(torch.nn.Module):
@@ -170,8 +170,11 @@ def test_fast_sampler_bf16_casts_float_kwargs():
             seen.append((emb.dtype, labels.dtype))
             return self.conv(x) + emb.view(-1, 1, 1, 1).to(x.dtype)
 
-    fast = FastSampler(Model().eval(), SCHEDULE, steps=2, dtype="bf16")
-    fast.sample(torch.randn(2, 1, 4, 4), model_kwargs={"emb": torch.randn(2), "labels": torch.tensor([1, 2])})
+    kw = dict(model_kwargs={"emb": torch.randn(2), "labels": torch.tensor([1, 2])})
+    FastSampler(Model().eval(), SCHEDULE, steps=2, dtype="bf16").sample(torch.randn(2, 1, 4, 4), **kw)
+    assert seen == [(torch.bfloat16, torch.int64)] * 2
+    seen.clear()  # the reference gives a bf16 model its conditioning in bf16, as it gives x
+    ReferenceSampler(Model().eval().to(torch.bfloat16), SCHEDULE, steps=2).sample(torch.randn(2, 1, 4, 4), **kw)
     assert seen == [(torch.bfloat16, torch.int64)] * 2
 
 

@@ -20,7 +20,7 @@ from ..core.plan import encoding_plan, sampling_plan
 from ..core.schedule import Schedule
 from ..models.prepare import model_dtype
 from . import common as S
-from .conditioning import call_model, combine, make_conditioning
+from .conditioning import call_model, cast_kwargs, combine, make_conditioning
 from .noise import initial_noise, noise_like
 
 
@@ -117,7 +117,7 @@ class ReferenceSampler:
         """
         o = self.options
         x = initial_noise(self.model, x_T, batch_size, generator, shape, None, None)
-        cond = make_conditioning(x, model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale)
+        cond = self._conditioning(x, model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale)
         n = x.shape[0]
         x0_preds = [] if return_x0 else None
         xs = [x] if return_trajectory else None
@@ -157,6 +157,11 @@ class ReferenceSampler:
             return S.SamplerOutput(x, x0_preds, xs)
         return x
 
+    def _conditioning(self, x, model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale):
+        cond = make_conditioning(x, model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale)
+        # an fp16/bf16 model gets its float conditioning in its dtype, as it gets x
+        return cast_kwargs(cond, self._model_dtype) if self._model_dtype is not None else cond
+
     def _model_output(self, x, t, cond, i, t_i):
         """The model's output at x (B, ...) and t (B,), in x's dtype: guided, the combination
         of its two halves on the doubled batch."""
@@ -180,7 +185,7 @@ class ReferenceSampler:
         Returns x_T, or (x_T, trajectory) when return_trajectory is set.
         """
         x = S.check_input(self.model, x0, "x0")
-        cond = make_conditioning(x, model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale)
+        cond = self._conditioning(x, model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale)
         plan = encoding_plan(self.schedule, list(self.options.grid))
         xs = [x] if return_trajectory else None
         n = x.shape[0]
