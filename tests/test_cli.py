@@ -277,7 +277,7 @@ def test_guidance_command_json(tmp_path, capsys):
         (["sample", "--digit", "10"], "--digit must be a class of the model, 0 to 9"),
         (["sample", "--digit", "seven"], "--digit"),
         (["sample", "--digit", "3", "--guidance", "nan"], "--guidance"),
-        (["sample", "--digit", "3", "--model", "cifar10"], "needs a class-conditional model"),
+        (["sample", "--digit", "3", "--model", "cifar10", "--quiet"], "needs a class-conditional model"),
         (["guidance", "--model", "digits"], "not class-conditional"),
         (["guidance", "--scales", "inf"], "--scales"),
         (["train", "--label-dropout", "0.2"], "--label-dropout needs --conditional"),

@@ -40,7 +40,7 @@ def _path(name, table: dict, what: str) -> str:
         raise ValueError(f"unknown pretrained {what} {name!r}; known: {sorted(table)}")
     path = os.path.join(HERE, table[name])
     if not os.path.exists(path):
-        raise FileNotFoundError(f"the pretrained {what} {name!r} is missing from the package ({path}); reinstall ddim-fast or regenerate it with `ddim-fast train`")
+        raise FileNotFoundError(f"the pretrained {what} {name!r} is missing from the package ({path}); reinstall ddim-fast or regenerate it with `ddim-fast train{' --conditional' if name == COND_MODEL else ''}`")
     return path
 
 
