@@ -226,3 +226,32 @@ def test_fusion_pass_on_unet2dcondition():
     with torch.no_grad():
         torch.testing.assert_close(fused(x, t, encoder_hidden_states=c).sample, unet(x, t, encoder_hidden_states=c).sample, rtol=1e-4, atol=1e-4)
     assert list(fused.state_dict()) == list(unet.state_dict())
+
+
+def test_fast_sampler_tables_the_time_embeddings_of_unet2dcondition():
+    """The SD-shaped UNet runs as a TabledUNet2D (its embedding depends on t alone), with the
+    conditioning passed through; per step its time MLP and every ResNet block's time
+    projection are gone (cross-attention's linears stay)."""
+    from ddim_fast.apps.opcount import ops_per_step
+    from ddim_fast.models.diffusers_lean import TabledUNet2D
+
+    unet = _unet2d_condition()
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(model_kwargs={"encoder_hidden_states": torch.randn(2, 5, 16)}, guidance_scale=3.0, uncond_kwargs={"encoder_hidden_states": torch.zeros(2, 5, 16)})
+    sampler = FastSampler(unet, Schedule.linear(), steps=4)
+    got = sampler.sample(x_T, **kw)
+    assert isinstance(sampler._prepared_model(x_T.device), TabledUNet2D)
+    ref = ReferenceSampler(unet, Schedule.linear(), steps=4).sample(x_T, **kw)
+    assert max_err(got, ref) <= 1e-4 * (1 + ref.abs().max().item())
+    tabled, _ = ops_per_step(lambda s: FastSampler(unet, Schedule.linear(), steps=s), x_T, **kw)
+    untabled, _ = ops_per_step(lambda s: FastSampler(unet, Schedule.linear(), steps=s, lean=False), x_T, **kw)
+    blocks = sum(1 for m in unet.modules() if type(m).__name__ == "ResnetBlock2D")
+    assert untabled["aten::linear"] - tabled["aten::linear"] == blocks + 2  # each block's projection and the MLP's two
+    for op in ("aten::exp", "aten::sin", "aten::cos"):
+        assert op not in tabled, (op, tabled)
+    sdxl_like = _unet2d_condition()
+    sdxl_like.time_embed_act = torch.nn.SiLU()  # an activation after the MLP: not a function the table can hold as it is
+    from ddim_fast.models.diffusers_lean import is_tableable
+    from ddim_fast.models.fuse import fused_copy
+
+    assert is_tableable(fused_copy(_unet2d_condition())[0]) and not is_tableable(fused_copy(sdxl_like)[0])

@@ -1,4 +1,5 @@
-"""diffusers' UNet2DModel with its time embeddings from a table, like LeanUNet (models/lean.py).
+"""diffusers' UNet2DModel (and UNet2DConditionModel) with its time embeddings from a table,
+like LeanUNet (models/lean.py).
 
 Per step, UNet2DModel computes the sinusoidal embedding of t, its MLP and, in every
 ResnetBlock2D, SiLU and a linear projection of it: work that depends only on t. Wrapped
@@ -9,7 +10,10 @@ remain of the time path: its broadcast of t).
 
 Where the structure allows it: positional time embedding, no class embedding, and every
 ResnetBlock2D fused by the pass (models/diffusers_compat.py) with the default time
-embedding norm. Anything else is left to run as it is.
+embedding norm; for a UNet2DConditionModel (Stable Diffusion 1.x/2.x) also no added
+embedding (SDXL's text-time), no timestep condition and no activation after the MLP, so
+that the blocks' embedding depends on t alone. Anything else is left to run as it is.
+Conditioning (encoder_hidden_states, ...) passes through forward_rows' keyword arguments.
 """
 
 from __future__ import annotations
@@ -31,12 +35,16 @@ def _resnets(model):
 
 
 def is_tableable(model) -> bool:
-    """Whether `model` is a UNet2DModel whose time embeddings TabledUNet2D can make a table of."""
-    if "diffusers" not in sys.modules or type(model).__name__ != "UNet2DModel":
+    """Whether `model` is a UNet2DModel (or UNet2DConditionModel) whose time embeddings
+    TabledUNet2D can make a table of."""
+    if "diffusers" not in sys.modules or type(model).__name__ not in ("UNet2DModel", "UNet2DConditionModel"):
         return False
     cfg = model.config
     if getattr(cfg, "time_embedding_type", "positional") != "positional" or getattr(model, "class_embedding", None) is not None:
         return False
+    if type(model).__name__ == "UNet2DConditionModel":  # the blocks' embedding must be a function of t alone
+        if getattr(model, "add_embedding", None) is not None or getattr(model, "time_embed_act", None) is not None or getattr(cfg, "time_cond_proj_dim", None) is not None:
+            return False
     blocks = _resnets(model)
     fused = all(getattr(b.forward, "__func__", None) is _fused_resnet_forward for b in blocks)
     return bool(blocks) and fused and all(b.time_embedding_norm == "default" and b.time_emb_proj is not None for b in blocks)
@@ -60,14 +68,14 @@ class _Rows:
 
 
 class TabledUNet2D(nn.Module):
-    """A fused copy of a UNet2DModel (which it changes) whose time embeddings come from a
-    table: forward(x, t) as the model's (returning the sample tensor), and for a loop over
+    """A fused copy of a UNet2DModel or UNet2DConditionModel (which it changes) whose time
+    embeddings come from a table: forward(x, t) as the model's (returning the sample tensor), and for a loop over
     a plan `time_table(timesteps)` once, then `forward_rows(x, table[i])` per step."""
 
     def __init__(self, model, table_cache_size: int = 8):
         super().__init__()
         if not is_tableable(model):
-            raise TypeError("TabledUNet2D takes a fused UNet2DModel with positional time embeddings and no class embedding")
+            raise TypeError("TabledUNet2D takes a fused UNet2DModel or UNet2DConditionModel with positional time embeddings that depend on t alone (no class or added embedding)")
         self.unet = model
         self.config = model.config
         self.in_channels = model.config.in_channels
@@ -109,16 +117,17 @@ class TabledUNet2D(nn.Module):
             self._tables.move_to_end(key)
         return table
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        return self.forward_rows(x, self.time_rows(t))
+        return self.forward_rows(x, self.time_rows(t), **model_kwargs)
 
-    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """The model at x with time-embedding rows: (table_width,) for the batch or (B, table_width)."""
+    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor, **model_kwargs) -> torch.Tensor:
+        """The model at x with time-embedding rows: (table_width,) for the batch or (B, table_width);
+        model_kwargs (a UNet2DConditionModel's encoder_hidden_states, ...) go to the model."""
         self._rows.rows = rows
         try:
-            return self.unet(x, self._t0).sample
+            return self.unet(x, self._t0, **model_kwargs).sample
         finally:
             self._rows.rows = None
 
