@@ -42,10 +42,6 @@ class Conditioning(NamedTuple):
     def guided(self) -> bool:
         return self.guidance is not None
 
-    @property
-    def model_batch(self) -> int:
-        return 2 * self.batch if self.guided else self.batch
-
 
 NONE = Conditioning({}, None, 0.0, 0)
 
@@ -131,12 +127,6 @@ def make_conditioning(x: torch.Tensor, model_kwargs, guidance_scale, uncond_kwar
     return Conditioning(_stack(uncond, cond), w, rescale, batch)
 
 
-def call_model(model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-    """model(x, t, **kwargs); a diffusers output's .sample."""
-    out = model(x, t, **cond.kwargs) if cond.kwargs else model(x, t)
-    return getattr(out, "sample", out)
-
-
 def combine(out: torch.Tensor, cond: Conditioning) -> torch.Tensor:
     """The guided model output from the doubled batch's: ε_u + w·(ε_c − ε_u), rescaled when asked
     (the reference's arithmetic, in out's dtype)."""
@@ -150,27 +140,26 @@ def combine(out: torch.Tensor, cond: Conditioning) -> torch.Tensor:
 
 
 
+def _map_tensors(fn, value):
+    """value with fn applied to every tensor in it (nested dicts included); other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, Mapping):
+        return {k: _map_tensors(fn, v) for k, v in value.items()}
+    return value
+
+
 def cast_kwargs(cond: Conditioning, dtype: torch.dtype) -> Conditioning:
     """The kwargs' floating-point tensors in `dtype` (a model run in another dtype than the
     caller's, e.g. FastSampler(dtype="bf16"), needs its embeddings in that dtype)."""
-
-    def cast(v):
-        if isinstance(v, torch.Tensor):
-            return v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v
-        if isinstance(v, Mapping):
-            return {k: cast(u) for k, u in v.items()}
-        return v
-
-    return cond._replace(kwargs=cast(cond.kwargs)) if cond.kwargs else cond
+    if not cond.kwargs:
+        return cond
+    return cond._replace(kwargs=_map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, cond.kwargs))
 
 
 def static_copy(value):
     """A copy of the kwargs with every tensor cloned: the static buffers of a captured graph."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, Mapping):
-        return {k: static_copy(v) for k, v in value.items()}
-    return value
+    return _map_tensors(torch.Tensor.clone, value)
 
 
 def copy_into(dst, src) -> None:

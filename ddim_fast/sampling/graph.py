@@ -190,7 +190,7 @@ class CapturedLoop:
         self._load(x)
         copy_into(self.kwargs, cond.kwargs)
         if self.guide is not None:
-            self.guide.w.fill_(cond.guidance)
+            self.guide.set_scale(cond.guidance)
         self._reset()
         if generator is not None:
             source = generator

@@ -20,7 +20,7 @@ from ..core.plan import encoding_plan, sampling_plan
 from ..core.schedule import Schedule
 from ..models.prepare import model_dtype
 from . import common as S
-from .conditioning import call_model, cast_kwargs, combine, make_conditioning
+from .conditioning import cast_kwargs, combine, make_conditioning
 from .noise import initial_noise, noise_like
 
 
@@ -166,11 +166,11 @@ class ReferenceSampler:
         """The model's output at x (B, ...) and t (B,), in x's dtype: guided, the combination
         of its two halves on the doubled batch."""
         if cond.guided:
-            out = call_model(self.model, self._model_input(torch.cat([x, x])), torch.cat([t, t]), cond)
+            out = S.call_model(self.model, self._model_input(torch.cat([x, x])), torch.cat([t, t]), **cond.kwargs)
             if i == 0:
                 S.check_model_output(out, torch.cat([x, x]), i, t_i)
             return combine(out.to(x.dtype), cond)
-        out = call_model(self.model, self._model_input(x), t, cond)
+        out = S.call_model(self.model, self._model_input(x), t, **cond.kwargs)
         if i == 0:
             S.check_model_output(out, x, i, t_i)
         return out.to(x.dtype)
