@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..core.checks import check_positive_int
 from ..core.schedule import Schedule
 from ..sampling import FastSampler
 from ..sampling.noise import indexed_noise
@@ -41,9 +42,7 @@ class GuidanceSettings:
         if not self.scales or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) for w in self.scales):
             raise ValueError(f"scales must be finite numbers, got {self.scales!r}")
         for name in ("per_digit", "steps", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_positive_int(name, getattr(self, name))
         if self.per_digit > 1000:
             raise ValueError(f"per_digit must be at most 1000 (sample indices of digit d are 1000 d + i), got {self.per_digit}")
         return self

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ..core.checks import check_positive_int
 from ..core.schedule import Schedule
 from ..models.unet import UNet
 from .classifier import DigitClassifier
@@ -74,9 +75,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         for name in ("steps", "batch_size", "num_threads", "checkpoint_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_positive_int(name, getattr(self, name))
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup must be an int >= 0, got {self.warmup!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):

@@ -4,6 +4,7 @@ samplers built from the arguments, images out, timing."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import sys
@@ -140,6 +141,15 @@ def save_grid(images: np.ndarray, path: str, *, ncol: Optional[int] = None, scal
 def mkdir_for(path: str) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
+
+
+def write_json(path: str, result: dict) -> None:
+    """A command's --json output: indented, with a final newline; says where it went."""
+    mkdir_for(path)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    print(f"wrote {path}")
 
 
 def auto_scale(args, resolution: int) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -10,7 +9,7 @@ import torch
 from ..apps.machine import cpu_name, git_commit
 from ..apps.quality import FULL, QUICK, QualitySettings, check_trends, format_tables, run_quality
 from .args import CLIError, common_args, eta_arg, finite_float, nonneg_int, positive_int
-from .common import load_model, mkdir_for, note, pick_device, set_threads
+from .common import load_model, note, pick_device, set_threads, write_json
 
 
 def cmd_quality(args) -> int:
@@ -37,11 +36,7 @@ def cmd_quality(args) -> int:
         print(f"{'[ok]  ' if holds else '[not]'} {statement}")
     print(f"took {result['meta']['seconds']['total']:.0f} s")
     if args.json:
-        mkdir_for(args.json)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
     return 0
 
 
@@ -60,11 +55,7 @@ def cmd_guidance(args) -> int:
     print(format_table(result))
     print(f"took {result['meta']['seconds']:.0f} s")
     if args.json:
-        mkdir_for(args.json)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
     return 0
 
 

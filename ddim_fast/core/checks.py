@@ -82,6 +82,13 @@ def check_clip(clip):
     raise TypeError(f"clip_x0 must be False, True, a float r (for [-r, r]) or a (lo, hi) pair, got {clip!r}")
 
 
+def check_positive_int(name: str, v) -> int:
+    """A count or size from a config: a plain int >= 1 (bool refused)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
 def check_bool(name: str, v) -> bool:
     if not isinstance(v, bool):
         raise TypeError(f"{name} must be True or False, got {type(v).__name__} {v!r}")

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.checks import check_positive_int
 from .checkpoint import describe_mismatch, infer_config, load_state_dict
 from .presets import PRESETS, config_kwargs, describe
 
@@ -174,8 +175,7 @@ class UNet(nn.Module):
         if ch % 32:
             raise ValueError(f"ch must be a multiple of 32 (GroupNorm with 32 groups), got {ch}")
         for name, v in (("out_ch", out_ch), ("num_res_blocks", num_res_blocks), ("in_channels", in_channels), ("resolution", resolution)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_positive_int(name, v)
         ch_mult = tuple(int(m) for m in ch_mult)
         if not ch_mult or any(m < 1 for m in ch_mult):
             raise ValueError(f"ch_mult must be a non-empty sequence of positive ints, got {ch_mult}")
