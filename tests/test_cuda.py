@@ -44,7 +44,10 @@ def test_graph_equals_eager_equals_reference_fp32(steps, eta):
     scale = 1 + ref64.abs().max().item()
     for got in (graph, eager):
         assert max_err(got, ref64) <= 2 * own + 1e-5 * scale
-    assert max_err(graph, eager) <= 1e-5 * scale
+    # Not bit-equal: under capture cuDNN may run other convolution algorithms (it cannot
+    # grow its workspace there), so graph and eager are two fp32 computations of the same
+    # thing, each within the reference's own rounding (TF32 is off: tests/conftest.py).
+    assert max_err(graph, eager) <= 2 * own + 1e-5 * scale
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
