@@ -4,12 +4,14 @@
 #
 #   bash benchmarks/gpu_run.sh OUTDIR [stages]
 #
-# stages (default "build tests kernels profile step sampling guided"; "compile" only when named),
+# stages (default "build tests kernels profile step sampling guided"; "compile" and
+# "guided-compile" only when named),
 # each with its own time limit, and every limit cut to what is left before the deadline
 # (GPU_RUN_SECONDS, default 570: one 10-minute device call with time to bring the files
 # back), so that the call always returns with results; a stage with no time left is
 # recorded as skipped:
-#   build     pip install --no-build-isolation --no-deps -e .  (CUDA arch 90 only; 120 s)
+#   build     pip install --no-build-isolation --no-deps -e .  (CUDA arch 90 only; 120 s), and
+#             the wheels in .whl/ when it holds any (benchmarks/gpu_wheels.sh: diffusers; 60 s)
 #   tests     the GPU tier, pytest tests -m gpu (tests/conftest.py: every CUDA test and the
 #             extension's own), 12 xdist workers -> OUTDIR/tests.xml, tests.log (240 s)
 #   kernels   benchmarks/test_kernels.py -> OUTDIR/kernels.json                 (60 s)
@@ -23,6 +25,8 @@
 #             bf16) -> OUTDIR/compile-step.json, then the S-sweep's, batch 1 -> OUTDIR/compile.json
 #             (whatever is left, 300 s at most; --ddim-compile-budget keeps each inside its share,
 #             and the rows that do not fit are listed as skipped, with why, in the JSON and report)
+#   guided-compile  the guided rows' compile peers (reference over torch.compile(model)), S = 10 and
+#             50, batch 1 -> OUTDIR/guided-compile.json (only when named; whatever is left, 300 s at most)
 # Then benchmarks/report.py writes OUTDIR/report.md (and report.png with matplotlib).
 # A stage that fails or times out is recorded in OUTDIR/status.txt and the next runs.
 set -uo pipefail
@@ -67,6 +71,9 @@ has() { [[ " $stages " == *" $1 "* ]]; }
 cat "$out/machine.txt"
 
 has build && stage build 120 env DDIM_FAST_CUDA_ARCHS=90 MAX_JOBS=16 "$py" -m pip install --no-build-isolation --no-deps --no-index -e .
+if has build && compgen -G ".whl/*.whl" > /dev/null; then
+  stage wheels 60 "$py" -m pip install --no-index --no-deps .whl/*.whl
+fi
 "$py" -c "import ddim_fast, json; print(json.dumps(ddim_fast.backends(), indent=1))" | tee "$out/backends.json"
 
 has tests && stage tests 240 "$py" -m pytest tests -m gpu -n 12 -q -rfE --timeout 120 -p no:cacheprovider --junitxml="$out/tests.xml"
@@ -92,8 +99,14 @@ if has compile; then
     echo "compile skipped: ${left}s left" | tee -a "$status"
   fi
 fi
+if has guided-compile; then
+  left=$(( deadline - 20 - $(date +%s) ))
+  (( left > 300 )) && left=300
+  stage guided-compile "$left" "$py" -m pytest benchmarks/test_guided.py --benchmark-only -q -rs -p no:cacheprovider -k "peer or reference" \
+    --ddim-steps 10,50 --ddim-batch 1 --ddim-compile-budget $(( left * 3 / 4 )) --benchmark-json="$out/guided-compile.json"
+fi
 
-jsons=$(ls "$out"/step.json "$out"/compile-step.json "$out"/sampling.json "$out"/guided.json "$out"/compile.json "$out"/kernels.json 2>/dev/null)
+jsons=$(ls "$out"/step.json "$out"/compile-step.json "$out"/sampling.json "$out"/guided.json "$out"/guided-compile.json "$out"/compile.json "$out"/kernels.json 2>/dev/null)
 if [ -n "$jsons" ]; then
   # shellcheck disable=SC2086
   "$py" benchmarks/report.py $jsons --md "$out/report.md" --png "$out/report.png" && cat "$out/report.md"
