@@ -28,10 +28,23 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 # every test that needs CUDA, and the CPU tests of the native extension, which on a GPU
 # machine exercise the CUDA build of it.
 GPU_TIER_FILES = {"test_cuda.py", "test_extension.py", "test_compile.py", "test_triton_compile.py"}
+# and the CPU-tensor tests that failed on the GPU machine (H100, c872cfc; ../shared/GPU-NOTES.md)
+# and pass here: what differs there is the host (its CPU, a visible GPU), so the tier runs
+# them there until they are understood (about 25 s of CPU time in all)
+GPU_HOST_TESTS = {
+    "test_fast_sampler.py::test_fast_equals_reference",
+    "test_quality.py::test_reconstruction_error_falls_with_S",
+    "test_quality.py::test_samples_from_one_x_T_agree_across_S",
+    "test_reliability.py::test_missing_extension_falls_back_and_warns_once",
+    "test_reliability.py::test_missing_triton_is_reported_and_nothing_breaks",
+    "test_reliability.py::test_no_memory_growth_over_200_calls",
+}
 
 
 def _in_gpu_tier(item) -> bool:
     if item.get_closest_marker("cuda") is not None or item.path.name in GPU_TIER_FILES:
+        return True
+    if f"{item.path.name}::{item.originalname}" in GPU_HOST_TESTS:
         return True
     if any(str(m.kwargs.get("reason", "")).startswith("needs a CUDA GPU") for m in item.iter_markers("skipif")):
         return True

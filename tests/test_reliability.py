@@ -211,16 +211,16 @@ def _run(code, env_extra=None, pre=""):
 
 def test_missing_extension_falls_back_and_warns_once():
     out = _run(_FALLBACK, {"DDIM_FAST_DISABLE_EXTENSION": "1"})
-    assert "CPU False | disabled by DDIM_FAST_DISABLE_EXTENSION=1" in out
-    assert "WARNINGS 1" in out
+    assert "CPU False | disabled by DDIM_FAST_DISABLE_EXTENSION=1" in out, out
+    assert "WARNINGS 1" in out, out
     err = float(out.split("ERR")[1])
     assert err < 1e-4
 
 
 def test_missing_triton_is_reported_and_nothing_breaks():
     out = _run(_FALLBACK, pre="import sys; sys.modules['triton'] = None\n")
-    assert "TRITON False | triton is not installed" in out
-    assert "CPU True" in out and "WARNINGS 0" in out
+    assert "TRITON False | triton is not installed" in out, out
+    assert "CPU True" in out and "WARNINGS 0" in out, out
 
 
 # --- resources -----------------------------------------------------------------------------
@@ -246,7 +246,8 @@ def test_no_memory_growth_over_200_calls():
     for _ in range(200):
         sampler.sample(x_T)
     gc.collect()
-    assert _rss_mb() - before < 20  # MB; a leak of one 8x8 sample per call would not show, a buffer per step would
+    grown = _rss_mb() - before
+    assert grown < 20, f"RSS grew {grown:.1f} MB over 200 calls"  # MB; a leak of one 8x8 sample per call would not show, a buffer per step would
 
 
 def test_two_samplers_in_two_threads_do_not_interfere():
