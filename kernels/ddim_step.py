@@ -16,7 +16,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from ._wrap import traceable as _traceable
 
 NUM_COEFS = 6  # sqrt_alpha_t, sqrt_one_minus_alpha_t, c_x0, c_eps, c_xt, sigma
 
@@ -122,7 +124,7 @@ def launch(
     cond and guidance (fp32 (1,) on x's device), together: guided, model_output is the
     unconditional half and cond the conditional one.
     Allocates nothing: safe inside a CUDA graph capture. traceable: the launch through
-    torch.library.wrap_triton (inside the triton_op below, for torch.compile).
+    torch.library.wrap_triton (kernels/_wrap.py; inside the triton_op below, for torch.compile).
     """
     n = x.numel()
     if n == 0:
@@ -130,7 +132,7 @@ def launch(
     mode = NOISE_TENSOR if noise is not None else (NOISE_PHILOX if seed is not None else NOISE_NONE)
     block, warps = _block_and_warps(n)
     lo, hi = (float(clip[0]), float(clip[1])) if clip is not None else (0.0, 0.0)
-    kernel = wrap_triton(_ddim_step_kernel) if traceable else _ddim_step_kernel
+    kernel = _traceable(_ddim_step_kernel) if traceable else _ddim_step_kernel
     if (cond is None) != (guidance is None):
         raise ValueError("ddim_step launch: cond and guidance go together (a guided step needs both)")
     kernel[(triton.cdiv(n, block),)](

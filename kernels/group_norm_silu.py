@@ -28,7 +28,9 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from ._wrap import traceable as _traceable
 
 ONE_PASS_MAX = 16384  # values one program holds (padded tile size): 32 fp32 registers per thread at 16 warps
 SPLIT_TILE = 4096  # values per tile of the split kernels' loops
@@ -271,7 +273,7 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight, bias, eps: float, a
     residual laid out like x. Returns y, or (x + residual, y) with a residual. launch_plan
     overrides plan() (tests use it to reach every path on small shapes); traceable: the
     launches through torch.library.wrap_triton (inside the triton_ops below)."""
-    run = wrap_triton if traceable else _direct
+    run = _traceable if traceable else _direct
     N, C = x.shape[0], x.shape[1]
     HW = x.numel() // max(N * C, 1)
     y = torch.empty_like(x)  # keeps channels_last

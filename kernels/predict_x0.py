@@ -11,7 +11,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from ._wrap import traceable as _traceable
 
 
 @triton.jit
@@ -71,7 +73,7 @@ def predict_x0_op(
     if n == 0:
         return
     block = 1024
-    wrap_triton(_predict_x0_kernel)[(triton.cdiv(n, block),)](
+    _traceable(_predict_x0_kernel)[(triton.cdiv(n, block),)](
         x,
         model_output,
         out,
