@@ -12,6 +12,7 @@
 # recorded as skipped:
 #   build     pip install --no-build-isolation --no-deps -e .  (CUDA arch 90 only; 120 s), and
 #             the wheels in .whl/ when it holds any (benchmarks/gpu_wheels.sh: diffusers; 60 s)
+#   native    tests/test_extension.py in one process, with faulthandler -> OUTDIR/native.log (60 s)
 #   tests     the GPU tier, pytest tests -m gpu (tests/conftest.py: every CUDA test and the
 #             extension's own), 12 xdist workers -> OUTDIR/tests.xml, tests.log (240 s)
 #   kernels   benchmarks/test_kernels.py -> OUTDIR/kernels.json                 (60 s)
@@ -67,6 +68,8 @@ has() { [[ " $stages " == *" $1 "* ]]; }
   "$py" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
   "$py" -c "import triton; print('triton', triton.__version__)" 2>/dev/null
   git rev-parse HEAD 2>/dev/null
+  echo "cpu: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+  c++ --version 2>/dev/null | head -n 1
 } > "$out/machine.txt" 2>&1
 cat "$out/machine.txt"
 
@@ -75,6 +78,18 @@ if has build && compgen -G ".whl/*.whl" > /dev/null; then
   stage wheels 60 "$py" -m pip install --no-index --no-deps .whl/*.whl
 fi
 "$py" -c "import ddim_fast, json; print(json.dumps(ddim_fast.backends(), indent=1))" | tee "$out/backends.json"
+# the OpenMP and C++ runtimes mapped once torch and the extension are loaded (two OpenMP
+# runtimes in one process would be a crash suspect)
+"$py" -c "
+import torch, ddim_fast.ops.extension as e
+e._load_extension()
+print('loaded:', *sorted({l.split()[-1] for l in open('/proc/self/maps') if any(k in l for k in ('omp', 'stdc++', '_C.'))}), sep='\n  ')
+" >> "$out/machine.txt" 2>&1
+
+# the extension's own tests in one process first: the H100 run at c872cfc lost an xdist
+# worker to a segfault in test_native_errors_say_what_was_expected; here faulthandler's
+# traceback (and the C++ one) lands in native.log
+has tests && stage native 60 env TORCH_SHOW_CPP_STACKTRACES=1 "$py" -X faulthandler -m pytest tests/test_extension.py -q -rfE -p no:cacheprovider -p no:xdist
 
 has tests && stage tests 240 "$py" -m pytest tests -m gpu -n 12 -q -rfE --timeout 120 -p no:cacheprovider --junitxml="$out/tests.xml"
 has tests && tail -n 1 "$out/tests.log" > "$out/tests-summary.txt"
