@@ -39,7 +39,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 GPU_TIER_FILES = {"test_cuda.py", "test_extension.py", "test_compile.py", "test_triton_compile.py"}
 # and the CPU-tensor tests that failed on the GPU machine (H100, c872cfc; ../shared/GPU-NOTES.md)
 # and pass here: what differs there is the host (its CPU, a visible GPU, and 16 xdist workers
-# of 16 threads each, which slows exactly these CPU-heavy tests here: the thread share above),
+# of 16 threads each, which slowed the two heaviest of them 17-25x here: the thread share above),
 # so the tier runs them there until a green run confirms it (about 25 s of CPU time in all)
 GPU_HOST_TESTS = {
     "test_fast_sampler.py::test_fast_equals_reference",
