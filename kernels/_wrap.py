@@ -1,7 +1,11 @@
-"""The launch torch.compile can trace, for every torch we support."""
+"""What every Triton launcher here shares: the launch torch.compile can trace, and the
+tensors passed for pointers a kernel does not touch."""
 
+import torch
 from torch.library import wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
+
+_placeholders: dict = {}
 
 
 def traceable(kernel):
@@ -12,3 +16,21 @@ def traceable(kernel):
     if isinstance(kernel, InterpretedFunction):
         return kernel
     return wrap_triton(kernel)
+
+
+def placeholder(device: torch.device, dtype: torch.dtype, traced: bool = False) -> torch.Tensor:
+    """A one-element tensor for a pointer whose constexpr flag is off (never read or written).
+
+    It is never one of the launch's real tensors: a tensor passed under two pointer names is
+    right only while Inductor's mutation analysis of the kernel sees which name is stored
+    to, and where that analysis cannot run it assumes every pointer is written and copies
+    each one back. Eager launches share one per (device, dtype), made on first use (outside
+    a capture: the captured loop warms up first); a traced launch (inside a triton_op, where
+    the tensors may be fake) makes its own."""
+    if traced:
+        return torch.empty(1, dtype=dtype, device=device)
+    key = (device, dtype)
+    tensor = _placeholders.get(key)
+    if tensor is None:
+        tensor = _placeholders.setdefault(key, torch.empty(1, dtype=dtype, device=device))
+    return tensor

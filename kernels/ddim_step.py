@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from ._wrap import placeholder as _placeholder
 from ._wrap import traceable as _traceable
 
 NUM_COEFS = 6  # sqrt_alpha_t, sqrt_one_minus_alpha_t, c_x0, c_eps, c_xt, sigma
@@ -31,13 +32,14 @@ def _ddim_step_kernel(
     m_ptr,  # model output (eps, x0 or v): like x; guided, its unconditional half
     mc_ptr,  # guided: the conditional half of the model output, like x (read when GUIDED)
     w_ptr,  # guided: fp32 (1,) guidance scale (read when GUIDED)
-    z_ptr,  # noise (n,): fp32 or x's dtype; read when NOISE == 1
+    z_ptr,  # noise: fp32 or x's dtype, x's layout; this step's at row * z_row_stride; read when NOISE == 1
     out_ptr,  # x_prev: like x; may be x_ptr itself
     x0_ptr,  # x0 prediction out: like x; written when WRITE_X0
     coef_ptr,  # fp32 (rows, 6): the coefficients of each step
     step_ptr,  # int32 (1,): the row of coef_ptr this launch uses
     seed_ptr,  # int64 (1,): Philox seed; read when NOISE == 2
     n,  # number of elements
+    z_row_stride,  # elements between the noise of consecutive steps (0: one buffer for every step)
     clip_lo,  # clamp range of x0 (used when CLIP)
     clip_hi,
     PREDICTION: tl.constexpr,  # 0 eps, 1 x0, 2 v
@@ -82,7 +84,8 @@ def _ddim_step_kernel(
     if HAS_XT:
         res += tl.load(c + 4) * x
     if NOISE == 1:
-        res += sigma * tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + row.to(tl.int64) * z_row_stride + offs, mask=mask, other=0.0)
+        res += sigma * z.to(tl.float32)
     if NOISE == 2:
         # one Philox stream per step: seed + row, element offsets within it
         seed = tl.load(seed_ptr) + row
@@ -110,6 +113,7 @@ def launch(
     clip=None,
     clipped_eps: bool = False,
     noise: torch.Tensor | None = None,
+    noise_row_stride: int = 0,
     seed: torch.Tensor | None = None,
     has_xt: bool = True,
     x0_out: torch.Tensor | None = None,
@@ -120,33 +124,41 @@ def launch(
     """Launch on dense tensors of one layout, coefficients read from coef_table[step].
 
     coef_table: fp32 (rows, 6) on x's device; step: int32 (1,) on x's device. noise
-    (a tensor) or seed (int64 (1,), in-kernel Philox) or neither (sigma must be 0).
-    cond and guidance (fp32 (1,) on x's device), together: guided, model_output is the
-    unconditional half and cond the conditional one.
-    Allocates nothing: safe inside a CUDA graph capture. traceable: the launch through
-    torch.library.wrap_triton (kernels/_wrap.py; inside the triton_op below, for torch.compile).
+    (a tensor in x's layout) or seed (int64 (1,), in-kernel Philox) or neither (sigma must
+    be 0); noise_row_stride > 0: noise holds one row of x.numel() elements per step
+    (a table, (rows, *x.shape)) and the step reads its row. cond and guidance (fp32 (1,) on
+    x's device), together: guided, model_output is the unconditional half and cond the
+    conditional one. out may be x (the step in place).
+    Allocates nothing (but a placeholder per device and dtype, once): safe inside a CUDA
+    graph capture. traceable: the launch through torch.library.wrap_triton
+    (kernels/_wrap.py; inside the triton_ops below, for torch.compile).
     """
     n = x.numel()
     if n == 0:
         return out
+    if (cond is None) != (guidance is None):
+        raise ValueError("ddim_step launch: cond and guidance go together (a guided step needs both)")
     mode = NOISE_TENSOR if noise is not None else (NOISE_PHILOX if seed is not None else NOISE_NONE)
     block, warps = _block_and_warps(n)
     lo, hi = (float(clip[0]), float(clip[1])) if clip is not None else (0.0, 0.0)
     kernel = _traceable(_ddim_step_kernel) if traceable else _ddim_step_kernel
-    if (cond is None) != (guidance is None):
-        raise ValueError("ddim_step launch: cond and guidance go together (a guided step needs both)")
+
+    def unused(dtype):
+        return _placeholder(x.device, dtype, traceable)
+
     kernel[(triton.cdiv(n, block),)](
         x,
         model_output,
-        cond if cond is not None else model_output,
-        guidance if guidance is not None else coef_table,
-        noise if noise is not None else x,
+        cond if cond is not None else unused(x.dtype),
+        guidance if guidance is not None else unused(torch.float32),
+        noise if noise is not None else unused(torch.float32),
         out,
-        x0_out if x0_out is not None else out,
+        x0_out if x0_out is not None else unused(x.dtype),
         coef_table,
         step,
-        seed if seed is not None else step,
+        seed if seed is not None else unused(torch.int64),
         n,
+        noise_row_stride,
         lo,
         hi,
         PREDICTION=prediction,
@@ -253,7 +265,8 @@ def ddim_step(x, model_output, coefs, noise, clip, prediction: int, clipped_eps:
 
 def advance(step: torch.Tensor, t_table: torch.Tensor, t_buf: torch.Tensor):
     """step += 1; t_buf[:] = t_table[step]: the captured loop's move to the next step."""
-    _advance_kernel[(1,)](step, t_table, t_buf, t_buf.numel(), BLOCK=triton.next_power_of_2(max(t_buf.numel(), 16)))
+    batch = t_buf.numel()
+    _advance_kernel[(1,)](step, t_table, t_buf, batch, BLOCK=triton.next_power_of_2(max(batch, 16)), num_warps=1)
 
 
 @triton.jit
@@ -264,8 +277,12 @@ def _advance_kernel(
     B,  # batch size
     BLOCK: tl.constexpr,
 ):
+    # Every thread reads the counter and one writes it back: the barrier keeps that write
+    # after every thread's read (without it, with more than one warp, a late warp could
+    # read the new counter and copy the row after next). Launched with one warp as well.
     row = tl.load(step_ptr) + 1
     offs = tl.arange(0, BLOCK)
     mask = offs < B
     tl.store(t_ptr + offs, tl.load(t_table_ptr + row * B + offs, mask=mask), mask=mask)
+    tl.debug_barrier()
     tl.store(step_ptr, row)

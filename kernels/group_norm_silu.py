@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from ._wrap import placeholder as _placeholder
 from ._wrap import traceable as _traceable
 
 ONE_PASS_MAX = 16384  # values one program holds (padded tile size): 32 fp32 registers per thread at 16 warps
@@ -287,17 +288,19 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight, bias, eps: float, a
     f32 = dict(dtype=torch.float32, device=x.device)
     w = weight.to(**f32).contiguous() if weight is not None else torch.ones(C, **f32)
     b = bias.to(**f32).contiguous() if bias is not None else torch.zeros(C, **f32)
-    ab = add_bias.to(**f32).contiguous() if add_bias is not None else w
     ab_stride_n = C if add_bias is not None and add_bias.dim() == 2 else 0
     has_add, has_res = add_bias is not None, residual is not None
-    r = residual if has_res else x
+    # pointers whose flag is off get placeholders, never another argument (kernels/_wrap.py)
+    ab = add_bias.to(**f32).contiguous() if has_add else _placeholder(x.device, torch.float32, traceable)
+    r = residual if has_res else _placeholder(x.device, x.dtype, traceable)
+    s_out = s if has_res else _placeholder(x.device, x.dtype, traceable)
     geometry = (C, HW, D, G, stride_c, stride_p, ab_stride_n)  # the arguments every kernel takes after its pointers
     p = launch_plan or plan(N, C, HW, G, x.element_size(), channels_last, _programs(x.device))
     if p.kind == "one_pass":
         run(_gn_one_pass_kernel)[(N * G // p.gpb,)](
             x,
             r,
-            s if has_res else y,
+            s_out,
             y,
             w,
             b,
@@ -319,7 +322,7 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight, bias, eps: float, a
     run(_gn_partial_stats_kernel)[grid](
         x,
         r,
-        s if has_res else y,
+        s_out,
         ab,
         parts,
         *geometry,

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from ._wrap import placeholder as _placeholder
 from ._wrap import traceable as _traceable
 
 
@@ -77,7 +78,7 @@ def predict_x0_op(
         x,
         model_output,
         out,
-        eps_out if eps_out is not None else out,
+        eps_out if eps_out is not None else _placeholder(x.device, x.dtype, traced=True),
         n,
         sa,
         s1m,

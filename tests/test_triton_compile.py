@@ -31,17 +31,19 @@ SCRIPT = textwrap.dedent(
     target = GPUTarget("cuda", 90, 32)
     n = 0
 
-    def build(fn, sig, const):
+    def build(fn, sig, const, **options):
         global n
         sig = dict(sig)
         sig.update({k: "constexpr" for k in const})
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=target)
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=target, options=options or None)
         assert "cubin" in k.asm and len(k.asm["cubin"]) > 0
         n += 1
+        return k
 
     for dt, noise_dt in (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp16")):
         sig = {"x_ptr": f"*{dt}", "m_ptr": f"*{dt}", "mc_ptr": f"*{dt}", "w_ptr": "*fp32", "z_ptr": f"*{noise_dt}", "out_ptr": f"*{dt}",
-               "x0_ptr": f"*{dt}", "coef_ptr": "*fp32", "step_ptr": "*i32", "seed_ptr": "*i64", "n": "i32", "clip_lo": "fp32", "clip_hi": "fp32"}
+               "x0_ptr": f"*{dt}", "coef_ptr": "*fp32", "step_ptr": "*i32", "seed_ptr": "*i64", "n": "i32", "z_row_stride": "i32",
+               "clip_lo": "fp32", "clip_hi": "fp32"}
         for pred, noise, clip in itertools.product((0, 1, 2), (0, 1, 2), (False, True)):
             build(_ddim_step_kernel, sig, {"PREDICTION": pred, "CLIP": clip, "CLIPPED_EPS": clip, "NOISE": noise,
                                            "HAS_XT": noise == 1, "WRITE_X0": pred == 1, "GUIDED": noise != 1, "BLOCK": 1024})
@@ -62,7 +64,11 @@ SCRIPT = textwrap.dedent(
                **gn, "CHUNK": "i32", "SPLIT": "i32", "eps": "fp32"}
         for has_add, silu, bs, bp, bd in ((True, True, 8, 1024, 4), (False, False, 1, 256, 16)):
             build(_gn_normalize_kernel, sig, {"HAS_ADD": has_add, "SILU": silu, "BLOCK_S": bs, "BLOCK_P": bp, "BLOCK_D": bd})
-    build(_advance_kernel, {"step_ptr": "*i32", "t_table_ptr": "*i64", "t_ptr": "*i64", "B": "i32"}, {"BLOCK": 64})
+    advance = build(_advance_kernel, {"step_ptr": "*i32", "t_table_ptr": "*i64", "t_ptr": "*i64", "B": "i32"}, {"BLOCK": 64}, num_warps=1)
+    # the counter is stored after a barrier, so that no thread can read it after the store
+    ptx = advance.asm["ptx"]
+    barrier = max(ptx.rfind("bar.sync"), ptx.rfind("barrier.sync"))
+    assert 0 <= barrier < ptx.rfind("st.global"), "the advance kernel stores its counter before a barrier"
     print("compiled", n)
     '''
 )
