@@ -1,5 +1,6 @@
 """Shared fixtures. Without a GPU, Triton kernels run on the CPU through its interpreter."""
 
+import copy
 import os
 
 import torch
@@ -110,6 +111,18 @@ def tiny_unet(seed: int = 0, in_channels: int = 1, resolution: int = 8, **kw) ->
 @pytest.fixture
 def unet():
     return tiny_unet()
+
+
+class CastModel(torch.nn.Module):
+    """The model run in a low-precision dtype inside an fp32 loop: PyTorch's own error at
+    that precision, the baseline a low-precision sampler is held to."""
+
+    def __init__(self, model, dtype):
+        super().__init__()
+        self.inner, self.dtype = copy.deepcopy(model).to(dtype), dtype
+
+    def forward(self, x, t, **model_kwargs):
+        return self.inner(x.to(self.dtype), t, **model_kwargs).float()
 
 
 def max_err(a, b) -> float:

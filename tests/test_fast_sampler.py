@@ -8,7 +8,7 @@ import torch
 from ddim_fast import FastSampler, ReferenceSampler, SamplerOutput, Schedule
 from ddim_fast.models.fuse import FusedGroupNormSiLU
 
-from .conftest import max_err, tiny_unet
+from .conftest import CastModel, max_err, tiny_unet
 
 SCHEDULE = Schedule.linear()
 
@@ -100,25 +100,13 @@ def test_x0_preds_and_trajectory_match_the_reference():
     torch.testing.assert_close(f.trajectory[-1], f.sample)
 
 
-class _CastModel(torch.nn.Module):
-    """The model run in a low-precision dtype inside an fp32 loop: PyTorch's own error at
-    that precision, the baseline a low-precision sampler is held to."""
-
-    def __init__(self, model, dtype):
-        super().__init__()
-        self.inner, self.dtype = copy.deepcopy(model).to(dtype), dtype
-
-    def forward(self, x, t):
-        return self.inner(x.to(self.dtype), t).float()
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_sampling_tracks_the_reference(dtype):
     model = tiny_unet()
     x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     kw = dict(steps=4, eta=0.0)
     ref64 = ReferenceSampler(copy.deepcopy(model).double(), SCHEDULE, **kw).sample(x_T.double())
-    ref_lp = ReferenceSampler(_CastModel(model, dtype), SCHEDULE, **kw).sample(x_T)
+    ref_lp = ReferenceSampler(CastModel(model, dtype), SCHEDULE, **kw).sample(x_T)
     fast = FastSampler(model, SCHEDULE, **kw, dtype=dtype).sample(x_T)
     assert fast.dtype == dtype
     assert model.conv_in.weight.dtype == torch.float32  # the caller's model is not cast

@@ -28,7 +28,7 @@ def test_device_loop_logic_equals_reference(eta, clip, prediction, mode):
     model = tiny_unet()
     sampler = FastSampler(model, SCHEDULE, steps=4, eta=eta, clip_x0=clip, prediction=prediction, channels_last=False)
     x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    loop = G.CapturedLoop(sampler, sampler._prepared_model(x_T.device), sampler._plan, x_T, False, mode, None, capture=False)
+    loop = G.CapturedLoop(sampler, sampler._prepared_model(x_T.device), sampler._plan, x_T, False)
     g = torch.Generator().manual_seed(1)
     got = loop.run(x_T, g)
     ref = ReferenceSampler(model, SCHEDULE, steps=4, eta=eta, clip_x0=clip, prediction=prediction).sample(x_T, generator=torch.Generator().manual_seed(1))
@@ -55,7 +55,7 @@ def test_device_loop_encodes_like_the_reference():
     sampler = FastSampler(model, SCHEDULE, steps=5, channels_last=False)
     x0 = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     plan = encoding_plan(SCHEDULE, list(sampler.options.grid))
-    loop = G.CapturedLoop(sampler, sampler._prepared_model(x0.device), plan, x0, True, "step", None, capture=False)
+    loop = G.CapturedLoop(sampler, sampler._prepared_model(x0.device), plan, x0, True)
     got = loop.run(x0, None)
     ref = ReferenceSampler(model, SCHEDULE, steps=5).encode(x0)
     assert max_err(got, ref) <= 1e-4 * (1 + ref.abs().max().item())
@@ -98,9 +98,15 @@ def test_advance_kernel_moves_counter_and_timesteps():
 class _FakeLoop:
     made = 0
 
-    def __init__(self, sampler, model, plan, x, encoding, mode, pool, capture=True, cond=None):
+    def __init__(self, sampler, model, plan, x, encoding, cond=None):
         type(self).made += 1
         self.x = x
+
+    def warm_up(self):
+        pass
+
+    def capture(self, mode, pool):
+        pass
 
     def run(self, x, generator, cond=None):
         return x + 1
@@ -130,7 +136,7 @@ def test_graph_cache_keys_and_bound(monkeypatch):
 
 def test_graph_cache_falls_back_once_with_the_reason(monkeypatch):
     class Broken(_FakeLoop):
-        def __init__(self, *a, **k):
+        def capture(self, mode, pool):
             raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(G, "CapturedLoop", Broken)

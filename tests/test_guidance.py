@@ -207,7 +207,7 @@ def test_device_loop_guided_equals_reference_and_replays_new_conditioning(eta, r
 
     first = make_conditioning(x_T, {"class_labels": torch.tensor([3, 4])}, 2.0, {"class_labels": torch.tensor([10, 10])}, rescale)
     with torch.inference_mode():
-        loop = G.CapturedLoop(sampler, sampler._prepared_model(x_T.device), sampler._plan, x_T, False, "step", None, capture=False, cond=first)
+        loop = G.CapturedLoop(sampler, sampler._prepared_model(x_T.device), sampler._plan, x_T, False, cond=first)
     ref_sampler = ReferenceSampler(model, SCHEDULE, steps=4, eta=eta)
     for labels, w in (([3, 4], 2.0), ([7, 1], 5.0)):
         kw = dict(model_kwargs={"class_labels": torch.tensor(labels)}, guidance_scale=w, uncond_kwargs={"class_labels": torch.tensor([10, 10])}, guidance_rescale=rescale)

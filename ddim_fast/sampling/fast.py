@@ -29,7 +29,7 @@ from ..core.schedule import Schedule
 from ..models.prepare import COMPILE_MODES, compile_model, model_dtype, prepare_model, runs_from_table
 from . import common as S
 from .conditioning import NONE, Conditioning, GuidanceBuffers, cast_kwargs, make_conditioning
-from .graph import GRAPH_MODES, GraphCache
+from .graph import EMULATE, GRAPH_MODES, GraphCache, check_emulation
 from .noise import initial_noise
 
 
@@ -40,7 +40,10 @@ class FastSampler:
     Further options, keyword-only:
 
     cuda_graph: replay a captured CUDA graph on CUDA (default True; falls back to the
-        eager loop with one warning if the model cannot be captured).
+        eager loop with one warning if the model cannot be captured). "emulate" runs the
+        captured loop's own code (its static buffers, device-side step counter, noise
+        buffers and Triton kernels) without capturing, on any device: a debugging switch,
+        on the CPU with the Triton kernels under TRITON_INTERPRET=1. False: the eager loop.
     fuse: True (default) fuses GroupNorm+SiLU in a copy of the model that shares its
         weights; "inplace" fuses the caller's module itself; False runs the model as is.
     lean: with fuse=True, run ddim_fast's UNet as a LeanUNet (default True): copies of its
@@ -96,7 +99,9 @@ class FastSampler:
             raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
         self.options = make_options(schedule, steps, eta, skip, clip_x0, prediction, check_finite, steps_offset, use_clipped_model_output)
         self.schedule = schedule
-        self.cuda_graph = check_bool("cuda_graph", cuda_graph)
+        if not (cuda_graph is True or cuda_graph is False or cuda_graph == EMULATE):
+            raise ValueError(f"cuda_graph must be True, False or {EMULATE!r}, got {cuda_graph!r}")
+        self.cuda_graph = cuda_graph
         if channels_last is not None:
             check_bool("channels_last", channels_last)
         self._channels_last_opt = channels_last
@@ -200,14 +205,18 @@ class FastSampler:
         if x.shape[0] == 0:
             x = self._layout(x)
             return S.SamplerOutput(x, [] if return_x0 else None, [x] if return_trajectory else None) if want_extra else x
-        if self.fast_rng and x.device.type != "cuda":
+        emulate = self.cuda_graph == EMULATE
+        if emulate:
+            check_emulation(x, return_x0=return_x0, return_trajectory=return_trajectory, check_finite=self.options.check_finite)
+        elif self.fast_rng and x.device.type != "cuda":
             raise ValueError(f"fast_rng draws the noise inside the CUDA step kernel; x is on {x.device} (use fast_rng=False there)")
         with self._lock, torch.inference_mode():
             x = self._layout(x)
             cond = cast_kwargs(cond, self.dtype)
-            if x.device.type == "cuda" and self.cuda_graph and not want_extra and not self.options.check_finite:
+            captured = x.device.type == "cuda" and self.cuda_graph is True and not want_extra and not self.options.check_finite
+            if emulate or captured:
                 if self._graphs is None:
-                    self._graphs = GraphCache(self._graph_cache_size, self.graph_mode)
+                    self._graphs = GraphCache(self._graph_cache_size, self.graph_mode, capture=not emulate)
                 out = self._graphs.run(self, plan, x, generator, encoding, cond)
                 if out is not None:
                     return out

@@ -50,6 +50,7 @@ from ..models.prepare import runs_from_table
 from .conditioning import NONE, Conditioning, GuidanceBuffers, copy_into, signature, static_copy
 
 GRAPH_MODES = ("step", "loop")
+EMULATE = "emulate"  # FastSampler(cuda_graph=EMULATE): this loop's code, not captured
 
 
 def _format(x: torch.Tensor):
@@ -62,17 +63,40 @@ def _kernels():
     return k
 
 
-class CapturedLoop:
-    """Static buffers and the captured graphs of one (shape, dtype, device, task)."""
+def check_emulation(x: torch.Tensor, *, return_x0: bool, return_trajectory: bool, check_finite: bool) -> None:
+    """Why cuda_graph="emulate" cannot run on x, raised: the loop returns the final sample
+    only, and its Triton kernels need a CUDA device or, on the CPU, Triton's interpreter."""
+    asked = [name for name, on in (("return_x0", return_x0), ("return_trajectory", return_trajectory), ("check_finite", check_finite)) if on]
+    if asked:
+        raise ValueError(f"cuda_graph={EMULATE!r} runs the captured loop, which returns only the final sample: {', '.join(asked)} need cuda_graph=False")
+    if x.device.type == "cuda":
+        return
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
 
-    def __init__(self, sampler, model, plan: StepPlan, x: torch.Tensor, encoding: bool, mode: str, pool, capture: bool = True, cond: Conditioning = NONE):
-        """capture=False runs the same steps on the same buffers without a graph (any
-        device; the CPU under TRITON_INTERPRET=1 in tests)."""
+        from ..kernels import ddim_step as k
+    except ImportError as e:
+        raise RuntimeError(f"cuda_graph={EMULATE!r} runs the captured loop's Triton kernels, and Triton is not available ({e})") from e
+    if not isinstance(k._ddim_step_kernel, InterpretedFunction):
+        raise RuntimeError(
+            f"cuda_graph={EMULATE!r} on {x.device} runs the captured loop's Triton kernels under Triton's interpreter: "
+            "set TRITON_INTERPRET=1 in the environment before ddim_fast's kernels are imported"
+        )
+
+
+class CapturedLoop:
+    """Static buffers and the captured graphs of one (shape, dtype, device, task).
+
+    Made, it runs its steps one by one on its buffers (what cuda_graph="emulate" runs, on
+    any device: on the CPU the Triton kernels run under TRITON_INTERPRET=1); after
+    warm_up() and capture() on CUDA, run() replays the graphs instead."""
+
+    def __init__(self, sampler, model, plan: StepPlan, x: torch.Tensor, encoding: bool, cond: Conditioning = NONE):
         k = _kernels()
         dev = x.device
         n = x.shape[0]
         self.plan = plan
-        self.mode = mode
+        self.mode = None  # "step" or "loop" once captured
         self.encoding = encoding
         self.noisy = [plan.draws_noise(i) for i in range(plan.steps)]
         self.fast_rng = sampler.fast_rng and any(self.noisy)
@@ -104,11 +128,12 @@ class CapturedLoop:
         self._model = model
         self.table = model.time_table(plan.timesteps) if runs_from_table(model) else None
         self._shape = tuple(x.shape)
-
         self.graphs = {}
-        if not capture:
-            return
-        # warm-up on a side stream: lazy initialisation, cuDNN/Triton autotuning, Triton compiles
+
+    def warm_up(self) -> None:
+        """Each kind of step once, eagerly on a side stream (lazy initialisation, cuDNN and
+        Triton autotuning, compiles), before capture()."""
+        dev = self.x_buf.device
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
@@ -118,12 +143,15 @@ class CapturedLoop:
                     self._one_step(noisy)
         torch.cuda.current_stream(dev).wait_stream(side)
 
+    def capture(self, mode: str, pool) -> None:
+        """Capture the step graphs ("step": one per kind of step, replayed S times) or the
+        whole loop ("loop": one graph of the S steps) into the memory pool `pool`."""
         if mode == "loop":
             g = torch.cuda.CUDAGraph()
             self._register(g)
             self._reset()
             with torch.cuda.graph(g, pool=pool):
-                for i in range(plan.steps):
+                for i in range(self.plan.steps):
                     self._one_step(self.noisy[i])
             self.graphs["loop"] = g
         else:
@@ -134,6 +162,7 @@ class CapturedLoop:
                 with torch.cuda.graph(g, pool=pool):
                     self._one_step(noisy)
                 self.graphs[noisy] = g
+        self.mode = mode
 
     def _register(self, g):
         if self.gen is not None:
@@ -200,7 +229,7 @@ class CapturedLoop:
             self.gen.set_state(source.get_state())
         if self.seed is not None:
             self.seed.copy_(torch.randint(0, 2**62, (1,), generator=source, device=dev))
-        if not self.graphs:  # not captured: the same steps, launched one by one
+        if not self.graphs:  # not captured (emulated): the same steps, launched one by one
             for i in range(self.plan.steps):
                 self._one_step(self.noisy[i])
         elif self.mode == "loop":
@@ -214,13 +243,17 @@ class CapturedLoop:
 
 
 class GraphCache:
-    """Captured loops of one sampler, least recently used dropped first."""
+    """Captured loops of one sampler, least recently used dropped first.
 
-    def __init__(self, size: int, mode: str = "step"):
+    capture=False keeps the loops uncaptured (cuda_graph="emulate"): the same buffers and
+    kernels, the steps launched one by one, on any device."""
+
+    def __init__(self, size: int, mode: str = "step", capture: bool = True):
         if mode not in GRAPH_MODES:
             raise ValueError(f"graph_mode must be one of {GRAPH_MODES}, got {mode!r}")
         self.size = size
         self.mode = mode
+        self.capture = capture
         self._entries: "OrderedDict[tuple, CapturedLoop]" = OrderedDict()
         self._pool = None
         self.disabled_reason: Optional[str] = None
@@ -236,30 +269,40 @@ class GraphCache:
         """The result, or None when the caller should run the eager loop instead."""
         if self.disabled_reason is not None:
             return None
-        if generator is not None and generator.device.type != "cuda":
+        if self.capture and generator is not None and generator.device.type != "cuda":
             warnings.warn("FastSampler: a CPU generator cannot feed a CUDA graph; running the eager loop (pass a CUDA generator for the captured loop)", RuntimeWarning, stacklevel=4)
             return None
         key = self.key(x, encoding, cond)
         entry = self._entries.get(key)
         if entry is None:
             model = sampler._prepared_model(x.device)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            try:
-                entry = CapturedLoop(sampler, model, plan, x, encoding, self.mode, self._pool, cond=cond)
-            except Exception as e:  # noqa: BLE001 - any failure to capture means: run eagerly
-                torch.cuda.synchronize(x.device)
-                self.disabled_reason = f"{type(e).__name__}: {e}".splitlines()[0]
-                warnings.warn(
-                    f"FastSampler: the model could not be captured in a CUDA graph ({self.disabled_reason}); "
-                    "falling back to the eager fused loop (slower at small batch). Pass cuda_graph=False to silence this.",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                return None
+            entry = CapturedLoop(sampler, model, plan, x, encoding, cond=cond)
+            if self.capture:
+                reason = self._capture(entry, x.device)
+                if reason is not None:
+                    self.disabled_reason = reason
+                    warnings.warn(
+                        f"FastSampler: the model could not be captured in a CUDA graph ({reason}); "
+                        "falling back to the eager fused loop (slower at small batch). Pass cuda_graph=False to silence this.",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+                    return None
             self._entries[key] = entry
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
         else:
             self._entries.move_to_end(key)
         return entry.run(x, generator, cond)
+
+    def _capture(self, entry: CapturedLoop, device: torch.device) -> Optional[str]:
+        """None once entry's graphs are captured, else why the model cannot be captured."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        try:
+            entry.warm_up()
+            entry.capture(self.mode, self._pool)
+        except Exception as e:  # noqa: BLE001 - any failure to capture means: run eagerly
+            torch.cuda.synchronize(device)
+            return f"{type(e).__name__}: {e}".splitlines()[0]
+        return None

@@ -1,0 +1,75 @@
+"""The captured loop's own code, run here: FastSampler(cuda_graph="emulate").
+
+Emulated, the loop runs exactly what a CUDA graph would capture (its static buffers, the
+device-side step counter and advance kernel, the noise buffers, the guided halves, the time
+tables, the conditioning copies), with the steps launched one by one instead of replayed;
+on the CPU its Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py sets it).
+Each test holds it to ReferenceSampler in a configuration a GPU user gets, the defaults
+first: channels_last, 3 channels, η > 0. What only a GPU can run (the capture itself, the
+replays, CUDA generators) is in test_cuda.py, and what surrounds it is checked here.
+"""
+
+import copy
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from ddim_fast import FastSampler, ReferenceSampler, Schedule
+
+from .conftest import max_err, requires_triton_interpreter, tiny_unet
+
+pytestmark = requires_triton_interpreter
+
+SCHEDULE = Schedule.linear()
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _x_T(batch: int, channels: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, channels, 8, 8, generator=_gen(seed))
+
+
+def test_emulate_runs_the_captured_loop_not_the_eager_one():
+    model = tiny_unet()
+    sampler = FastSampler(model, SCHEDULE, steps=3, cuda_graph="emulate", channels_last=False)
+    x_T = _x_T(2, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = sampler.sample(x_T)
+    assert len(sampler._graphs) == 1 and not sampler._graphs.capture
+    ref = ReferenceSampler(model, SCHEDULE, steps=3).sample(x_T)
+    assert max_err(got, ref) <= 1e-5 * (1 + ref.abs().max().item())
+
+
+def test_emulate_refuses_what_the_captured_loop_does_not_do():
+    with pytest.raises(ValueError, match="cuda_graph must be True, False or 'emulate'"):
+        FastSampler(tiny_unet(), SCHEDULE, cuda_graph="yes")
+    with pytest.raises(ValueError, match="cuda_graph must be True, False or 'emulate'"):
+        FastSampler(tiny_unet(), SCHEDULE, cuda_graph=1)
+    sampler = FastSampler(tiny_unet(), SCHEDULE, steps=2, cuda_graph="emulate")
+    with pytest.raises(ValueError, match="returns only the final sample: return_x0 need cuda_graph=False"):
+        sampler.sample(batch_size=1, return_x0=True)
+    with pytest.raises(ValueError, match="return_trajectory need cuda_graph=False"):
+        sampler.sample(batch_size=1, return_trajectory=True)
+    with pytest.raises(ValueError, match="check_finite need cuda_graph=False"):
+        FastSampler(tiny_unet(), SCHEDULE, steps=2, cuda_graph="emulate", check_finite=True).sample(batch_size=1)
+
+
+def test_emulate_on_the_cpu_without_the_interpreter_says_how_to_get_it():
+    script = (
+        "import torch\n"
+        "from ddim_fast import FastSampler, Schedule, UNet\n"
+        "model = UNet(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), in_channels=1, out_ch=1, resolution=8).eval()\n"
+        "FastSampler(model, Schedule.linear(), steps=2, cuda_graph='emulate').sample(batch_size=1)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode != 0
+    assert "under Triton's interpreter: set TRITON_INTERPRET=1" in res.stderr, res.stderr[-2000:]
