@@ -73,3 +73,36 @@ def test_emulate_on_the_cpu_without_the_interpreter_says_how_to_get_it():
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode != 0
     assert "under Triton's interpreter: set TRITON_INTERPRET=1" in res.stderr, res.stderr[-2000:]
+
+
+def _reference64(model, x_T, seed, **kw):
+    """ReferenceSampler in float64 with the noise stream of `seed` (the float32 draws, widened)."""
+    return ReferenceSampler(copy.deepcopy(model).double(), SCHEDULE, **kw).sample(x_T.double(), generator=_gen(seed))
+
+
+def _assert_tracks_reference(got, model, x_T, seed, **kw):
+    """got is within twice the fp32 reference's own rounding of the float64 reference."""
+    ref = ReferenceSampler(model, SCHEDULE, **kw).sample(x_T, generator=_gen(seed))
+    ref64 = _reference64(model, x_T, seed, **kw)
+    scale = 1 + ref64.abs().max().item()
+    assert max_err(got, ref64) <= 2 * max_err(ref, ref64) + 1e-5 * scale, (max_err(got, ref64), max_err(ref, ref64))
+
+
+@pytest.mark.parametrize("channels_last", [True, False])  # True: the default
+@pytest.mark.parametrize("channels", [3, 1])  # one channel: the two layouts coincide
+@pytest.mark.parametrize("eta", [1.0, 0.5, 0.0, "ddpm_noisy"])
+@pytest.mark.parametrize("graph_mode", ["step", "loop"])
+def test_emulated_loop_equals_reference_fp32(channels_last, channels, eta, graph_mode):
+    model = tiny_unet(in_channels=channels)
+    x_T = _x_T(2, channels)
+    sampler = FastSampler(model, SCHEDULE, steps=4, eta=eta, cuda_graph="emulate", channels_last=channels_last, graph_mode=graph_mode)
+    generator = _gen(1)
+    got = sampler.sample(x_T, generator=generator)
+    assert len(sampler._graphs) == 1
+    _assert_tracks_reference(got, model, x_T, 1, steps=4, eta=eta)
+    # the caller's generator advanced as the reference's did
+    ref_generator = _gen(1)
+    ReferenceSampler(model, SCHEDULE, steps=4, eta=eta).sample(x_T, generator=ref_generator)
+    assert torch.equal(torch.randn(3, generator=generator), torch.randn(3, generator=ref_generator))
+    # a second run resets the buffers and the counter
+    torch.testing.assert_close(sampler.sample(x_T, generator=_gen(1)), got, rtol=0, atol=0)

@@ -9,7 +9,8 @@ of it reads its inputs from static device buffers:
     coefs      (S, 6) fp32   the coefficients of every step (core.plan.COEF_COLUMNS)
     step       (1,) int32    the device-side step counter that selects both rows
     table      (S, W) fp32   the time embeddings of every step, for a model that runs from a table
-    z_buf      (B, C, H, W)  fp32 noise, drawn with torch.randn inside the graph
+    z_draw     (B, C, H, W)  fp32 noise, drawn with torch.randn inside the graph (NCHW: the reference's order)
+    z_buf      (B, C, H, W)  the same noise in x's layout (z_draw itself when x is NCHW)
     kwargs     the model_kwargs' tensors (class labels, text embeddings), copied in per run
     w          (1,) fp32     the guidance scale, read by the step kernel
 
@@ -117,7 +118,13 @@ class CapturedLoop:
         self.t_buf = self.t_table[0].clone()
         self.coefs = torch.tensor(plan.coefs, dtype=torch.float32, device=dev).contiguous()
         self.step = torch.zeros(1, dtype=torch.int32, device=dev)
-        self.z_buf = torch.empty(x.shape, dtype=torch.float32, device=dev) if any(self.noisy) and not self.fast_rng else None
+        self.z_draw = self.z_buf = None
+        if any(self.noisy) and not self.fast_rng:
+            # the reference's draw is torch.randn(x.shape): element (b, c, h, w) gets the value at
+            # its NCHW index, so the draw goes to a contiguous buffer, then into x's layout, which
+            # the step kernel reads with x's flat offsets
+            self.z_draw = torch.empty(x.shape, dtype=torch.float32, device=dev)
+            self.z_buf = self.z_draw if x.is_contiguous() else torch.empty_like(x, dtype=torch.float32)
         self.seed = torch.zeros(1, dtype=torch.int64, device=dev) if self.fast_rng else None
         self.gen = torch.Generator(device=dev) if self.z_buf is not None else None
         self.clip = None if encoding else sampler.options.clip
@@ -187,7 +194,8 @@ class CapturedLoop:
             out = out.to(self.x_buf.dtype)
         noise = None
         if noisy and self.z_buf is not None:
-            noise = torch.randn(self._shape, generator=self.gen, device=self.x_buf.device, dtype=torch.float32, out=self.z_buf)
+            torch.randn(self._shape, generator=self.gen, device=self.x_buf.device, dtype=torch.float32, out=self.z_draw)
+            noise = self.z_buf if self.z_buf is self.z_draw else self.z_buf.copy_(self.z_draw)
         m, mc, w = out, None, None
         if self.guide is not None and self.guide.rescale:
             m = self.guide.rescaled(out)
