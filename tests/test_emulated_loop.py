@@ -106,3 +106,64 @@ def test_emulated_loop_equals_reference_fp32(channels_last, channels, eta, graph
     assert torch.equal(torch.randn(3, generator=generator), torch.randn(3, generator=ref_generator))
     # a second run resets the buffers and the counter
     torch.testing.assert_close(sampler.sample(x_T, generator=_gen(1)), got, rtol=0, atol=0)
+
+
+class _Wrapped(torch.nn.Module):
+    """A wrapper that changes what the model returns, as user code does around a UNet."""
+
+    def __init__(self, inner, how):
+        super().__init__()
+        self.inner, self.how = inner, how
+
+    def forward(self, x, t):
+        out = self.inner(x, t)
+        if self.how == "contiguous":  # e.g. a DiT-style unpatchify: NCHW whatever x is
+            return out.contiguous()
+        if self.how == "strided":  # the first C channels of a learned-variance output
+            return torch.cat([out, out], dim=1)[:, : out.shape[1]]
+        return torch.cat([out, out], dim=1)  # "2C": eps and the variance, unsplit
+
+
+@pytest.mark.parametrize("how", ["contiguous", "strided"])
+def test_emulated_loop_reads_a_model_output_in_another_layout_right(how):
+    model = tiny_unet(in_channels=3)
+    x_T = _x_T(2, 3)
+    wrapped = _Wrapped(model, how)
+    got = FastSampler(wrapped, SCHEDULE, steps=4, eta=1.0, cuda_graph="emulate").sample(x_T, generator=_gen(1))
+    _assert_tracks_reference(got, model, x_T, 1, steps=4, eta=1.0)
+    plain = lambda x, t: model(x, t).contiguous()  # noqa: E731 - not a module: run as it is
+    got = FastSampler(plain, SCHEDULE, steps=4, eta=1.0, cuda_graph="emulate").sample(x_T, generator=_gen(1))
+    _assert_tracks_reference(got, model, x_T, 1, steps=4, eta=1.0)
+
+
+def test_emulated_loop_refuses_a_model_output_of_another_shape():
+    model = _Wrapped(tiny_unet(in_channels=3), "2C")
+    sampler = FastSampler(model, SCHEDULE, steps=4, cuda_graph="emulate")
+    with pytest.raises(ValueError, match=r"the model output has shape \(2, 6, 8, 8\), expected x's shape \(2, 3, 8, 8\) \(a model that also predicts its variance"):
+        sampler.sample(_x_T(2, 3))
+
+
+def test_a_model_output_of_another_shape_is_refused_before_any_capture(monkeypatch):
+    """On CUDA the loop's first steps run eagerly (warm_up) before the capture: the shape check
+    there raises, and nothing is captured or swallowed into the eager fallback. Here the
+    warm-up runs on the CPU without its side stream (what differs on a GPU)."""
+    from ddim_fast.sampling import graph as G
+
+    captured = []
+
+    def warm_up_here(loop):
+        for noisy in sorted(set(loop.noisy)):
+            loop._reset()
+            loop._one_step(noisy)
+
+    monkeypatch.setattr(G.CapturedLoop, "warm_up", warm_up_here)
+    monkeypatch.setattr(G.CapturedLoop, "capture", lambda loop, mode, pool: captured.append(mode))
+    monkeypatch.setattr(G.torch.cuda, "graph_pool_handle", lambda: "pool")
+    sampler = FastSampler(_Wrapped(tiny_unet(in_channels=3), "2C"), SCHEDULE, steps=3)
+    cache = G.GraphCache(2)
+    x = sampler._layout(_x_T(2, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "could not be captured" fallback
+        with pytest.raises(ValueError, match=r"the model output has shape \(2, 6, 8, 8\)"), torch.inference_mode():
+            cache.run(sampler, sampler._plan, x, None, False)
+    assert captured == [] and cache.disabled_reason is None and len(cache) == 0

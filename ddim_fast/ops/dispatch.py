@@ -109,7 +109,7 @@ def _is_dense(t: torch.Tensor) -> bool:
     return True
 
 
-def _dense_layout(*tensors) -> bool:
+def dense_layout(*tensors) -> bool:
     """All tensors dense and laid out like the first (one flat index addresses all)."""
     if all(t is None or t.is_contiguous() for t in tensors):  # the common case (shapes are equal)
         return True
@@ -250,7 +250,7 @@ def step(x, model_output, coefs, noise, clip, prediction: int, clipped_eps: bool
     be = _pick_backend(op, x, backend)
     if be == "torch":
         return fallback.ddim_step(x, model_output, coefs, noise, clip, prediction, clipped_eps, out, x0_out, cond=cond, guidance=guidance)
-    if not _dense_layout(x, model_output, cond, noise, out, x0_out):
+    if not dense_layout(x, model_output, cond, noise, out, x0_out):
         # a kernel addresses all operands with one flat index: compute on dense copies
         xc = x.contiguous()
         tmp_out = torch.empty_like(xc)
@@ -301,7 +301,7 @@ def predict_x0(x, eps, alpha_t, clip=None, out=None, *, prediction: str = "eps",
     be = _pick_backend(op, x, backend)
     if be == "torch":
         return fallback.predict_x0(x, eps, sa, s1m, clip, code, out, eps_out)
-    if not _dense_layout(x, eps, out, eps_out):
+    if not dense_layout(x, eps, out, eps_out):
         xc = x.contiguous()
         tmp = torch.empty_like(xc)
         tmp_eps = torch.empty_like(xc) if eps_out is not None else None

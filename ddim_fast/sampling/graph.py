@@ -48,6 +48,8 @@ import torch
 
 from ..core.plan import StepPlan
 from ..models.prepare import runs_from_table
+from ..ops.dispatch import dense_layout
+from .common import call_model, check_model_output
 from .conditioning import NONE, Conditioning, GuidanceBuffers, copy_into, signature, static_copy
 
 GRAPH_MODES = ("step", "loop")
@@ -135,6 +137,8 @@ class CapturedLoop:
         self._model = model
         self.table = model.time_table(plan.timesteps) if runs_from_table(model) else None
         self._shape = tuple(x.shape)
+        self._output_checked = False
+        self.out_buf = None  # the model output in x's layout, made if the model returns another
         self.graphs = {}
 
     def warm_up(self) -> None:
@@ -184,14 +188,30 @@ class CapturedLoop:
         if self.guide is not None:
             self.x_buf[self.n :].copy_(x)
 
-    def _one_step(self, noisy: bool):
+    def _model_output(self) -> torch.Tensor:
+        """The model's output on x_buf at this step, checked, in x_buf's dtype and layout.
+
+        The step kernel reads it with x's flat offsets, so an output of another shape is
+        refused (at the first step, which on CUDA is the warm-up: before any capture) and
+        one in another layout (a wrapper's .contiguous(), a slice of a 2C output) is copied
+        into a buffer laid out like x."""
         if self.table is not None:
             out = self._model.forward_rows(self.x_buf, self.table.index_select(0, self.step)[0], **self.kwargs)
         else:
-            out = self._model(self.x_buf, self.t_buf, **self.kwargs)
-            out = getattr(out, "sample", out)
+            out = call_model(self._model, self.x_buf, self.t_buf, **self.kwargs)
+        if not self._output_checked:
+            check_model_output(out, self.x_buf, 0, self.plan.timesteps[0])
+            self._output_checked = True
         if out.dtype != self.x_buf.dtype:
             out = out.to(self.x_buf.dtype)
+        if dense_layout(self.x_buf, out):
+            return out
+        if self.out_buf is None:
+            self.out_buf = torch.empty_like(self.x_buf)
+        return self.out_buf.copy_(out)
+
+    def _one_step(self, noisy: bool):
+        out = self._model_output()
         noise = None
         if noisy and self.z_buf is not None:
             torch.randn(self._shape, generator=self.gen, device=self.x_buf.device, dtype=torch.float32, out=self.z_draw)
@@ -307,8 +327,10 @@ class GraphCache:
         """None once entry's graphs are captured, else why the model cannot be captured."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        # the warm-up runs the steps eagerly: what fails there (an output of the wrong shape)
+        # fails the eager loop too, so it is raised, not taken for a model that cannot be captured
+        entry.warm_up()
         try:
-            entry.warm_up()
             entry.capture(self.mode, self._pool)
         except Exception as e:  # noqa: BLE001 - any failure to capture means: run eagerly
             torch.cuda.synchronize(device)
