@@ -78,6 +78,34 @@ def test_callers_generator_advances_as_in_the_reference():
     torch.testing.assert_close(torch.randn(4, generator=g1, device="cuda"), torch.randn(4, generator=g2, device="cuda"))
 
 
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_a_cpu_generator_keeps_the_captured_loop_and_the_reference_images(eta):
+    """diffusers recommends CPU generators for reproducible images: x_T and the step noise
+    come from it in the reference's order (drawn on the host, copied in once per run) and
+    the graph is kept."""
+    model = _model()
+    sampler = FastSampler(model, SCHEDULE, steps=10, eta=eta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        got = sampler.sample(batch_size=2, generator=torch.Generator().manual_seed(3))
+    (loop,) = sampler._graphs._entries.values()
+    assert loop.graphs and sampler._graphs.disabled_reason is None
+    ref = ReferenceSampler(model, SCHEDULE, steps=10, eta=eta).sample(batch_size=2, generator=torch.Generator().manual_seed(3))
+    ref64 = ReferenceSampler(copy.deepcopy(model).double(), SCHEDULE, steps=10, eta=eta)
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)).cuda().double()
+    ref64 = ref64.sample(x_T, generator=_cpu_after_x_T(3, x_T.shape))
+    assert max_err(got, ref64) <= 2 * max_err(ref, ref64) + 1e-5 * (1 + ref64.abs().max().item())
+    again = sampler.sample(batch_size=2, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
+
+
+def _cpu_after_x_T(seed, shape):
+    """A CPU generator seeded `seed` that has drawn x_T of `shape` (what sample(batch_size=...) draws first)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.randn(shape, generator=g)
+    return g
+
+
 def test_no_host_sync_inside_the_replayed_loop():
     model = _model()
     sampler = FastSampler(model, SCHEDULE, steps=20, eta=0.5)

@@ -167,3 +167,44 @@ def test_a_model_output_of_another_shape_is_refused_before_any_capture(monkeypat
         with pytest.raises(ValueError, match=r"the model output has shape \(2, 6, 8, 8\)"), torch.inference_mode():
             cache.run(sampler, sampler._plan, x, None, False)
     assert captured == [] and cache.disabled_reason is None and len(cache) == 0
+
+
+@pytest.mark.parametrize("graph_mode", ["step", "loop"])
+@pytest.mark.parametrize("eta", [1.0, "ddpm_noisy"])
+def test_emulated_loop_with_a_generator_on_another_device_draws_a_noise_table(monkeypatch, graph_mode, eta):
+    """A CPU generator with a CUDA sample (what diffusers users pass) keeps the captured loop:
+    each run draws the steps' noise from it in the reference's order and copies them in as
+    one table. The CPU has no second device, so the generator is taken as foreign here."""
+    from ddim_fast.sampling import graph as G
+
+    monkeypatch.setattr(G, "foreign_noise_device", lambda generator, device: None if generator is None else generator.device)
+    model = tiny_unet(in_channels=3)
+    x_T = _x_T(2, 3)
+    sampler = FastSampler(model, SCHEDULE, steps=4, eta=eta, cuda_graph="emulate", graph_mode=graph_mode)
+    generator = _gen(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = sampler.sample(x_T, generator=generator)
+    (loop,) = sampler._graphs._entries.values()
+    assert loop.z_table is not None and loop.gen is None
+    _assert_tracks_reference(got, model, x_T, 1, steps=4, eta=eta)
+    ref_generator = _gen(1)
+    ReferenceSampler(model, SCHEDULE, steps=4, eta=eta).sample(x_T, generator=ref_generator)
+    assert torch.equal(torch.randn(3, generator=generator), torch.randn(3, generator=ref_generator))
+    again = sampler.sample(x_T, generator=_gen(2))  # a new run draws a new table
+    assert max_err(again, got) > 1e-3
+    _assert_tracks_reference(again, model, x_T, 2, steps=4, eta=eta)
+
+
+def test_a_cpu_generator_keeps_the_captured_loop():
+    """GraphCache no longer turns a CPU generator away (it sent CUDA users with one to the eager loop)."""
+    from ddim_fast.sampling import graph as G
+
+    assert G.foreign_noise_device(_gen(0), torch.device("cuda", 0)) == torch.device("cpu")
+    assert G.foreign_noise_device(_gen(0), torch.device("cpu")) is None
+    assert G.foreign_noise_device(None, torch.device("cuda", 0)) is None
+    sampler = FastSampler(tiny_unet(in_channels=3), SCHEDULE, steps=3, eta=0.5, cuda_graph="emulate")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampler.sample(_x_T(1, 3), generator=_gen(0))
+    assert len(sampler._graphs) == 1

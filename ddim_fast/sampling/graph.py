@@ -11,6 +11,7 @@ of it reads its inputs from static device buffers:
     table      (S, W) fp32   the time embeddings of every step, for a model that runs from a table
     z_draw     (B, C, H, W)  fp32 noise, drawn with torch.randn inside the graph (NCHW: the reference's order)
     z_buf      (B, C, H, W)  the same noise in x's layout (z_draw itself when x is NCHW)
+    z_table    (S, B, C, H, W)  instead, for a generator on another device: every step's noise, in x's layout
     kwargs     the model_kwargs' tensors (class labels, text embeddings), copied in per run
     w          (1,) fp32     the guidance scale, read by the step kernel
 
@@ -26,11 +27,15 @@ replayed S times; or the S steps are captured into one graph ("loop" mode). A st
 σ = 0 replays a second graph without the noise draw, so the generator is consumed
 exactly as ReferenceSampler consumes it: same generator, same noise, same samples.
 
-Noise comes from a sampler-owned CUDA generator registered with the graphs; each run
-copies the caller's generator state in and back out, so the caller's generator
-advances as if the eager loop had run. With fast_rng=True the step kernel draws the
-noise itself (Philox, seed from the generator once per run): one pass less, but not
-the reference's stream.
+Noise comes from a sampler-owned generator on x's device, registered with the graphs;
+each run copies the caller's generator state in and back out, so the caller's generator
+advances as if the eager loop had run. A generator on another device (a CPU generator,
+which diffusers recommends for reproducible images) cannot feed a graph: then each run
+draws the steps' noise from it in the reference's order, on its device, and copies them
+in one go into a device table (S, B, C, H, W) that the step kernel reads by the step
+counter (the graph is kept). With fast_rng=True the step kernel draws the noise itself
+(Philox, seed from the generator once per run): one pass less, but not the reference's
+stream.
 
 Graphs are cached per (shape, dtype, layout, device, task) with a bound (LRU); a
 changed key captures anew. A model that cannot be captured (a host sync, data-dependent
@@ -66,6 +71,22 @@ def _kernels():
     return k
 
 
+def foreign_noise_device(generator: Optional[torch.Generator], device: torch.device) -> Optional[torch.device]:
+    """The generator's device when it is not `device` (its noise is then drawn there and copied
+    in per run), else None."""
+    if generator is None or generator.device == device:
+        return None
+    return generator.device
+
+
+def _rows_like(x: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """An empty (rows, *x.shape) tensor whose every row is laid out like x (dense), so that a
+    kernel reads row r at r * x.numel() with x's flat offsets."""
+    outer_first = sorted(range(x.dim()), key=lambda d: x.stride(d), reverse=True)
+    base = torch.empty((rows, *[x.shape[d] for d in outer_first]), dtype=dtype, device=x.device)
+    return base.permute(0, *[1 + outer_first.index(d) for d in range(x.dim())])
+
+
 def check_emulation(x: torch.Tensor, *, return_x0: bool, return_trajectory: bool, check_finite: bool) -> None:
     """Why cuda_graph="emulate" cannot run on x, raised: the loop returns the final sample
     only, and its Triton kernels need a CUDA device or, on the CPU, Triton's interpreter."""
@@ -94,7 +115,9 @@ class CapturedLoop:
     any device: on the CPU the Triton kernels run under TRITON_INTERPRET=1); after
     warm_up() and capture() on CUDA, run() replays the graphs instead."""
 
-    def __init__(self, sampler, model, plan: StepPlan, x: torch.Tensor, encoding: bool, cond: Conditioning = NONE):
+    def __init__(self, sampler, model, plan: StepPlan, x: torch.Tensor, encoding: bool, cond: Conditioning = NONE, noise_device: Optional[torch.device] = None):
+        """noise_device: where the caller's generator draws when it is not x's device (the
+        step noise is then drawn there per run and copied in as a table); None: on x's."""
         k = _kernels()
         dev = x.device
         n = x.shape[0]
@@ -120,8 +143,15 @@ class CapturedLoop:
         self.t_buf = self.t_table[0].clone()
         self.coefs = torch.tensor(plan.coefs, dtype=torch.float32, device=dev).contiguous()
         self.step = torch.zeros(1, dtype=torch.int32, device=dev)
-        self.z_draw = self.z_buf = None
-        if any(self.noisy) and not self.fast_rng:
+        self.z_draw = self.z_buf = self.z_host = self.z_table = None
+        self._z_copied = None  # the event after the last copy of z_host into z_table (CUDA)
+        if any(self.noisy) and not self.fast_rng and noise_device is not None:
+            # rows in the reference's order on the generator's device (pinned for a CPU one,
+            # so the per-run copy does not wait for the device), and in x's layout on x's
+            pinned = noise_device.type == "cpu" and dev.type == "cuda"
+            self.z_host = torch.empty((plan.steps, *x.shape), dtype=torch.float32, device=noise_device, pin_memory=pinned)
+            self.z_table = _rows_like(x, plan.steps, torch.float32)
+        elif any(self.noisy) and not self.fast_rng:
             # the reference's draw is torch.randn(x.shape): element (b, c, h, w) gets the value at
             # its NCHW index, so the draw goes to a contiguous buffer, then into x's layout, which
             # the step kernel reads with x's flat offsets
@@ -213,7 +243,11 @@ class CapturedLoop:
     def _one_step(self, noisy: bool):
         out = self._model_output()
         noise = None
-        if noisy and self.z_buf is not None:
+        noise_row_stride = 0
+        if noisy and self.z_table is not None:  # this step's row of the run's table
+            noise = self.z_table
+            noise_row_stride = self.x.numel()
+        elif noisy and self.z_buf is not None:
             torch.randn(self._shape, generator=self.gen, device=self.x_buf.device, dtype=torch.float32, out=self.z_draw)
             noise = self.z_buf if self.z_buf is self.z_draw else self.z_buf.copy_(self.z_draw)
         m, mc, w = out, None, None
@@ -231,6 +265,7 @@ class CapturedLoop:
             clip=self.clip,
             clipped_eps=self.clipped_eps,
             noise=noise,
+            noise_row_stride=noise_row_stride,
             seed=self.seed if (noisy and self.fast_rng) else None,
             has_xt=self.has_xt,
             cond=mc,
@@ -239,6 +274,19 @@ class CapturedLoop:
         if self.guide is not None:
             self.x_buf[self.n :].copy_(self.x)
         self._k.advance(self.step, self.t_table, self.t_buf)
+
+    def _draw_noise_table(self, generator: torch.Generator) -> None:
+        """This run's step noise: one torch.randn(x.shape) per noisy step from `generator`, in
+        sampling order (the reference's stream), then one copy to the device table."""
+        if self._z_copied is not None:
+            self._z_copied.synchronize()  # the last run's copy has read z_host (long done, as a rule)
+        for i, noisy in enumerate(self.noisy):
+            if noisy:
+                torch.randn(self._shape, generator=generator, dtype=torch.float32, out=self.z_host[i])
+        self.z_table.copy_(self.z_host, non_blocking=True)
+        if self.z_table.is_cuda:
+            self._z_copied = torch.cuda.Event()
+            self._z_copied.record()
 
     def run(self, x: torch.Tensor, generator: Optional[torch.Generator], cond: Conditioning = NONE) -> torch.Tensor:
         """Sample from x (already in this loop's shape, dtype and layout) with the conditioning
@@ -255,6 +303,8 @@ class CapturedLoop:
             source = torch.cuda.default_generators[dev.index or 0] if dev.type == "cuda" else torch.default_generator
         if self.gen is not None:
             self.gen.set_state(source.get_state())
+        if self.z_host is not None:
+            self._draw_noise_table(source)
         if self.seed is not None:
             self.seed.copy_(torch.randint(0, 2**62, (1,), generator=source, device=dev))
         if not self.graphs:  # not captured (emulated): the same steps, launched one by one
@@ -286,9 +336,9 @@ class GraphCache:
         self._pool = None
         self.disabled_reason: Optional[str] = None
 
-    def key(self, x: torch.Tensor, encoding: bool, cond: Conditioning = NONE) -> tuple:
+    def key(self, x: torch.Tensor, encoding: bool, cond: Conditioning = NONE, noise_device: Optional[torch.device] = None) -> tuple:
         fmt = "channels_last" if (x.dim() == 4 and not x.is_contiguous()) else "contiguous"
-        return (tuple(x.shape), x.dtype, fmt, x.device, "encode" if encoding else "sample", signature(cond))
+        return (tuple(x.shape), x.dtype, fmt, x.device, "encode" if encoding else "sample", signature(cond), noise_device)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -297,14 +347,12 @@ class GraphCache:
         """The result, or None when the caller should run the eager loop instead."""
         if self.disabled_reason is not None:
             return None
-        if self.capture and generator is not None and generator.device.type != "cuda":
-            warnings.warn("FastSampler: a CPU generator cannot feed a CUDA graph; running the eager loop (pass a CUDA generator for the captured loop)", RuntimeWarning, stacklevel=4)
-            return None
-        key = self.key(x, encoding, cond)
+        noise_device = foreign_noise_device(generator, x.device)
+        key = self.key(x, encoding, cond, noise_device)
         entry = self._entries.get(key)
         if entry is None:
             model = sampler._prepared_model(x.device)
-            entry = CapturedLoop(sampler, model, plan, x, encoding, cond=cond)
+            entry = CapturedLoop(sampler, model, plan, x, encoding, cond=cond, noise_device=noise_device)
             if self.capture:
                 reason = self._capture(entry, x.device)
                 if reason is not None:
