@@ -208,3 +208,45 @@ def test_a_cpu_generator_keeps_the_captured_loop():
         warnings.simplefilter("error")
         sampler.sample(_x_T(1, 3), generator=_gen(0))
     assert len(sampler._graphs) == 1
+
+
+def test_the_fast_rng_seed_is_drawn_on_the_generators_device(monkeypatch):
+    """fast_rng's seed is one draw from the caller's generator, on the generator's device, then
+    moved: torch refuses torch.randint(generator=<CPU generator>, device="cuda"), which no
+    CPU run can show, so here torch.randint enforces that rule on every call (the meta device
+    stands for CUDA), and the emulated loop is checked to take its seed from there."""
+    from ddim_fast.sampling import graph as G
+    from ddim_fast.sampling import noise
+
+    real_randint = torch.randint
+
+    def randint(*args, generator=None, device=None, **kw):
+        if generator is not None and torch.device(device).type != generator.device.type:
+            raise RuntimeError(f"Expected a '{torch.device(device).type}' device type for generator but found '{generator.device.type}'")
+        return real_randint(*args, generator=generator, device=device, **kw)
+
+    monkeypatch.setattr(torch, "randint", randint)
+    seed = noise.philox_seed(_gen(0), torch.device("meta"))
+    assert seed.device.type == "meta" and seed.dtype == torch.int64 and seed.shape == (1,)
+    assert torch.equal(noise.philox_seed(_gen(5), torch.device("cpu")), noise.philox_seed(_gen(5), torch.device("cpu")))
+
+    drawn = []
+    monkeypatch.setattr(G, "philox_seed", lambda generator, device: drawn.append(generator) or noise.philox_seed(generator, device))
+    generator = _gen(3)
+    FastSampler(tiny_unet(in_channels=3), SCHEDULE, steps=2, eta=1.0, fast_rng=True, cuda_graph="emulate").sample(_x_T(1, 3), generator=generator)
+    assert drawn == [generator]
+
+
+def test_emulated_fast_rng_noise_has_unit_moments():
+    """In-kernel Philox noise is not the reference's stream: checked by moments. A model that
+    predicts eps = 0 from x_T = 0 leaves sigma * z after the step 500 -> 100, and the last
+    step (sigma = 0) divides by sqrt(alpha_100)."""
+    zero_eps = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    sampler = FastSampler(zero_eps, SCHEDULE, steps=2, eta=1.0, fast_rng=True, skip=[100, 500], cuda_graph="emulate")
+    out = sampler.sample(torch.zeros(16, 3, 32, 32), generator=_gen(9))
+    z = out * SCHEDULE.alpha(100) ** 0.5 / SCHEDULE.sigma(500, 100, 1.0)
+    assert abs(z.mean().item()) < 0.02
+    assert abs(z.std().item() - 1) < 0.02
+    assert abs((z**4).mean().item() - 3) < 0.1
+    torch.testing.assert_close(sampler.sample(torch.zeros(16, 3, 32, 32), generator=_gen(9)), out, rtol=0, atol=0)
+    assert max_err(sampler.sample(torch.zeros(16, 3, 32, 32), generator=_gen(10)), out) > 1

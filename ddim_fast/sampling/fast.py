@@ -30,7 +30,7 @@ from ..models.prepare import COMPILE_MODES, compile_model, model_dtype, prepare_
 from . import common as S
 from .conditioning import NONE, Conditioning, GuidanceBuffers, cast_kwargs, make_conditioning
 from .graph import EMULATE, GRAPH_MODES, GraphCache, check_emulation
-from .noise import initial_noise
+from .noise import initial_noise, philox_seed
 
 
 class FastSampler:
@@ -306,7 +306,7 @@ class FastSampler:
         source = generator if generator is not None else torch.cuda.default_generators[dev.index or 0]
         table = torch.tensor(plan.coefs, dtype=torch.float32, device=dev)
         row = torch.zeros(1, dtype=torch.int32, device=dev)
-        seed = torch.randint(0, 2**62, (1,), generator=source, device=dev)
+        seed = philox_seed(source, dev)
         clip = None if encoding else self.options.clip
         clipped_eps = self.options.use_clipped_model_output and not encoding
         has_xt = bool((plan.coefs[:, 4] != 0).any())

@@ -55,6 +55,7 @@ from ..core.plan import StepPlan
 from ..models.prepare import runs_from_table
 from ..ops.dispatch import dense_layout
 from .common import call_model, check_model_output
+from .noise import philox_seed
 from .conditioning import NONE, Conditioning, GuidanceBuffers, copy_into, signature, static_copy
 
 GRAPH_MODES = ("step", "loop")
@@ -306,7 +307,7 @@ class CapturedLoop:
         if self.z_host is not None:
             self._draw_noise_table(source)
         if self.seed is not None:
-            self.seed.copy_(torch.randint(0, 2**62, (1,), generator=source, device=dev))
+            self.seed.copy_(philox_seed(source, dev))
         if not self.graphs:  # not captured (emulated): the same steps, launched one by one
             for i in range(self.plan.steps):
                 self._one_step(self.noisy[i])

@@ -43,6 +43,12 @@ def noise_like(x: torch.Tensor, generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=dev, dtype=torch.float32).to(x.device)
 
 
+def philox_seed(generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """fast_rng's seed for one run: one int64 draw from `generator` on its own device, moved
+    to `device` ((1,) int64). A CPU generator cannot draw a CUDA tensor."""
+    return torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).to(device)
+
+
 def derive_seed(*keys: int) -> int:
     """A 63-bit seed from a tuple of non-negative ints (numpy's SeedSequence: no collisions by arithmetic)."""
     state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
