@@ -169,6 +169,7 @@ def test_guided_graph_replays_new_labels_and_scale_without_recapture(eta, lean):
 
 
 def test_uncapturable_model_falls_back_with_one_warning():
+    """A host sync in the model: the warm-up's sync check finds it, before any capture."""
     model = _model()
 
     def syncing(x, t):
@@ -178,7 +179,7 @@ def test_uncapturable_model_falls_back_with_one_warning():
 
     x_T = _x_T()
     sampler = FastSampler(syncing, SCHEDULE, steps=5)
-    with pytest.warns(RuntimeWarning, match="could not be captured in a CUDA graph"):
+    with pytest.warns(RuntimeWarning, match="could not be captured in a CUDA graph \\(a step synchronizes with the host"):
         a = sampler.sample(x_T)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -186,6 +187,34 @@ def test_uncapturable_model_falls_back_with_one_warning():
     ref = ReferenceSampler(model, SCHEDULE, steps=5).sample(x_T)
     assert max_err(a, ref) <= 1e-4 * (1 + ref.abs().max().item())
     torch.testing.assert_close(a, b)
+
+
+def test_a_capture_that_fails_leaves_the_process_able_to_sample_and_capture():
+    """A model that runs eagerly but breaks its capture (a host sync only while capturing, so
+    the warm-up's sync check cannot see it): the capture fails, and then the eager fallback
+    draws from the default CUDA generator (eta > 0, no generator) and a new sampler captures.
+    In torch <= 2.12 a failed capture left the generators in capture mode and the allocator
+    routing to the graph's pool (restore_after_failed_capture undoes both)."""
+    model = _model()
+
+    def breaks_capture(x, t):
+        if torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()
+        return model(x, t)
+
+    x_T = _x_T()
+    with pytest.warns(RuntimeWarning, match="could not be captured in a CUDA graph"):
+        got = FastSampler(breaks_capture, SCHEDULE, steps=5, eta=1.0).sample(x_T)
+    assert got.isfinite().all()
+    torch.randn(4, device="cuda")  # the default generator left capture mode
+    sampler = FastSampler(model, SCHEDULE, steps=5, eta=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = sampler.sample(x_T, generator=_gen(1))
+    (loop,) = sampler._graphs._entries.values()
+    assert loop.graphs
+    ref = ReferenceSampler(model, SCHEDULE, steps=5, eta=1.0).sample(x_T, generator=_gen(1))
+    assert max_err(a, ref) <= 1e-4 * (1 + ref.abs().max().item())
 
 
 def test_fast_rng_has_the_right_moments():

@@ -98,12 +98,14 @@ def test_advance_kernel_moves_counter_and_timesteps():
 class _FakeLoop:
     made = 0
 
-    def __init__(self, sampler, model, plan, x, encoding, cond=None):
+    generators = []
+
+    def __init__(self, sampler, model, plan, x, encoding, cond=None, noise_device=None):
         type(self).made += 1
         self.x = x
 
     def warm_up(self):
-        pass
+        return None
 
     def capture(self, mode, pool):
         pass
@@ -135,20 +137,46 @@ def test_graph_cache_keys_and_bound(monkeypatch):
 
 
 def test_graph_cache_falls_back_once_with_the_reason(monkeypatch):
+    """A capture that fails: one warning with the reason, the eager loop from then on, and the
+    process's CUDA graph state restored (restore_after_failed_capture, which only a GPU can
+    run: test_cuda.py's failing-capture test runs it there) with the cache's pool and the
+    loop's generators."""
+
     class Broken(_FakeLoop):
+        generators = ["the loop's generator"]
+
         def capture(self, mode, pool):
             raise RuntimeError("operation not permitted when stream is capturing")
 
+    restored = []
     monkeypatch.setattr(G, "CapturedLoop", Broken)
+    monkeypatch.setattr(G, "restore_after_failed_capture", lambda device, pool, generators: restored.append((device, pool, generators)))
     monkeypatch.setattr(G.torch.cuda, "graph_pool_handle", lambda: "pool")
-    monkeypatch.setattr(G.torch.cuda, "synchronize", lambda *a: None)
     sampler = FastSampler(tiny_unet(), SCHEDULE, steps=2)
     cache = G.GraphCache(2)
     with pytest.warns(RuntimeWarning, match="could not be captured in a CUDA graph \\(RuntimeError: operation not permitted"):
         assert cache.run(sampler, sampler._plan, torch.zeros(1, 1, 8, 8), None, False) is None
+    assert restored == [(torch.device("cpu"), "pool", ["the loop's generator"])]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cache.run(sampler, sampler._plan, torch.zeros(1, 1, 8, 8), None, False) is None  # no second warning
+    assert len(restored) == 1
+
+
+def test_a_host_sync_found_in_the_warm_up_falls_back_before_any_capture(monkeypatch):
+    class Syncing(_FakeLoop):
+        def warm_up(self):
+            return "a step synchronizes with the host (called a synchronizing CUDA operation), which a CUDA graph cannot capture"
+
+        def capture(self, mode, pool):
+            raise AssertionError("no capture after the warm-up found a host sync")
+
+    monkeypatch.setattr(G, "CapturedLoop", Syncing)
+    monkeypatch.setattr(G.torch.cuda, "graph_pool_handle", lambda: "pool")
+    sampler = FastSampler(tiny_unet(), SCHEDULE, steps=2)
+    cache = G.GraphCache(2)
+    with pytest.warns(RuntimeWarning, match="a step synchronizes with the host"):
+        assert cache.run(sampler, sampler._plan, torch.zeros(1, 1, 8, 8), None, False) is None
 
 
 def test_graph_options_are_validated():

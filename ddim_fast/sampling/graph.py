@@ -45,6 +45,7 @@ names the reason.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import OrderedDict
 from typing import Optional
@@ -172,18 +173,31 @@ class CapturedLoop:
         self.out_buf = None  # the model output in x's layout, made if the model returns another
         self.graphs = {}
 
-    def warm_up(self) -> None:
-        """Each kind of step once, eagerly on a side stream (lazy initialisation, cuDNN and
-        Triton autotuning, compiles), before capture()."""
+    def warm_up(self) -> Optional[str]:
+        """Each kind of step twice, eagerly on a side stream, before capture(): the first time
+        for lazy initialisation, cuDNN and Triton autotuning and compiles, the second with
+        host syncs reported. Returns why the steps cannot be captured (a host sync: .item(),
+        a device-to-host copy, torch.cuda.synchronize, which a capture refuses), or None."""
         dev = self.x_buf.device
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for noisy in sorted(set(self.noisy)):
-                for _ in range(2):
+                self._reset()
+                self._one_step(noisy)
+            with _host_syncs_reported() as syncs:
+                for noisy in sorted(set(self.noisy)):
                     self._reset()
                     self._one_step(noisy)
         torch.cuda.current_stream(dev).wait_stream(side)
+        if syncs:
+            return f"a step synchronizes with the host ({syncs[0]}), which a CUDA graph cannot capture"
+        return None
+
+    @property
+    def generators(self) -> list:
+        """The generators the graphs draw from (registered with each graph)."""
+        return [self.gen] if self.gen is not None else []
 
     def capture(self, mode: str, pool) -> None:
         """Capture the step graphs ("step": one per kind of step, replayed S times) or the
@@ -207,8 +221,8 @@ class CapturedLoop:
         self.mode = mode
 
     def _register(self, g):
-        if self.gen is not None:
-            g.register_generator_state(self.gen)
+        for generator in self.generators:
+            g.register_generator_state(generator)
 
     def _reset(self):
         self.step.zero_()
@@ -378,10 +392,64 @@ class GraphCache:
             self._pool = torch.cuda.graph_pool_handle()
         # the warm-up runs the steps eagerly: what fails there (an output of the wrong shape)
         # fails the eager loop too, so it is raised, not taken for a model that cannot be captured
-        entry.warm_up()
+        reason = entry.warm_up()
+        if reason is not None:
+            return reason
         try:
             entry.capture(self.mode, self._pool)
         except Exception as e:  # noqa: BLE001 - any failure to capture means: run eagerly
-            torch.cuda.synchronize(device)
-            return f"{type(e).__name__}: {e}".splitlines()[0]
-        return None
+            reason = f"{type(e).__name__}: {e}".splitlines()[0]
+            try:
+                restore_after_failed_capture(device, self._pool, entry.generators)
+            except Exception as restore_error:  # noqa: BLE001 - say so, and fall back all the same
+                reason += f"; and the CUDA graph state could not be restored ({type(restore_error).__name__}: {restore_error})"
+        return reason
+
+
+@contextlib.contextmanager
+def _host_syncs_reported():
+    """Within: every CUDA host sync is recorded, not raised (torch's sync debug mode "warn");
+    yields the list of their messages. Other warnings pass on as they came."""
+    previous = torch.cuda.get_sync_debug_mode()
+    syncs = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield syncs
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    for w in caught:
+        message = str(w.message)
+        if "synchronizing CUDA operation" in message:
+            syncs.append(message.splitlines()[0])
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def restore_after_failed_capture(device: torch.device, pool, generators) -> None:
+    """Undo what a failed capture leaves behind, so that the eager fallback and later
+    captures work.
+
+    In torch <= 2.12, when a capture is invalidated (an uncapturable call inside it),
+    CUDAGraph::capture_end throws before it ends the allocator's routing of allocations to
+    the graph's pool and before the generators registered with the graph (ours and the
+    device's default one) leave capture mode: the next torch.randn on such a generator
+    raises "Attempt to increase offset for a CUDA generator not in capture mode", and every
+    later capture fails in torch.cuda.graph's empty_cache. So: end the routing if it is still
+    on, then capture one trivial graph with the same generators, whose successful end takes
+    them out of capture mode. Both are no-ops where torch cleaned up after itself."""
+    torch.cuda.synchronize(device)
+    end_routing = getattr(torch._C, "_cuda_endAllocateToPool", None) or getattr(torch._C, "_cuda_endAllocateCurrentStreamToPool", None)
+    if end_routing is not None:
+        try:
+            end_routing(device.index, pool)
+        except RuntimeError:
+            pass  # nothing is routed to the pool any more: capture_end got that far
+    graph = torch.cuda.CUDAGraph()
+    for generator in generators:
+        graph.register_generator_state(generator)
+    scratch = torch.zeros(1, device=device)
+    with torch.cuda.graph(graph):
+        scratch.add_(1)
+    torch.cuda.synchronize(device)
