@@ -250,3 +250,37 @@ def test_emulated_fast_rng_noise_has_unit_moments():
     assert abs((z**4).mean().item() - 3) < 0.1
     torch.testing.assert_close(sampler.sample(torch.zeros(16, 3, 32, 32), generator=_gen(9)), out, rtol=0, atol=0)
     assert max_err(sampler.sample(torch.zeros(16, 3, 32, 32), generator=_gen(10)), out) > 1
+
+
+def test_the_sample_s_device_is_made_current(monkeypatch):
+    """With x on cuda:1 and cuda:0 current, the Triton launches, the side stream and the
+    capture must go to cuda:1: both loops run with x's device current. Traced on fake CUDA
+    tensors (no GPU here), torch.cuda.device recording what it is entered with."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ddim_fast.sampling import fast
+    from ddim_fast.sampling import graph as G
+
+    current = []
+
+    class Device:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def __enter__(self):
+            current.append(self.device)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(G.GraphCache, "run", lambda self, sampler, plan, x, *a, **k: seen.append(("captured", list(current))) or x)
+    monkeypatch.setattr(fast.FastSampler, "_eager", lambda self, plan, x, *a, **k: seen.append(("eager", list(current))) or x)
+    identity = lambda x, t: x  # noqa: E731
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 8, 8, device="cuda:1")
+        FastSampler(identity, SCHEDULE, steps=2).sample(x)
+        FastSampler(identity, SCHEDULE, steps=2, cuda_graph=False).sample(x)
+    assert seen == [("captured", [torch.device("cuda", 1)]), ("eager", [torch.device("cuda", 1)])]
+    assert current == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import NamedTuple, Optional
 
@@ -26,6 +27,13 @@ class SamplerOutput(NamedTuple):
 def warn_if_training(model, who: str) -> None:
     if isinstance(model, torch.nn.Module) and model.training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
         warnings.warn(f"{who}: the model is in training mode, so dropout makes sampling random; call model.eval() first", UserWarning, stacklevel=3)
+
+
+def on_device(x: torch.Tensor):
+    """x's device made current while a sampler runs (torch.cuda.device): Triton launches, side
+    streams and graph captures go to the current device, so with x on cuda:1 and cuda:0
+    current they would all go to cuda:0 (the native ops guard themselves). A no-op off CUDA."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def call_model(model, x: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:

@@ -210,7 +210,7 @@ class FastSampler:
             check_emulation(x, return_x0=return_x0, return_trajectory=return_trajectory, check_finite=self.options.check_finite)
         elif self.fast_rng and x.device.type != "cuda":
             raise ValueError(f"fast_rng draws the noise inside the CUDA step kernel; x is on {x.device} (use fast_rng=False there)")
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode(), S.on_device(x):
             x = self._layout(x)
             cond = cast_kwargs(cond, self.dtype)
             captured = x.device.type == "cuda" and self.cuda_graph is True and not want_extra and not self.options.check_finite
