@@ -284,3 +284,107 @@ def test_the_sample_s_device_is_made_current(monkeypatch):
         FastSampler(identity, SCHEDULE, steps=2, cuda_graph=False).sample(x)
     assert seen == [("captured", [torch.device("cuda", 1)]), ("eager", [torch.device("cuda", 1)])]
     assert current == []
+
+
+@pytest.mark.parametrize("eta, clip, prediction, clipped_eps", [
+    (1.0, True, "eps", True),  # diffusers' use_clipped_model_output
+    (0.5, (-2.0, 3.0), "v", False),
+    ("ddpm_noisy", True, "x0", False),
+])
+def test_emulated_loop_clamps_and_reads_every_parameterisation(eta, clip, prediction, clipped_eps):
+    model = tiny_unet(in_channels=3)
+    x_T = _x_T(2, 3)
+    kw = dict(steps=4, eta=eta, clip_x0=clip, prediction=prediction, use_clipped_model_output=clipped_eps)
+    got = FastSampler(model, SCHEDULE, cuda_graph="emulate", **kw).sample(x_T, generator=_gen(1))
+    ref = ReferenceSampler(model, SCHEDULE, **kw).sample(x_T, generator=_gen(1))
+    # a clamp turns rounding near its edges into a jump, so against the fp32 reference
+    assert max_err(got, ref) <= 1e-3 * (1 + ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("eta", [1.0, 0.0])
+def test_emulated_loop_in_low_precision_tracks_the_float64_reference(dtype, eta):
+    """The whole loop in bf16/fp16 (x, the model, the step's storage): held to PyTorch's own
+    error at that precision (the model cast, in an fp32 loop), plus the rounding of storing
+    the sample in `dtype`."""
+    from .conftest import CastModel
+
+    model = tiny_unet(in_channels=3)
+    x_T = _x_T(2, 3)
+    got = FastSampler(model, SCHEDULE, steps=4, eta=eta, dtype=dtype, cuda_graph="emulate").sample(x_T, generator=_gen(1))
+    assert got.dtype == dtype
+    ref64 = _reference64(model, x_T, 1, steps=4, eta=eta)
+    own = max_err(ReferenceSampler(CastModel(model, dtype), SCHEDULE, steps=4, eta=eta).sample(x_T, generator=_gen(1)), ref64)
+    assert 0 < own
+    assert max_err(got, ref64) <= 2 * own + torch.finfo(dtype).eps * ref64.abs().max().item()
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_emulated_loop_encodes_like_the_reference(channels_last):
+    model = tiny_unet(in_channels=3)
+    x0 = torch.rand(2, 3, 8, 8, generator=_gen(0)) * 2 - 1
+    sampler = FastSampler(model, SCHEDULE, steps=5, cuda_graph="emulate", channels_last=channels_last)
+    got = sampler.encode(x0)
+    (loop,) = sampler._graphs._entries.values()
+    assert loop.encoding
+    ref = ReferenceSampler(model, SCHEDULE, steps=5).encode(x0)
+    ref64 = ReferenceSampler(copy.deepcopy(model).double(), SCHEDULE, steps=5).encode(x0.double())
+    assert max_err(got, ref64) <= 2 * max_err(ref, ref64) + 1e-5 * (1 + ref64.abs().max().item())
+
+
+@pytest.mark.parametrize("eta, rescale", [(1.0, None), (0.0, None), (0.5, 0.6)])
+@pytest.mark.parametrize("lean", [True, False])
+def test_emulated_guided_loop_replays_new_labels_and_scales(eta, rescale, lean):
+    """Classifier-free guidance with class labels: the model runs on the doubled batch, the
+    step reads both halves; a second run with other labels and another w reuses the loop
+    (its kwargs and w are static buffers) and gives the reference's result for them."""
+    model = tiny_unet(in_channels=3, num_classes=10)
+    x_T = _x_T(2, 3)
+    sampler = FastSampler(model, SCHEDULE, steps=4, eta=eta, lean=lean, cuda_graph="emulate")
+    null = {"class_labels": torch.tensor([10, 10])}
+    for labels, w in (([3, 4], 2.0), ([7, 1], 5.0)):
+        kw = dict(model_kwargs={"class_labels": torch.tensor(labels)}, guidance_scale=w, uncond_kwargs=null, guidance_rescale=rescale)
+        got = sampler.sample(x_T, generator=_gen(1), **kw)
+        ref = ReferenceSampler(model, SCHEDULE, steps=4, eta=eta).sample(x_T, generator=_gen(1), **kw)
+        ref64 = ReferenceSampler(copy.deepcopy(model).double(), SCHEDULE, steps=4, eta=eta).sample(x_T.double(), generator=_gen(1), **kw)
+        assert max_err(got, ref64) <= 2 * max_err(ref, ref64) + 1e-5 * (1 + ref64.abs().max().item())
+    assert len(sampler._graphs) == 1
+
+
+@pytest.mark.parametrize("eta, rescale", [(1.0, None), (1.0, 0.7), (0.0, None)])
+def test_emulated_guided_loop_of_a_unet2dcondition(eta, rescale):
+    """A tiny Stable-Diffusion-shaped UNet2DConditionModel (4 channels, cross-attention), run
+    from its time table, with text-embedding guidance."""
+    pytest.importorskip("diffusers", reason="diffusers is an optional dependency")
+    from .test_diffusers import _unet2d_condition
+
+    unet = _unet2d_condition()
+    x_T = torch.randn(2, 4, 8, 8, generator=_gen(0))
+    kw = dict(
+        model_kwargs={"encoder_hidden_states": torch.randn(2, 5, 16, generator=_gen(1))},
+        guidance_scale=7.5,
+        uncond_kwargs={"encoder_hidden_states": torch.randn(2, 5, 16, generator=_gen(2))},
+        guidance_rescale=rescale,
+    )
+    sampler = FastSampler(unet, SCHEDULE, steps=4, eta=eta, cuda_graph="emulate")
+    got = sampler.sample(x_T, generator=_gen(3), **kw)
+    (loop,) = sampler._graphs._entries.values()
+    assert loop.table is not None and loop.guide is not None
+    ref = ReferenceSampler(unet, SCHEDULE, steps=4, eta=eta).sample(x_T, generator=_gen(3), **kw)
+    ref64 = ReferenceSampler(copy.deepcopy(unet).double(), SCHEDULE, steps=4, eta=eta)
+    kw64 = dict(kw, model_kwargs={"encoder_hidden_states": kw["model_kwargs"]["encoder_hidden_states"].double()},
+                uncond_kwargs={"encoder_hidden_states": kw["uncond_kwargs"]["encoder_hidden_states"].double()})
+    ref64 = ref64.sample(x_T.double(), generator=_gen(3), **kw64)
+    assert max_err(got, ref64) <= 2 * max_err(ref, ref64) + 1e-5 * (1 + ref64.abs().max().item())
+
+
+def test_emulated_loop_of_a_diffusers_unet2dmodel():
+    pytest.importorskip("diffusers", reason="diffusers is an optional dependency")
+    from .test_diffusers import _unet2d
+
+    unet = _unet2d()
+    x_T = _x_T(2, 3)
+    got = FastSampler(unet, SCHEDULE, steps=4, eta=0.5, cuda_graph="emulate").sample(x_T, generator=_gen(1))
+    ref = ReferenceSampler(unet, SCHEDULE, steps=4, eta=0.5).sample(x_T, generator=_gen(1))
+    ref64 = ReferenceSampler(copy.deepcopy(unet).double(), SCHEDULE, steps=4, eta=0.5).sample(x_T.double(), generator=_gen(1))
+    assert max_err(got, ref64) <= 2 * max_err(ref, ref64) + 1e-5 * (1 + ref64.abs().max().item())

@@ -1,9 +1,8 @@
-"""The captured loop's logic, checked on the CPU.
+"""The captured loop's kernels and its cache, checked on the CPU.
 
-The step counter, the coefficient table, the advance kernel and the noise order run
-here without a graph (CapturedLoop(capture=False), Triton under its interpreter); the
-cache's keys and bound with a stand-in for the captured loop. The CUDA-graph runs
-themselves are in test_cuda.py (skipped without a GPU).
+The in-kernel noise and the advance kernel under Triton's interpreter; the cache's keys,
+bound and fallbacks with a stand-in for the captured loop. The loop itself, emulated, is in
+test_emulated_loop.py; the CUDA-graph runs in test_cuda.py (skipped without a GPU).
 """
 
 import math
@@ -12,53 +11,12 @@ import warnings
 import pytest
 import torch
 
-from ddim_fast import FastSampler, ReferenceSampler, Schedule
+from ddim_fast import FastSampler, Schedule
 from ddim_fast.sampling import graph as G
-from ddim_fast.core.plan import encoding_plan
 
-from .conftest import max_err, requires_triton_interpreter, tiny_unet
+from .conftest import requires_triton_interpreter, tiny_unet
 
 SCHEDULE = Schedule.linear()
-
-
-@requires_triton_interpreter
-@pytest.mark.parametrize("eta, clip, prediction", [(0.0, False, "eps"), (0.5, True, "eps"), (1.0, False, "v"), ("ddpm_noisy", True, "x0")])
-@pytest.mark.parametrize("mode", ["step", "loop"])
-def test_device_loop_logic_equals_reference(eta, clip, prediction, mode):
-    model = tiny_unet()
-    sampler = FastSampler(model, SCHEDULE, steps=4, eta=eta, clip_x0=clip, prediction=prediction, channels_last=False)
-    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    loop = G.CapturedLoop(sampler, sampler._prepared_model(x_T.device), sampler._plan, x_T, False)
-    g = torch.Generator().manual_seed(1)
-    got = loop.run(x_T, g)
-    ref = ReferenceSampler(model, SCHEDULE, steps=4, eta=eta, clip_x0=clip, prediction=prediction).sample(x_T, generator=torch.Generator().manual_seed(1))
-    scale = 1 + ref.abs().max().item()
-    assert max_err(got, ref) <= (1e-3 if clip else 1e-5) * scale
-    # the caller's generator advanced exactly as the reference's did
-    assert torch.equal(torch.randn(3, generator=g), torch.randn(3, generator=_advanced(eta, x_T.shape, 4)))
-    # run again: buffers and the counter are reset
-    torch.testing.assert_close(loop.run(x_T, torch.Generator().manual_seed(1)), got, rtol=0, atol=0)
-
-
-def _advanced(eta, shape, steps):
-    """A generator seeded 1 that has drawn what the sampling loop draws."""
-    g = torch.Generator().manual_seed(1)
-    plan_noisy = steps - 1 if (eta == "ddpm_noisy" or eta > 0) else 0  # the last step draws nothing
-    for _ in range(plan_noisy):
-        torch.randn(shape, generator=g)
-    return g
-
-
-@requires_triton_interpreter
-def test_device_loop_encodes_like_the_reference():
-    model = tiny_unet()
-    sampler = FastSampler(model, SCHEDULE, steps=5, channels_last=False)
-    x0 = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    plan = encoding_plan(SCHEDULE, list(sampler.options.grid))
-    loop = G.CapturedLoop(sampler, sampler._prepared_model(x0.device), plan, x0, True)
-    got = loop.run(x0, None)
-    ref = ReferenceSampler(model, SCHEDULE, steps=5).encode(x0)
-    assert max_err(got, ref) <= 1e-4 * (1 + ref.abs().max().item())
 
 
 @requires_triton_interpreter
