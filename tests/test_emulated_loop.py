@@ -115,8 +115,8 @@ class _Wrapped(torch.nn.Module):
         super().__init__()
         self.inner, self.how = inner, how
 
-    def forward(self, x, t):
-        out = self.inner(x, t)
+    def forward(self, x, t, **model_kwargs):
+        out = self.inner(x, t, **model_kwargs)
         if self.how == "contiguous":  # e.g. a DiT-style unpatchify: NCHW whatever x is
             return out.contiguous()
         if self.how == "strided":  # the first C channels of a learned-variance output
@@ -387,4 +387,30 @@ def test_emulated_loop_of_a_diffusers_unet2dmodel():
     got = FastSampler(unet, SCHEDULE, steps=4, eta=0.5, cuda_graph="emulate").sample(x_T, generator=_gen(1))
     ref = ReferenceSampler(unet, SCHEDULE, steps=4, eta=0.5).sample(x_T, generator=_gen(1))
     ref64 = ReferenceSampler(copy.deepcopy(unet).double(), SCHEDULE, steps=4, eta=0.5).sample(x_T.double(), generator=_gen(1))
+    assert max_err(got, ref64) <= 2 * max_err(ref, ref64) + 1e-5 * (1 + ref64.abs().max().item())
+
+
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("how", [None, "contiguous"])
+def test_eager_loop_on_the_triton_step_reads_a_device_table(monkeypatch, guided, how):
+    """The eager loop where the step's backend is Triton (CUDA without the native ops, or
+    backend="triton"): the kernel reads row i of a table made once, as the captured loop's
+    does, not through the op's eager entry, which copies a new one-row table to the device
+    every step (a pageable copy and a sync on CUDA). Here under the interpreter,
+    channels_last, eta = 1, and a model output in another layout."""
+    from ddim_fast.kernels import ddim_step as tk
+
+    def per_step_entry(*args, **kwargs):
+        raise AssertionError("the sampler's Triton step went through the op's per-call entry")
+
+    monkeypatch.setattr(tk, "ddim_step", per_step_entry)
+    model = tiny_unet(in_channels=3, num_classes=10 if guided else None)
+    run = model if how is None else _Wrapped(model, how)
+    x_T = _x_T(2, 3)
+    kw = {}
+    if guided:
+        kw = dict(model_kwargs={"class_labels": torch.tensor([1, 2])}, guidance_scale=3.0, uncond_kwargs={"class_labels": torch.tensor([10, 10])})
+    got = FastSampler(run, SCHEDULE, steps=4, eta=1.0, cuda_graph=False, backend="triton").sample(x_T, generator=_gen(1), **kw)
+    ref = ReferenceSampler(model, SCHEDULE, steps=4, eta=1.0).sample(x_T, generator=_gen(1), **kw)
+    ref64 = ReferenceSampler(copy.deepcopy(model).double(), SCHEDULE, steps=4, eta=1.0).sample(x_T.double(), generator=_gen(1), **kw)
     assert max_err(got, ref64) <= 2 * max_err(ref, ref64) + 1e-5 * (1 + ref64.abs().max().item())

@@ -66,7 +66,7 @@ def _check_alpha(op: str, name: str, a) -> float:
     return a
 
 
-def _pick_backend(op: str, x: torch.Tensor, backend):
+def pick_backend(op: str, x: torch.Tensor, backend):
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {BACKENDS}")
@@ -247,7 +247,7 @@ def step(x, model_output, coefs, noise, clip, prediction: int, clipped_eps: bool
     guided_step.
     """
     op = "ddim_step" if cond is None else "guided_step"
-    be = _pick_backend(op, x, backend)
+    be = pick_backend(op, x, backend)
     if be == "torch":
         return fallback.ddim_step(x, model_output, coefs, noise, clip, prediction, clipped_eps, out, x0_out, cond=cond, guidance=guidance)
     if not dense_layout(x, model_output, cond, noise, out, x0_out):
@@ -298,7 +298,7 @@ def predict_x0(x, eps, alpha_t, clip=None, out=None, *, prediction: str = "eps",
     if eps_out is not None:
         _check_like(op, "eps_out", x, eps_out)
     sa, s1m = math.sqrt(a_t), math.sqrt(1.0 - a_t)
-    be = _pick_backend(op, x, backend)
+    be = pick_backend(op, x, backend)
     if be == "torch":
         return fallback.predict_x0(x, eps, sa, s1m, clip, code, out, eps_out)
     if not dense_layout(x, eps, out, eps_out):
@@ -377,7 +377,7 @@ def _group_norm(op, x, num_groups, weight, bias, eps, add_bias, residual, silu, 
             raise ValueError(f"{op}: add_bias must be on x's device {x.device}, got {add_bias.device}")
     if residual is not None:
         _check_like(op, "residual", x, residual)
-    be = _pick_backend(op, x, backend)
+    be = pick_backend(op, x, backend)
     if be == "torch":
         return fallback.group_norm_act(x, num_groups, weight, bias, float(eps), add_bias, residual, silu)
     # the kernels take NCHW or channels_last, and address a residual with x's strides

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from .. import ops
+from ..ops.dispatch import dense_layout, pick_backend
 from ..core.checks import PREDICTION_CODE, check_bool
 from ..core.options import check_dtype, make_options
 from ..core.plan import StepPlan, encoding_plan, sampling_plan
@@ -248,7 +249,10 @@ class FastSampler:
         call = self._model_caller(model, plan, xx.shape[0], dev, cond)
         noisy = [plan.draws_noise(i) for i in range(plan.steps)]
         guide = GuidanceBuffers(x, cond) if cond.guided else None
-        step = self._philox_stepper(plan, x, generator, encoding, guide) if (self.fast_rng and any(noisy)) else self._op_stepper(plan, x, generator, encoding, guide)
+        step_op = "guided_step" if (guide is not None and not guide.rescale) else "ddim_step"
+        on_kernel = (self.fast_rng and any(noisy)) or pick_backend(step_op, x, self.backend) == "triton"
+        stepper = self._kernel_stepper if on_kernel else self._op_stepper
+        step = stepper(plan, x, generator, encoding, guide)
         x0_preds = [] if return_x0 else None
         xs = [x.clone()] if return_trajectory else None
         for i in range(plan.steps):
@@ -273,6 +277,20 @@ class FastSampler:
             return S.SamplerOutput(x, x0_preds, xs)
         return x
 
+    def _noise_drawer(self, plan: StepPlan, x, generator):
+        """draw(): the next draw of the reference's stream, torch.randn(x.shape) in float32 from
+        `generator`, in x's layout (what the fused step reads with x's flat offsets); None
+        when the plan draws no noise. Buffers made once: no allocation per step."""
+        if not any(plan.draws_noise(i) for i in range(plan.steps)):
+            return None
+        z = torch.empty_like(x, dtype=torch.float32)
+        draw_device = generator.device if generator is not None else x.device
+        if draw_device == x.device and z.is_contiguous():
+            return lambda: torch.randn(x.shape, generator=generator, out=z)  # noqa: E731
+        # NCHW on the generator's device (as ReferenceSampler draws), then one copy into x's layout
+        z_draw = torch.empty(x.shape, dtype=torch.float32, device=draw_device)
+        return lambda: z.copy_(torch.randn(x.shape, generator=generator, out=z_draw))  # noqa: E731
+
     def _op_stepper(self, plan: StepPlan, x, generator, encoding, guide: Optional[GuidanceBuffers] = None):
         """step(i, model_output, noisy, x0_out): the fused op, noise from the reference's stream.
 
@@ -280,15 +298,11 @@ class FastSampler:
         rows = [tuple(float(v) for v in r) for r in plan.coefs]
         clip = None if encoding else self.options.clip
         clipped_eps = self.options.use_clipped_model_output and not encoding
-        z = torch.empty(x.shape, dtype=torch.float32, device=x.device) if any(plan.draws_noise(i) for i in range(plan.steps)) else None
-        # a generator on another device draws there, then the draw moves (as ReferenceSampler does)
-        z_gen = torch.empty(x.shape, dtype=torch.float32, device=generator.device) if (z is not None and generator is not None and generator.device != x.device) else None
+        draw = self._noise_drawer(plan, x, generator)
         n = x.shape[0]
 
         def step(i, out, noisy, x0_out):
-            noise = None
-            if noisy:
-                noise = z.copy_(torch.randn(x.shape, generator=generator, out=z_gen)) if z_gen is not None else torch.randn(x.shape, generator=generator, out=z)
+            noise = draw() if noisy else None
             if guide is None:
                 ops.step(x, out, rows[i], noise, clip, self._prediction, clipped_eps, x, x0_out, backend=self.backend)
             elif guide.rescale:  # per-sample statistics first: the combine cannot be fused
@@ -298,28 +312,54 @@ class FastSampler:
 
         return step
 
-    def _philox_stepper(self, plan: StepPlan, x, generator, encoding, guide: Optional[GuidanceBuffers] = None):
-        """step(i, ...): the Triton step kernel drawing its own noise (fast_rng, CUDA only)."""
+    def _kernel_stepper(self, plan: StepPlan, x, generator, encoding, guide: Optional[GuidanceBuffers] = None):
+        """step(i, ...): the Triton step kernel reading row i of a coefficient table made once on
+        the device (the captured loop's launch, uncaptured), for fast_rng (the kernel draws the
+        noise) and where the step's backend is Triton (CUDA without the native ops): the op's
+        eager entry would copy a new one-row table to the device every step."""
         from ..kernels import ddim_step as tk
 
         dev = x.device
-        source = generator if generator is not None else torch.cuda.default_generators[dev.index or 0]
         table = torch.tensor(plan.coefs, dtype=torch.float32, device=dev)
         row = torch.zeros(1, dtype=torch.int32, device=dev)
-        seed = philox_seed(source, dev)
+        philox = self.fast_rng and any(plan.draws_noise(i) for i in range(plan.steps))
+        source = generator if generator is not None else torch.cuda.default_generators[dev.index or 0]
+        seed = philox_seed(source, dev) if philox else None
+        draw = None if philox else self._noise_drawer(plan, x, generator)
         clip = None if encoding else self.options.clip
         clipped_eps = self.options.use_clipped_model_output and not encoding
         has_xt = bool((plan.coefs[:, 4] != 0).any())
+        out_buf = None  # the model output in x's layout, made if the model returns another
         n = x.shape[0]
 
         def step(i, out, noisy, x0_out):
+            nonlocal out_buf
             row.fill_(i)
-            m, mc, w = out, None, None
+            if not dense_layout(x, out[:n]):  # the kernel reads it with x's flat offsets
+                if out_buf is None:
+                    out_buf = torch.empty(out.shape, dtype=x.dtype, device=dev, memory_format=self._format(x))
+                out = out_buf.copy_(out)
+            model_output, cond, w = out, None, None
             if guide is not None and guide.rescale:
-                m = guide.rescaled(out)
+                model_output = guide.rescaled(out)
             elif guide is not None:
-                m, mc, w = out[:n], out[n:], guide.w
-            tk.launch(x, m, table, row, x, prediction=self._prediction, clip=clip, clipped_eps=clipped_eps, seed=seed if noisy else None, has_xt=has_xt, x0_out=x0_out, cond=mc, guidance=w)
+                model_output, cond, w = out[:n], out[n:], guide.w
+            tk.launch(
+                x,
+                model_output,
+                table,
+                row,
+                x,
+                prediction=self._prediction,
+                clip=clip,
+                clipped_eps=clipped_eps,
+                noise=draw() if (noisy and draw is not None) else None,
+                seed=seed if (noisy and philox) else None,
+                has_xt=has_xt,
+                x0_out=x0_out,
+                cond=cond,
+                guidance=w,
+            )
 
         return step
 
