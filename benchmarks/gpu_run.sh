@@ -3,29 +3,35 @@
 # and sampling benchmarks and the step profile, and write everything under OUTDIR.
 #
 #   bash benchmarks/gpu_run.sh OUTDIR [stages]
+#   GPU_RUN_DRY=1 bash benchmarks/gpu_run.sh OUTDIR [stages]   # print the plan, run nothing
 #
 # stages (default "build tests kernels profile step sampling guided"; "compile" and
-# "guided-compile" only when named),
-# each with its own time limit, and every limit cut to what is left before the deadline
-# (GPU_RUN_SECONDS, default 570: one 10-minute device call with time to bring the files
-# back), so that the call always returns with results; a stage with no time left is
-# recorded as skipped:
-#   build     pip install --no-build-isolation --no-deps -e .  (CUDA arch 90 only; 120 s), and
-#             the wheels in .whl/ when it holds any (benchmarks/gpu_wheels.sh: diffusers; 60 s)
-#   native    tests/test_extension.py in one process, with faulthandler -> OUTDIR/native.log (60 s)
-#   tests     the GPU tier, pytest tests -m gpu (tests/conftest.py: every CUDA test and the
-#             extension's own), 12 xdist workers -> OUTDIR/tests.xml, tests.log (240 s)
-#   kernels   benchmarks/test_kernels.py -> OUTDIR/kernels.json                 (60 s)
-#   profile   benchmarks/profile_step.py, fp32 and bf16 -> OUTDIR/profile-*.json (40 s each)
-#   step      benchmarks/test_step.py: ms and ops per step, CIFAR-10 UNet, batch 1 and 64 -> OUTDIR/step.json (60 s)
-#   sampling  reference / fast / fast-bf16, CIFAR-10 UNet, batch 1 and 64 -> OUTDIR/sampling.json (150 s)
+# "guided-compile" only when named). Each stage has its own time limit, and every limit is
+# cut to what is left before the deadline (GPU_RUN_SECONDS, default 570: one 10-minute
+# device call with time to bring the files back), so that the call always returns with
+# results; a stage with no time left is recorded as skipped. The default stages' limits
+# sum to the deadline less the 20 s kept for the report (the dry run prints the sum and
+# tests/test_gpu_run.py checks it):
+#   build     pip install --no-build-isolation --no-deps -e .  (CUDA arch 90 only; 90 s; 39 s on
+#             the H100 at c872cfc), and the wheels in .whl/ when it holds any
+#             (benchmarks/gpu_wheels.sh: diffusers; 20 s)
+#   native    tests/test_extension.py in one process, with faulthandler -> OUTDIR/native.log (30 s)
+#   tests     the GPU tier, pytest tests -m "gpu and not autotune" (tests/conftest.py: every CUDA
+#             test and the extension's own; max-autotune compiles run in the compile stage),
+#             12 xdist workers, 60 s per test -> OUTDIR/tests.xml, tests.log (170 s)
+#   kernels   benchmarks/test_kernels.py -> OUTDIR/kernels.json                 (40 s)
+#   profile   benchmarks/profile_step.py, fp32 and bf16 -> OUTDIR/profile-*.json (25 s each)
+#   step      benchmarks/test_step.py: ms and ops per step, CIFAR-10 UNet, batch 1 and 64 -> OUTDIR/step.json (40 s)
+#   sampling  reference / fast / fast-bf16, CIFAR-10 UNet, batch 1 and 64 -> OUTDIR/sampling.json (70 s)
 #   guided    guided sampling (w = 7.5), reference / fast / fast-bf16, S = 10 and 50, batch 1: the
 #             digits-cond architecture and (with diffusers installed) an SD-1.5-sized
-#             UNet2DConditionModel -> OUTDIR/guided.json (90 s)
-#   compile   per step, FastSampler(compile=True) and the torch.compile peers (three modes, fp32 and
-#             bf16) -> OUTDIR/compile-step.json, then the S-sweep's, batch 1 -> OUTDIR/compile.json
-#             (whatever is left, 300 s at most; --ddim-compile-budget keeps each inside its share,
-#             and the rows that do not fit are listed as skipped, with why, in the JSON and report)
+#             UNet2DConditionModel -> OUTDIR/guided.json (40 s)
+#   compile   the max-autotune test (tests -m autotune: half the stage, 250 s at most), then
+#             per step, FastSampler(compile=True) and the torch.compile peers (three modes,
+#             fp32 and bf16) -> OUTDIR/compile-step.json, then the S-sweep's, batch 1 ->
+#             OUTDIR/compile.json (whatever is left, 450 s at most; --ddim-compile-budget keeps
+#             each inside its share, and the rows that do not fit are listed as skipped, with
+#             why, in the JSON and report)
 #   guided-compile  the guided rows' compile peers (reference over torch.compile(model)), S = 10 and
 #             50, batch 1 -> OUTDIR/guided-compile.json (only when named; whatever is left, 300 s at most)
 # Then benchmarks/report.py writes OUTDIR/report.md (and report.png with matplotlib).
@@ -39,31 +45,43 @@ cd "$repo"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-start=$(date +%s)
+dry=${GPU_RUN_DRY:-0}
+clock=0  # the dry run's clock: every stage takes its whole limit
+now() { if [[ $dry == 1 ]]; then echo "$clock"; else date +%s; fi; }
+start=$(now)
 status="$out/status.txt"
 : > "$status"
 
 deadline=$(( start + ${GPU_RUN_SECONDS:-570} ))
+planned=0
 
 stage() {  # stage NAME SECONDS CMD...: at most SECONDS, and never past the deadline (20 s kept for the report)
   local name=$1 secs=$2; shift 2
-  local t0=$(date +%s)
+  local t0
+  t0=$(now)
   local left=$(( deadline - t0 - 20 ))
+  planned=$(( planned + secs ))
   (( secs > left )) && secs=$left
   if (( secs < 15 )); then
     echo "$name skipped: ${left}s left before the deadline" | tee -a "$status"
     return
   fi
+  if [[ $dry == 1 ]]; then
+    echo "=== $name (limit ${secs}s): $*"
+    echo "$name dry seconds=$secs" >> "$status"
+    clock=$(( clock + secs ))
+    return
+  fi
   echo "=== $name (limit ${secs}s)"
   timeout --signal=INT --kill-after=10 "$secs" "$@" > "$out/$name.log" 2>&1
   local rc=$?
-  echo "$name rc=$rc seconds=$(( $(date +%s) - t0 ))" | tee -a "$status"
+  echo "$name rc=$rc seconds=$(( $(now) - t0 ))" | tee -a "$status"
   tail -n 25 "$out/$name.log"
 }
 
 has() { [[ " $stages " == *" $1 "* ]]; }
 
-{
+[[ $dry == 1 ]] || {
   echo "host: $(hostname)"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
   "$py" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
   "$py" -c "import triton; print('triton', triton.__version__)" 2>/dev/null
@@ -71,40 +89,47 @@ has() { [[ " $stages " == *" $1 "* ]]; }
   echo "cpu: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
   c++ --version 2>/dev/null | head -n 1
 } > "$out/machine.txt" 2>&1
-cat "$out/machine.txt"
+[[ $dry == 1 ]] || cat "$out/machine.txt"
 
-has build && stage build 120 env DDIM_FAST_CUDA_ARCHS=90 MAX_JOBS=16 "$py" -m pip install --no-build-isolation --no-deps --no-index -e .
-if has build && compgen -G ".whl/*.whl" > /dev/null; then
-  stage wheels 60 "$py" -m pip install --no-index --no-deps .whl/*.whl
+has build && stage build 90 env DDIM_FAST_CUDA_ARCHS=90 MAX_JOBS=16 "$py" -m pip install --no-build-isolation --no-deps --no-index -e .
+if has build && { [[ $dry == 1 ]] || compgen -G ".whl/*.whl" > /dev/null; }; then
+  stage wheels 20 "$py" -m pip install --no-index --no-deps .whl/*.whl
 fi
-"$py" -c "import ddim_fast, json; print(json.dumps(ddim_fast.backends(), indent=1))" | tee "$out/backends.json"
-# the OpenMP and C++ runtimes mapped once torch and the extension are loaded (two OpenMP
-# runtimes in one process would be a crash suspect)
-"$py" -c "
+if [[ $dry != 1 ]]; then
+  "$py" -c "import ddim_fast, json; print(json.dumps(ddim_fast.backends(), indent=1))" | tee "$out/backends.json"
+  # the OpenMP and C++ runtimes mapped once torch and the extension are loaded (two OpenMP
+  # runtimes in one process would be a crash suspect)
+  "$py" -c "
 import torch, ddim_fast.ops.extension as e
 e._load_extension()
 print('loaded:', *sorted({l.split()[-1] for l in open('/proc/self/maps') if any(k in l for k in ('omp', 'stdc++', '_C.'))}), sep='\n  ')
 " >> "$out/machine.txt" 2>&1
+fi
 
 # the extension's own tests in one process first: the H100 run at c872cfc lost an xdist
 # worker to a segfault in test_native_errors_say_what_was_expected; here faulthandler's
 # traceback (and the C++ one) lands in native.log
-has tests && stage native 60 env TORCH_SHOW_CPP_STACKTRACES=1 "$py" -X faulthandler -m pytest tests/test_extension.py -q -rfE -p no:cacheprovider -p no:xdist
+has tests && stage native 30 env TORCH_SHOW_CPP_STACKTRACES=1 "$py" -X faulthandler -m pytest tests/test_extension.py -q -rfE -p no:cacheprovider -p no:xdist
 
-has tests && stage tests 240 "$py" -m pytest tests -m gpu -n 12 -q -rfE --timeout 120 -p no:cacheprovider --junitxml="$out/tests.xml"
-has tests && tail -n 1 "$out/tests.log" > "$out/tests-summary.txt"
-has kernels && stage kernels 60 "$py" -m pytest benchmarks/test_kernels.py --benchmark-only --benchmark-max-time=0.2 -q -p no:cacheprovider --benchmark-json="$out/kernels.json"
-has profile && stage profile-fp32 40 "$py" benchmarks/profile_step.py --json "$out/profile-fp32.json"
-has profile && stage profile-bf16 40 "$py" benchmarks/profile_step.py --dtype bf16 --json "$out/profile-bf16.json"
-has step && stage step 60 "$py" -m pytest benchmarks/test_step.py --benchmark-only -q -p no:cacheprovider -k "not compile and not peer" --benchmark-json="$out/step.json"
-has sampling && stage sampling 150 "$py" -m pytest benchmarks/test_sampling.py --benchmark-only -q -p no:cacheprovider -k "not compile and not peer" --benchmark-json="$out/sampling.json"
-has guided && stage guided 90 "$py" -m pytest benchmarks/test_guided.py --benchmark-only -q -rs -p no:cacheprovider -k "not peer" --ddim-steps 10,50 --ddim-batch 1 --benchmark-json="$out/guided.json"
+has tests && stage tests 170 "$py" -m pytest tests -m "gpu and not autotune" -n 12 -q -rfE --timeout 60 -p no:cacheprovider --junitxml="$out/tests.xml"
+has tests && [[ $dry != 1 ]] && tail -n 1 "$out/tests.log" > "$out/tests-summary.txt"
+has kernels && stage kernels 40 "$py" -m pytest benchmarks/test_kernels.py --benchmark-only --benchmark-max-time=0.2 -q -p no:cacheprovider --benchmark-json="$out/kernels.json"
+has profile && stage profile-fp32 25 "$py" benchmarks/profile_step.py --json "$out/profile-fp32.json"
+has profile && stage profile-bf16 25 "$py" benchmarks/profile_step.py --dtype bf16 --json "$out/profile-bf16.json"
+has step && stage step 40 "$py" -m pytest benchmarks/test_step.py --benchmark-only -q -p no:cacheprovider -k "not compile and not peer" --benchmark-json="$out/step.json"
+has sampling && stage sampling 70 "$py" -m pytest benchmarks/test_sampling.py --benchmark-only -q -p no:cacheprovider -k "not compile and not peer" --benchmark-json="$out/sampling.json"
+has guided && stage guided 40 "$py" -m pytest benchmarks/test_guided.py --benchmark-only -q -rs -p no:cacheprovider -k "not peer" --ddim-steps 10,50 --ddim-batch 1 --benchmark-json="$out/guided.json"
 if has compile; then
-  left=$(( deadline - 20 - $(date +%s) ))
-  (( left > 300 )) && left=300
+  left=$(( deadline - 20 - $(now) ))
+  (( left > 450 )) && left=450
   if (( left > 60 )); then
-    # two thirds for the per-step rows (the issue's measure), the rest for the S-sweep; each
-    # compile budget leaves a quarter of its stage for the timed rounds after the last compile
+    # half (250 s at most) for the max-autotune test (it compiled for over 200 s on the H100),
+    # then two thirds of the rest for the per-step rows (the issue's measure) and the rest for
+    # the S-sweep; each compile budget leaves a quarter of its stage for the timed rounds
+    # after the last compile
+    autotune_s=$(( left / 2 )); (( autotune_s > 250 )) && autotune_s=250
+    left=$(( left - autotune_s ))
+    stage compile-tests "$autotune_s" "$py" -m pytest tests -m autotune -q -rfE --timeout 240 -p no:cacheprovider -p no:xdist --junitxml="$out/compile-tests.xml"
     step_s=$(( left * 2 / 3 )); sweep_s=$(( left - step_s ))
     stage compile-step "$step_s" "$py" -m pytest benchmarks/test_step.py --benchmark-only -q -rs -p no:cacheprovider -k "compile or peer" \
       --ddim-compile-budget $(( step_s * 3 / 4 )) --benchmark-json="$out/compile-step.json"
@@ -115,16 +140,21 @@ if has compile; then
   fi
 fi
 if has guided-compile; then
-  left=$(( deadline - 20 - $(date +%s) ))
+  left=$(( deadline - 20 - $(now) ))
   (( left > 300 )) && left=300
   stage guided-compile "$left" "$py" -m pytest benchmarks/test_guided.py --benchmark-only -q -rs -p no:cacheprovider -k "peer or reference" \
     --ddim-steps 10,50 --ddim-batch 1 --ddim-compile-budget $(( left * 3 / 4 )) --benchmark-json="$out/guided-compile.json"
 fi
 
+if [[ $dry == 1 ]]; then
+  echo "planned ${planned}s of ${GPU_RUN_SECONDS:-570}s (20s kept for the report)"
+  cat "$status"
+  exit 0
+fi
 jsons=$(ls "$out"/step.json "$out"/compile-step.json "$out"/sampling.json "$out"/guided.json "$out"/guided-compile.json "$out"/compile.json "$out"/kernels.json 2>/dev/null)
 if [ -n "$jsons" ]; then
   # shellcheck disable=SC2086
   "$py" benchmarks/report.py $jsons --md "$out/report.md" --png "$out/report.png" && cat "$out/report.md"
 fi
-echo "total $(( $(date +%s) - start ))s"
+echo "total $(( $(now) - start ))s"
 cat "$status"
