@@ -27,6 +27,54 @@ pytestmark = requires_triton_interpreter
 SCHEDULE = Schedule.linear()
 
 
+@pytest.fixture(autouse=True)
+def kernel_contracts(monkeypatch):
+    """Every launch of the loop's kernels checked against what they assume on a GPU, where a
+    broken assumption reads the wrong memory instead of failing: the step kernel addresses
+    every operand with x's flat offsets (same shape, device and strides; a noise table holds
+    one such row per step), the coefficient table is fp32 (rows, 6), the counter int32 (1,)."""
+    from ddim_fast.kernels import ddim_step as k
+    from ddim_fast.ops.dispatch import dense_layout
+
+    real_launch, real_advance = k.launch, k.advance
+
+    def like_x(name, x, t, dtypes):
+        assert t.shape == x.shape and t.device == x.device and t.dtype in dtypes, (name, t.shape, t.device, t.dtype)
+        assert dense_layout(x, t), (name, "not laid out like x", t.stride(), x.stride())
+
+    def small(name, t, dtype, x):
+        assert t.dtype == dtype and t.shape == (1,) and t.device == x.device, (name, t.dtype, t.shape, t.device)
+
+    def launch(x, model_output, coef_table, step, out, *, noise=None, noise_row_stride=0, seed=None, x0_out=None, cond=None, guidance=None, **kwargs):
+        assert dense_layout(x), x.stride()
+        for name, t in (("model_output", model_output), ("out", out), ("x0_out", x0_out), ("cond", cond)):
+            if t is not None:
+                like_x(name, x, t, (x.dtype,))
+        assert coef_table.dtype == torch.float32 and coef_table.dim() == 2 and coef_table.shape[1] == k.NUM_COEFS, coef_table.shape
+        assert coef_table.is_contiguous() and coef_table.device == x.device
+        small("step", step, torch.int32, x)
+        if noise is not None and noise_row_stride == 0:
+            like_x("noise", x, noise, (torch.float32, x.dtype))
+        elif noise is not None:  # a table: row r at r * x.numel()
+            assert noise_row_stride == x.numel() and noise.shape[1:] == x.shape and noise.shape[0] >= coef_table.shape[0]
+            like_x("noise row", x, noise[0], (torch.float32, x.dtype))
+            assert noise[1].data_ptr() - noise[0].data_ptr() == x.numel() * noise.element_size()
+        if seed is not None:
+            small("seed", seed, torch.int64, x)
+        if guidance is not None:
+            small("guidance", guidance, torch.float32, x)
+        return real_launch(x, model_output, coef_table, step, out, noise=noise, noise_row_stride=noise_row_stride, seed=seed, x0_out=x0_out, cond=cond, guidance=guidance, **kwargs)
+
+    def advance(step, t_table, t_buf):
+        small("step", step, torch.int32, t_buf)
+        assert t_table.dtype == t_buf.dtype == torch.int64 and t_table.is_contiguous() and t_buf.is_contiguous()
+        assert t_table.dim() == 2 and t_table.shape[1] == t_buf.numel() and t_table.device == t_buf.device
+        return real_advance(step, t_table, t_buf)
+
+    monkeypatch.setattr(k, "launch", launch)
+    monkeypatch.setattr(k, "advance", advance)
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
