@@ -50,6 +50,26 @@ def test_graph_equals_eager_equals_reference_fp32(steps, eta):
     assert max_err(graph, eager) <= 2 * own + 1e-5 * scale
 
 
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("guided", [False, True])
+def test_emulated_and_captured_loops_both_track_the_reference(eta, guided):
+    """cuda_graph="emulate" runs the captured loop's code uncaptured: what the CPU suite tests
+    (tests/test_emulated_loop.py) is what a GPU replays."""
+    model = _model(num_classes=10 if guided else None)
+    x_T = _x_T()
+    kw = {}
+    if guided:
+        null = torch.full((2,), 10, device="cuda")
+        kw = dict(model_kwargs={"class_labels": torch.tensor([1, 2], device="cuda")}, guidance_scale=3.0, uncond_kwargs={"class_labels": null})
+    graph = FastSampler(model, SCHEDULE, steps=10, eta=eta).sample(x_T, generator=_gen(1), **kw)
+    emulated = FastSampler(model, SCHEDULE, steps=10, eta=eta, cuda_graph="emulate").sample(x_T, generator=_gen(1), **kw)
+    ref = ReferenceSampler(model, SCHEDULE, steps=10, eta=eta).sample(x_T, generator=_gen(1), **kw)
+    ref64 = ReferenceSampler(copy.deepcopy(model).double(), SCHEDULE, steps=10, eta=eta).sample(x_T.double(), generator=_gen(1), **kw)
+    own = max_err(ref, ref64)
+    for got in (graph, emulated):
+        assert max_err(got, ref64) <= 2 * own + 1e-5 * (1 + ref64.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_graph_tracks_the_reference(dtype):
     model = _model()

@@ -30,7 +30,8 @@ from ..core.schedule import Schedule
 from ..models.prepare import COMPILE_MODES, compile_model, model_dtype, prepare_model, runs_from_table
 from . import common as S
 from .conditioning import NONE, Conditioning, GuidanceBuffers, cast_kwargs, make_conditioning
-from .graph import EMULATE, GRAPH_MODES, GraphCache, check_emulation
+from .capture import EMULATE, check_emulation
+from .graph import GRAPH_MODES, GraphCache
 from .noise import initial_noise, philox_seed
 
 
