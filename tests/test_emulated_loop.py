@@ -458,7 +458,9 @@ def test_eager_loop_on_the_triton_step_reads_a_device_table(monkeypatch, guided,
     kw = {}
     if guided:
         kw = dict(model_kwargs={"class_labels": torch.tensor([1, 2])}, guidance_scale=3.0, uncond_kwargs={"class_labels": torch.tensor([10, 10])})
-    got = FastSampler(run, SCHEDULE, steps=4, eta=1.0, cuda_graph=False, backend="triton").sample(x_T, generator=_gen(1), **kw)
+    sampler = FastSampler(run, SCHEDULE, steps=4, eta=1.0, cuda_graph=False, backend="triton")
+    got = sampler.sample(x_T, generator=_gen(1), **kw)
+    assert sampler.sample(x_T, **kw).isfinite().all()  # no generator: the device's default one
     ref = ReferenceSampler(model, SCHEDULE, steps=4, eta=1.0).sample(x_T, generator=_gen(1), **kw)
     ref64 = ReferenceSampler(copy.deepcopy(model).double(), SCHEDULE, steps=4, eta=1.0).sample(x_T.double(), generator=_gen(1), **kw)
     assert max_err(got, ref64) <= 2 * max_err(ref, ref64) + 1e-5 * (1 + ref64.abs().max().item())

@@ -9,6 +9,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..models.prepare import model_device
+from ..ops.dispatch import dense_layout
 
 
 class SamplerOutput(NamedTuple):
@@ -34,6 +35,18 @@ def on_device(x: torch.Tensor):
     streams and graph captures go to the current device, so with x on cuda:1 and cuda:0
     current they would all go to cuda:0 (the native ops guard themselves). A no-op off CUDA."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def laid_out_like(reference: torch.Tensor, out: torch.Tensor, buffer: Optional[torch.Tensor]) -> tuple:
+    """(out in reference's layout, the buffer used): out itself when it already is, else a copy
+    into `buffer` (made like reference on first need). The fused step reads the model output
+    with x's flat offsets, and a model may return another layout (a wrapper's .contiguous(),
+    a slice of a 2C output)."""
+    if dense_layout(reference, out):
+        return out, buffer
+    if buffer is None:
+        buffer = torch.empty_like(reference)
+    return buffer.copy_(out), buffer
 
 
 def call_model(model, x: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from ..ops.dispatch import dense_layout, pick_backend
+from ..ops.dispatch import pick_backend
 from ..core.checks import PREDICTION_CODE, check_bool
 from ..core.options import check_dtype, make_options
 from ..core.plan import StepPlan, encoding_plan, sampling_plan
@@ -32,7 +32,7 @@ from . import common as S
 from .conditioning import NONE, Conditioning, GuidanceBuffers, cast_kwargs, make_conditioning
 from .capture import EMULATE, check_emulation
 from .graph import GRAPH_MODES, GraphCache
-from .noise import initial_noise, philox_seed
+from .noise import generator_or_default, initial_noise, philox_seed
 
 
 class FastSampler:
@@ -256,12 +256,14 @@ class FastSampler:
         step = stepper(plan, x, generator, encoding, guide)
         x0_preds = [] if return_x0 else None
         xs = [x.clone()] if return_trajectory else None
+        out_buf = None  # the model output in x's layout, made if the model returns another
         for i in range(plan.steps):
             out = call(xx, i)
             if i == 0:
                 S.check_model_output(out, xx, i, plan.timesteps[i])
             if out.dtype != x.dtype:
                 out = out.to(x.dtype)
+            out, out_buf = S.laid_out_like(xx, out, out_buf)
             x0_out = torch.empty_like(x) if return_x0 else None
             step(i, out, noisy[i], x0_out)  # x updated in place
             if guide is not None:
@@ -324,22 +326,15 @@ class FastSampler:
         table = torch.tensor(plan.coefs, dtype=torch.float32, device=dev)
         row = torch.zeros(1, dtype=torch.int32, device=dev)
         philox = self.fast_rng and any(plan.draws_noise(i) for i in range(plan.steps))
-        source = generator if generator is not None else torch.cuda.default_generators[dev.index or 0]
-        seed = philox_seed(source, dev) if philox else None
+        seed = philox_seed(generator_or_default(generator, dev), dev) if philox else None
         draw = None if philox else self._noise_drawer(plan, x, generator)
         clip = None if encoding else self.options.clip
         clipped_eps = self.options.use_clipped_model_output and not encoding
         has_xt = bool((plan.coefs[:, 4] != 0).any())
-        out_buf = None  # the model output in x's layout, made if the model returns another
         n = x.shape[0]
 
-        def step(i, out, noisy, x0_out):
-            nonlocal out_buf
+        def step(i, out, noisy, x0_out):  # out: in x's layout (_eager sees to it)
             row.fill_(i)
-            if not dense_layout(x, out[:n]):  # the kernel reads it with x's flat offsets
-                if out_buf is None:
-                    out_buf = torch.empty(out.shape, dtype=x.dtype, device=dev, memory_format=self._format(x))
-                out = out_buf.copy_(out)
             model_output, cond, w = out, None, None
             if guide is not None and guide.rescale:
                 model_output = guide.rescaled(out)

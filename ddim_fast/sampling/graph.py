@@ -53,10 +53,9 @@ import torch
 
 from ..core.plan import StepPlan
 from ..models.prepare import runs_from_table
-from ..ops.dispatch import dense_layout
 from .capture import host_syncs_reported, restore_after_failed_capture
-from .common import call_model, check_model_output
-from .noise import philox_seed
+from .common import call_model, check_model_output, laid_out_like
+from .noise import generator_or_default, philox_seed
 from .conditioning import NONE, Conditioning, GuidanceBuffers, copy_into, signature, static_copy
 
 GRAPH_MODES = ("step", "loop")
@@ -228,11 +227,8 @@ class CapturedLoop:
             self._output_checked = True
         if out.dtype != self.x_buf.dtype:
             out = out.to(self.x_buf.dtype)
-        if dense_layout(self.x_buf, out):
-            return out
-        if self.out_buf is None:
-            self.out_buf = torch.empty_like(self.x_buf)
-        return self.out_buf.copy_(out)
+        out, self.out_buf = laid_out_like(self.x_buf, out, self.out_buf)
+        return out
 
     def _one_step(self, noisy: bool):
         out = self._model_output()
@@ -291,10 +287,7 @@ class CapturedLoop:
         if self.guide is not None:
             self.guide.set_scale(cond.guidance)
         self._reset()
-        if generator is not None:
-            source = generator
-        else:
-            source = torch.cuda.default_generators[dev.index or 0] if dev.type == "cuda" else torch.default_generator
+        source = generator_or_default(generator, dev)
         if self.gen is not None:
             self.gen.set_state(source.get_state())
         if self.z_host is not None:

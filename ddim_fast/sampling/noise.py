@@ -43,6 +43,13 @@ def noise_like(x: torch.Tensor, generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=dev, dtype=torch.float32).to(x.device)
 
 
+def generator_or_default(generator, device: torch.device) -> torch.Generator:
+    """The generator a run draws from: the caller's, else the default one of `device`."""
+    if generator is not None:
+        return generator
+    return torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
+
+
 def philox_seed(generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """fast_rng's seed for one run: one int64 draw from `generator` on its own device, moved
     to `device` ((1,) int64). A CPU generator cannot draw a CUDA tensor."""
