@@ -138,7 +138,7 @@ def main():
         cmdclass=cmdclass,
         install_requires=["torch>=2.4", "numpy", "pillow", "tqdm", "ninja"],  # ninja: torch.utils.cpp_extension's first-use build
         extras_require={
-            "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.9", "diffusers", "scipy"],  # Triton < 3.9: its interpreter fails with NumPy >= 2.4
+            "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.9", "diffusers", "transformers", "scipy"],  # Triton < 3.9: its interpreter fails with NumPy >= 2.4; transformers: the test pipelines' text encoder
             "triton": ["triton"],
             "diffusers": ["diffusers"],
         },

@@ -58,7 +58,7 @@ class _FakeLoop:
 
     generators = []
 
-    def __init__(self, sampler, model, plan, x, encoding, cond=None, noise_device=None):
+    def __init__(self, sampler, model, plan, x, encoding, cond=None, noise_device=None, noise_dtype=None):
         type(self).made += 1
         self.x = x
 

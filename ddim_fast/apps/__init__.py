@@ -9,4 +9,5 @@ ops and base layers, never the command line.
     distributed   sample generation sharded across torchrun processes, restartable
     machine       what a measurement records about where it ran (commit, CPU)
     opcount       what one sampling step dispatches (ops per step), for tests and benchmarks
+    pipelines     accelerate(pipe): a diffusers DDIMPipeline / StableDiffusionPipeline with FastSampler's loop
 """

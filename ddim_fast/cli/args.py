@@ -98,7 +98,7 @@ def finite_float(s: str) -> float:
 
 def common_args(p: argparse.ArgumentParser, *, model=True, device=True) -> None:
     if model:
-        p.add_argument("--model", default="digits", help="'digits' (embedded, default), a preset with random weights (cifar10, celeba, lsun), or a checkpoint file")
+        p.add_argument("--model", default="digits", help="'digits' (embedded, default), a preset with random weights (cifar10, celeba, lsun), a checkpoint file, or a folder diffusers' save_pretrained wrote (a DDIMPipeline's or a UNet2DModel's)")
         p.add_argument("--config", default=None, help="the preset a checkpoint file was trained with (default: read off the weights)")
     if device:
         p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
@@ -113,7 +113,7 @@ def sampling_args(p: argparse.ArgumentParser, *, eta=True, clip=True, steps_list
         p.add_argument("--steps", type=positive_int, default=50, help="S, the number of sampling steps (default 50)")
     if eta:
         p.add_argument("--eta", type=eta_arg, default=0.0, help="η in [0, 1] (0: deterministic DDIM, 1: DDPM variance) or 'ddpm_noisy' (default 0)")
-    p.add_argument("--skip", type=skip_arg, default="uniform", help=f"timestep grid: {', '.join(SKIP_TYPES)} or comma-separated timesteps (default uniform)")
+    p.add_argument("--skip", type=skip_arg, default=None, help=f"timestep grid: {', '.join(SKIP_TYPES)} or comma-separated timesteps (default uniform, or a diffusers folder's spacing)")
     if clip:
         p.add_argument("--clip", type=clip_arg, nargs="?", const=1.0, default=None, metavar="R", help="clamp x̂₀ to [-R, R] (R = 1 when given alone; default: no clamp, as the official code)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="sampling dtype (default fp32)")

@@ -8,14 +8,14 @@ import torch
 
 from ..sampling.noise import indexed_noise
 from .args import DTYPES, common_args, nonneg_int, positive_int, sampling_args
-from .common import fast_sampler, load_model, pick_device, progress_bar, reference_sampler, set_threads, time_run
+from .common import fast_sampler, image_shape, load_model, pick_device, progress_bar, reference_sampler, set_threads, time_run
 
 
 def cmd_bench(args) -> int:
     set_threads(args)
     device = pick_device(args.device)
-    model, schedule, desc = load_model(args.model, args.config, device, args)
-    shape = (model.in_channels, model.resolution, model.resolution)
+    model, schedule, desc, options = load_model(args.model, args.config, device, args)
+    shape = image_shape(model)
     x_T = indexed_noise(args.seed, 0, args.batch_size, shape).to(device)
     x_ref = x_T.to(DTYPES[args.dtype])
     rows = []
@@ -23,7 +23,7 @@ def cmd_bench(args) -> int:
     bar = progress_bar(args, 2 * runs_per * sum(args.steps), "bench", "step")
     for steps in args.steps:
         times = {}
-        for name, sampler, x in (("reference", reference_sampler(model, schedule, args, steps=steps), x_ref), ("fast", fast_sampler(model, schedule, args, steps=steps), x_T)):
+        for name, sampler, x in (("reference", reference_sampler(model, schedule, args, options, steps=steps), x_ref), ("fast", fast_sampler(model, schedule, args, options, steps=steps), x_T)):
             ts = []
             for r in range(runs_per):
                 g = torch.Generator(device=device).manual_seed(args.seed)

@@ -21,7 +21,9 @@ from ..models.presets import PRESETS
 from ..models.unet import UNet
 from ..ops import backends
 from ..sampling import FastSampler, ReferenceSampler
+from ..sampling.common import sample_shape
 from .args import DTYPES, CLIError
+from .diffusers_folder import check_not_diffusers_state, load_diffusers_folder, read_weights_file
 
 
 def pick_device(name: Optional[str]) -> torch.device:
@@ -54,43 +56,49 @@ def set_threads(args, default: Optional[int] = None) -> None:
         torch.set_num_threads(n)
 
 
-def load_model(spec: str, config: Optional[str], device: torch.device, args=None) -> tuple[UNet, Schedule, str]:
-    """(model in eval mode on `device`, its schedule, a description) for --model / --config.
+def load_model(spec: str, config: Optional[str], device: torch.device, args=None) -> tuple:
+    """(model in eval mode on `device`, its schedule, a description, sampler options) for
+    --model / --config.
 
     spec: an embedded model ("digits"), a preset ("cifar10", "celeba", "lsun": random
-    weights, for timing), or a file: a ddim-fast pretrained file (from `ddim-fast train`)
+    weights, for timing), a file: a ddim-fast pretrained file (from `ddim-fast train`)
     or a checkpoint (a state dict or the official training checkpoint) of the preset
-    named by `config` (None: the structure is read off the weights). Presets and checkpoints use the linear schedule (T = 1000).
+    named by `config` (None: the structure is read off the weights), or a folder that
+    diffusers' save_pretrained wrote (cli/diffusers_folder.py). Presets and checkpoints use
+    the linear schedule (T = 1000). The sampler options are a diffusers scheduler's (skip,
+    steps_offset, clip_x0, prediction; what --skip and --clip do not override), else {}.
     """
     if config is not None and config not in PRESETS:
         raise CLIError(f"--config {config!r}: unknown preset; expected one of {', '.join(PRESETS)}")
     if spec in MODELS:
         if config is not None:
             raise CLIError(f"--config applies to a checkpoint file, not to the embedded model {spec!r}")
-        return UNet.from_pretrained(spec).to(device), load_schedule(spec), f"embedded {spec!r}"
+        return UNet.from_pretrained(spec).to(device), load_schedule(spec), f"embedded {spec!r}", {}
     if spec in PRESETS:
         if config is not None:
             raise CLIError(f"--config applies to a checkpoint file, not to the preset {spec!r}")
         torch.manual_seed(0)
         if args is not None:
             note(args, f"note: --model {spec} has random weights (for timing); pass a checkpoint file for real samples")
-        return UNet.from_config(spec).eval().to(device), Schedule.linear(), f"preset {spec!r} (random weights)"
+        return UNet.from_config(spec).eval().to(device), Schedule.linear(), f"preset {spec!r} (random weights)", {}
+    if os.path.isdir(spec):
+        if config is not None:
+            raise CLIError(f"--config applies to a checkpoint file, not to the diffusers folder {spec!r} (its config.json says the structure)")
+        return load_diffusers_folder(spec, device, args)
     if not os.path.isfile(spec):
-        raise CLIError(f"--model {spec!r}: not a file, nor an embedded model ({', '.join(MODELS)}) or a preset ({', '.join(PRESETS)})")
-    try:
-        obj = torch.load(spec, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is a bad argument here
-        raise CLIError(f"--model {spec!r}: cannot read it as a torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise CLIError(f"--model {spec!r}: not a file or a folder, nor an embedded model ({', '.join(MODELS)}) or a preset ({', '.join(PRESETS)})")
+    obj = read_weights_file(spec)
     if isinstance(obj, dict) and obj.get("format") == FORMAT and obj.get("kind") == "unet":
         if config is not None:
             raise CLIError(f"--config: {spec!r} is a ddim-fast pretrained file that names its own config")
         model = UNet(**obj["config"])
         model.load_state_dict(obj["state_dict"], strict=True)
-        return model.eval().to(device), Schedule.from_spec(obj["schedule"]), f"file {spec!r}"
+        return model.eval().to(device), Schedule.from_spec(obj["schedule"]), f"file {spec!r}", {}
     try:
         state = extract_state_dict(obj, source=spec)
     except (TypeError, ValueError, KeyError) as e:
         raise CLIError(f"--model {spec!r}: {e}") from None
+    check_not_diffusers_state(spec, state)
     if config is None:
         try:
             config = infer_config(state)
@@ -101,7 +109,7 @@ def load_model(spec: str, config: Optional[str], device: torch.device, args=None
     if problems:
         raise CLIError(f"--model {spec!r} does not fit {_config_name(config)}: {problems}")
     model.load_state_dict(state, strict=True)
-    return model.eval().to(device), Schedule.linear(), f"checkpoint {spec!r} ({_config_name(config)})"
+    return model.eval().to(device), Schedule.linear(), f"checkpoint {spec!r} ({_config_name(config)})", {}
 
 
 def _config_name(config) -> str:
@@ -156,23 +164,43 @@ def auto_scale(args, resolution: int) -> int:
     return args.scale if args.scale is not None else max(1, 64 // resolution)
 
 
-def _sampler_kwargs(args) -> dict:
-    return dict(steps=args.steps, eta=args.eta, skip=args.skip, clip_x0=False if args.clip is None else args.clip)
+def resolved_skip(args, options: dict):
+    """--skip if given, else the model's (a diffusers scheduler's spacing), else "uniform"."""
+    return args.skip if args.skip is not None else options.get("skip", "uniform")
 
 
-def fast_sampler(model, schedule, args, **over):
+def _sampler_kwargs(args, options: dict) -> dict:
+    """The samplers' algorithm options: the command line's, where it gives them, over the
+    model's own (a diffusers scheduler's: spacing, steps_offset, clip_sample, prediction)."""
+    skip = resolved_skip(args, options)
+    kw = dict(steps=args.steps, eta=args.eta, skip=skip, prediction=options.get("prediction", "eps"))
+    if args.clip is not None:
+        kw["clip_x0"] = args.clip
+    else:
+        kw["clip_x0"] = options.get("clip_x0", False)
+    if skip == options.get("skip") and "steps_offset" in options:
+        kw["steps_offset"] = options["steps_offset"]
+    return kw
+
+
+def fast_sampler(model, schedule, args, options=None, **over):
     backends()  # a first-use build of the native kernels happens here, not inside a timed run
-    kw = _sampler_kwargs(args)
+    kw = _sampler_kwargs(args, options or {})
     kw.update(over)
     return FastSampler(model, schedule, cuda_graph=not getattr(args, "no_graph", False), dtype=DTYPES[getattr(args, "dtype", "fp32")], **kw)
 
 
-def reference_sampler(model, schedule, args, **over):
+def reference_sampler(model, schedule, args, options=None, **over):
     dtype = DTYPES[getattr(args, "dtype", "fp32")]
     ref_model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
-    kw = _sampler_kwargs(args)
+    kw = _sampler_kwargs(args, options or {})
     kw.update(over)
     return ReferenceSampler(ref_model, schedule, **kw)
+
+
+def image_shape(model) -> tuple:
+    """(C, H, W) of the model's samples: ours (in_channels, resolution), or a diffusers UNet's config."""
+    return sample_shape(model, None)
 
 
 def time_run(device: torch.device, fn, *a, **kw):

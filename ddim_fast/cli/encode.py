@@ -12,12 +12,12 @@ import torch
 from ..apps.data import load_digits
 from ..models.unet import UNet
 from .args import CLIError, common_args, positive_int, sampling_args
-from .common import fast_sampler, load_model, mkdir_for, pick_device, progress_bar, set_threads
+from .common import fast_sampler, image_shape, load_model, mkdir_for, pick_device, progress_bar, resolved_skip, set_threads
 
 
 def _read_images(spec: str, model: UNet, limit: Optional[int]) -> tuple[torch.Tensor, Optional[np.ndarray]]:
     """(images (N, C, H, W) in [-1, 1], labels or None) from --input."""
-    c, r = model.in_channels, model.resolution
+    c, r, _ = image_shape(model)
     labels = None
     if spec == "digits":
         x, y = load_digits()
@@ -62,10 +62,10 @@ def _uint8_to_tensor(arr: np.ndarray, spec: str) -> torch.Tensor:
 def cmd_encode(args) -> int:
     set_threads(args)
     device = pick_device(args.device)
-    model, schedule, desc = load_model(args.model, args.config, device, args)
+    model, schedule, desc, options = load_model(args.model, args.config, device, args)
     x, labels = _read_images(args.input, model, args.num_samples)
     args.eta, args.clip = 0.0, None
-    sampler = fast_sampler(model, schedule, args)
+    sampler = fast_sampler(model, schedule, args, options)
     latents, se = [], 0.0
     bar = progress_bar(args, x.shape[0], "encode", "img")
     t0 = time.perf_counter()
@@ -80,7 +80,7 @@ def cmd_encode(args) -> int:
     latents = torch.cat(latents)
     extra = {} if labels is None else {"labels": labels}
     mkdir_for(args.out)
-    np.savez_compressed(args.out, latents=latents.numpy(), steps=np.int64(args.steps), skip=np.array(str(args.skip)), **extra)
+    np.savez_compressed(args.out, latents=latents.numpy(), steps=np.int64(args.steps), skip=np.array(str(resolved_skip(args, options))), **extra)
     print(f"encoded {x.shape[0]} images with S={args.steps} ({desc}) in {time.perf_counter() - t0:.2f} s; wrote {args.out} (latents {tuple(latents.shape)} float32)")
     if args.reconstruct:
         print(f"reconstruction (encode then decode, S={args.steps} each way): MSE per dimension on the [0, 1] scale {se / x.numel():.3e}")

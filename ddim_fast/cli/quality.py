@@ -22,7 +22,7 @@ def cmd_quality(args) -> int:
         if v is not None:
             over[k] = tuple(v)
     settings = QualitySettings(**{**base.__dict__, **over}).validate()
-    model, schedule, desc = load_model(args.model, args.config, device, args)
+    model, schedule, desc, _ = load_model(args.model, args.config, device, args)
     if (model.in_channels, model.resolution) != (1, 16):
         raise CLIError(f"--model {args.model!r}: the quality metric is for 1 x 16 x 16 digits, got {model.in_channels} x {model.resolution} x {model.resolution}")
     note(args, f"quality of {desc} ({'quick' if args.quick else 'full'} run): {settings.describe()}; {settings.num_reconstruct} reconstructions per S; {settings.model_calls():,} model calls on {device.type} ({torch.get_num_threads()} threads)")
@@ -46,7 +46,7 @@ def cmd_guidance(args) -> int:
     set_threads(args)
     device = pick_device(args.device)
     settings = GuidanceSettings(scales=tuple(args.scales), per_digit=args.per_digit, steps=args.steps, eta=args.eta, batch_size=args.batch_size, seed=args.seed).validate()
-    model, schedule, desc = load_model(args.model, args.config, device, args)
+    model, schedule, desc, _ = load_model(args.model, args.config, device, args)
     if getattr(model, "null_label", None) is None:
         raise CLIError(f"--model {args.model!r} is not class-conditional; the embedded one is 'digits-cond'")
     note(args, f"guidance of {desc}: w = {', '.join(f'{w:g}' for w in settings.scales)}, {settings.per_digit} samples per digit, S = {settings.steps}, eta = {settings.eta}")

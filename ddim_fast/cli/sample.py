@@ -14,7 +14,7 @@ from ..apps.distributed import World, batches, finish, generate, init_world
 from ..apps.pretrained import COND_MODEL, classify_digits
 from ..sampling.noise import derive_seed, indexed_noise, slerp
 from .args import DTYPES, CLIError, common_args, finite_float, nonneg_int, positive_int, sampling_args
-from .common import auto_scale, fast_sampler, load_model, note, pick_device, pil_image, progress_bar, reference_sampler, save_grid, set_threads, time_run, to_uint8
+from .common import auto_scale, fast_sampler, image_shape, load_model, note, pick_device, pil_image, progress_bar, reference_sampler, save_grid, set_threads, time_run, to_uint8
 
 
 def _conditioning(args, model) -> Optional[Callable[[int, int], dict]]:
@@ -64,12 +64,12 @@ def cmd_sample(args) -> int:
     if args.digit is not None and args.model == "digits":  # the embedded model's class-conditional twin
         args.model = COND_MODEL
     try:
-        model, schedule, desc = load_model(args.model, args.config, device, args if world.is_main else None)
+        model, schedule, desc, options = load_model(args.model, args.config, device, args if world.is_main else None)
         conditioning = _conditioning(args, model)
         if args.out is None and args.out_dir is None:
             args.out = "samples.png"
-        sampler = fast_sampler(model, schedule, args)
-        shape = (model.in_channels, model.resolution, model.resolution)
+        sampler = fast_sampler(model, schedule, args, options)
+        shape = image_shape(model)
         n, bs = args.num_samples, args.batch_size
         seconds = 0.0
         first_batch = None
@@ -97,7 +97,7 @@ def cmd_sample(args) -> int:
     made = f"{n} samples" if world.size == 1 else "this rank's samples"
     per = f": {1000 * seconds / n:.2f} ms/sample" if world.size == 1 and seconds > 0 else ""
     asked = "" if args.digit is None else f", digit {args.digit}" + ("" if args.guidance is None else f", guidance {args.guidance:g}")
-    print(f"{made} in {seconds:.2f} s{per} (FastSampler, {desc}, S={args.steps}, eta={args.eta}, batch {bs}, {device.type} {args.dtype}{asked}{rank_note})")
+    print(f"{made} in {seconds:.2f} s{per} (FastSampler, {desc}, S={args.steps}, eta={args.eta}, {_algorithm(sampler)}batch {bs}, {device.type} {args.dtype}{asked}{rank_note})")
     if images is None:  # not rank 0 of a sharded run
         return 0
     if args.digit is not None and args.model == COND_MODEL:
@@ -105,12 +105,12 @@ def cmd_sample(args) -> int:
         what = f"a {args.digit}" if args.digit != "all" else "the digit asked for (sample i: i mod 10)"
         print(f"the digit classifier reads {hits} of {n} samples as {what} ({100 * hits / n:.1f}%)")
     if args.out:
-        w, h = save_grid(images, args.out, scale=auto_scale(args, model.resolution))
+        w, h = save_grid(images, args.out, scale=auto_scale(args, shape[1]))
         print(f"wrote {args.out} ({w}x{h} grid of {n})")
     if args.out_dir:
         print(f"wrote {n} PNGs and samples.npz (uint8 {tuple(images.shape)}, key arr_0) to {args.out_dir}")
     if args.compare:
-        _compare(model, schedule, sampler, first_batch if first_batch is not None else indexed_noise(args.seed, 0, min(bs, n), shape).to(device), args, device)
+        _compare(model, schedule, options, sampler, first_batch if first_batch is not None else indexed_noise(args.seed, 0, min(bs, n), shape).to(device), args, device)
     return 0
 
 
@@ -144,9 +144,20 @@ def _rank_device(args, world) -> torch.device:
     return torch.device("cuda", world.local_rank)
 
 
-def _compare(model, schedule, fast, x_T, args, device) -> None:
+def _algorithm(sampler) -> str:
+    """The grid and what the model predicts when they are not the defaults (a diffusers folder's)."""
+    o = sampler.options
+    parts = [] if o.skip == "uniform" else [f"skip {o.skip}" + (f"+{o.steps_offset}" if o.steps_offset else "")]
+    if o.clip is not None:
+        parts.append(f"clip {o.clip[1]:g}")
+    if o.prediction != "eps":
+        parts.append(f"{o.prediction}-prediction")
+    return "".join(f"{p}, " for p in parts)
+
+
+def _compare(model, schedule, options, fast, x_T, args, device) -> None:
     """Time ReferenceSampler and FastSampler on one batch (one warm-up run each, then one timed run)."""
-    ref = reference_sampler(model, schedule, args)
+    ref = reference_sampler(model, schedule, args, options)
     x_ref = x_T.to(DTYPES[args.dtype])
     gen = lambda: torch.Generator(device=device).manual_seed(derive_seed(args.seed, 1, 0))  # noqa: E731
     note(args, f"timing ReferenceSampler vs FastSampler on a batch of {x_T.shape[0]} (one warm-up run each)")
@@ -161,20 +172,20 @@ def _compare(model, schedule, fast, x_T, args, device) -> None:
 def cmd_interpolate(args) -> int:
     set_threads(args)
     device = pick_device(args.device)
-    model, schedule, desc = load_model(args.model, args.config, device, args)
-    shape = (model.in_channels, model.resolution, model.resolution)
+    model, schedule, desc, options = load_model(args.model, args.config, device, args)
+    shape = image_shape(model)
     a, b = (indexed_noise(s, 0, 1, shape)[0] for s in args.seeds)  # sample 0 of each seed
     alphas = [i / (args.frames - 1) for i in range(args.frames)]
     x_T = torch.stack([slerp(a, b, al) for al in alphas]).to(device)
     args.eta = 0.0
-    sampler = fast_sampler(model, schedule, args)
+    sampler = fast_sampler(model, schedule, args, options)
     out = []
     bar = progress_bar(args, args.frames, "interpolate", "img")
     for i in range(0, args.frames, args.batch_size):
         out.append(to_uint8(sampler.sample(x_T[i : i + args.batch_size])))
         bar.update(min(args.batch_size, args.frames - i))
     bar.close()
-    w, h = save_grid(np.concatenate(out), args.out, ncol=args.frames, scale=auto_scale(args, model.resolution))
+    w, h = save_grid(np.concatenate(out), args.out, ncol=args.frames, scale=auto_scale(args, shape[1]))
     print(f"wrote {args.out} ({w}x{h}): {args.frames} frames from seed {args.seeds[0]} to seed {args.seeds[1]} (slerp of x_T, S={args.steps}, eta=0, {desc})")
     return 0
 

@@ -10,6 +10,7 @@ All math is float64 (NumPy); tensors handed to models and kernels are float32.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -192,8 +193,48 @@ def _get(config, key, default=None):
     return getattr(config, key, default)
 
 
+# keys that only other diffusers schedulers' configs have (with DDIM's own two missing, a
+# config carrying one is another scheduler's: DDIMScheduler.from_config keeps them all)
+_OTHER_SCHEDULER_KEYS = (
+    "algorithm_type", "solver_order", "solver_type", "lower_order_final", "euler_at_final", "final_sigmas_type",
+    "lambda_min_clipped", "use_lu_lambdas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+    "interpolation_type", "sigma_min", "sigma_max", "timestep_type", "skip_prk_steps", "variance_type",
+    "disable_corrector", "predict_x0", "flow_shift", "use_flow_sigmas", "original_inference_steps", "timestep_scaling",
+)  # fmt: skip
+_DDIM_OWN_KEYS = ("clip_sample", "set_alpha_to_one")
+DDIM_SCHEDULERS = ("DDIMScheduler",)
+
+
+def _ddim_config(config):
+    """The config of a DDIMScheduler given as the scheduler, its .config or a dict; a ValueError
+    naming the scheduler for any other, whose config would sample with DDIM unnoticed."""
+    if not isinstance(config, Mapping) and hasattr(config, "config"):  # a scheduler object
+        name = type(config).__name__
+        config = config.config
+    else:
+        name = _get(config, "_class_name")
+    if name is not None and name not in DDIM_SCHEDULERS:
+        raise ValueError(
+            f"the {name} config describes another sampler than DDIM; ddim-fast samples with DDIM only. "
+            "Switch the scheduler first: scheduler = DDIMScheduler.from_config(scheduler.config)"
+        )
+    if name is None and isinstance(config, Mapping):
+        foreign = [k for k in _OTHER_SCHEDULER_KEYS if k in config]
+        own = all(k in config for k in _DDIM_OWN_KEYS)
+        made_by_diffusers = type(config).__name__ == "FrozenDict"  # a scheduler's whole config
+        if (foreign or made_by_diffusers) and not own:
+            hint = f" (it has {', '.join(foreign)})" if foreign else f" (it lacks {' and '.join(k for k in _DDIM_OWN_KEYS if k not in config)})"
+            raise ValueError(
+                f"this is not a DDIMScheduler config{hint}; ddim-fast samples with DDIM only. "
+                "Switch the scheduler first: scheduler = DDIMScheduler.from_config(scheduler.config)"
+            )
+    return config
+
+
 def schedule_from_diffusers_config(config) -> tuple:
-    """(Schedule, sampler options) from a DDIMScheduler config (a dict or its .config).
+    """(Schedule, sampler options) from a DDIMScheduler: the scheduler object, its .config or a
+    dict. The config of another scheduler (Euler, DPMSolverMultistep, PNDM, ...) is refused
+    with a ValueError that names it.
 
     Betas as diffusers computes them (in float32, then our float64 math); options: skip,
     steps_offset, clip_x0 (clip_sample / clip_sample_range), prediction (prediction_type).
@@ -201,6 +242,7 @@ def schedule_from_diffusers_config(config) -> tuple:
     samplers reproduce diffusers' DDIM loop; with "trailing" and "linspace" the previous
     point is the next element of the actual grid, where diffusers steps to t - T // S.
     """
+    config = _ddim_config(config)
     T = int(_get(config, "num_train_timesteps", 1000))
     start, end = float(_get(config, "beta_start", 0.0001)), float(_get(config, "beta_end", 0.02))
     kind = _get(config, "beta_schedule", "linear")

@@ -127,7 +127,8 @@ class TabledUNet2D(nn.Module):
         model_kwargs (a UNet2DConditionModel's encoder_hidden_states, ...) go to the model."""
         self._rows.rows = rows
         try:
-            return self.unet(x, self._t0, **model_kwargs).sample
+            out = self.unet(x, self._t0, **model_kwargs)
+            return out[0] if isinstance(out, tuple) else out.sample  # return_dict=False: a tuple
         finally:
             self._rows.rows = None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from typing import NamedTuple, Optional
 
@@ -49,15 +50,29 @@ def laid_out_like(reference: torch.Tensor, out: torch.Tensor, buffer: Optional[t
     return buffer.copy_(out), buffer
 
 
+def check_model(model, who: str) -> None:
+    """A sampler's model: a callable model(x, t), not a diffusers pipeline (which is callable too,
+    and would fail deep inside diffusers)."""
+    diffusers = sys.modules.get("diffusers")
+    if diffusers is not None and isinstance(model, diffusers.DiffusionPipeline):
+        raise TypeError(
+            f"{who} takes the denoising model (pipe.unet), not a {type(model).__name__}; "
+            "to run the whole pipeline with ddim-fast's sampler use ddim_fast.accelerate(pipe)"
+        )
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
+
+
 def call_model(model, x: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
     out = model(x, t, **model_kwargs)
+    if isinstance(out, tuple):  # diffusers' return_dict=False
+        return out[0]
     return getattr(out, "sample", out)  # diffusers' UNet2DOutput
-
 
 
 def check_model_output(out, x: torch.Tensor, step: int, t: int) -> None:
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the model must return a tensor (or an object with .sample), got {type(out).__name__} at step {step} (t={t})")
+        raise TypeError(f"the model must return a tensor (or an object with .sample, or a tuple of them), got {type(out).__name__} at step {step} (t={t})")
     if out.shape != x.shape:
         hint = " (a model that also predicts its variance outputs 2C channels: wrap it to return the first C)" if out.dim() == x.dim() and out.shape[1] == 2 * x.shape[1] else ""
         raise ValueError(f"the model output has shape {tuple(out.shape)}, expected x's shape {tuple(x.shape)}{hint}")

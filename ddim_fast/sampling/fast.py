@@ -32,7 +32,16 @@ from . import common as S
 from .conditioning import NONE, Conditioning, GuidanceBuffers, cast_kwargs, make_conditioning
 from .capture import EMULATE, check_emulation
 from .graph import GRAPH_MODES, GraphCache
-from .noise import generator_or_default, initial_noise, philox_seed
+from .noise import NoiseStream, initial_noise, philox_seed
+
+
+class _Preparation:
+    """The model as a sampler runs it: prepared for one device, made on first use."""
+
+    def __init__(self):
+        self.device: Optional[torch.device] = None
+        self.model = None
+        self.fused_sites = 0
 
 
 class FastSampler:
@@ -97,8 +106,7 @@ class FastSampler:
         backend: Optional[str] = None,
         compile=False,
     ):
-        if not callable(model):
-            raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
+        S.check_model(model, "FastSampler")
         self.options = make_options(schedule, steps, eta, skip, clip_x0, prediction, check_finite, steps_offset, use_clipped_model_output)
         self.schedule = schedule
         if not (cuda_graph is True or cuda_graph is False or cuda_graph == EMULATE):
@@ -126,8 +134,8 @@ class FastSampler:
         self.model = model
         self.dtype = check_dtype(dtype) or model_dtype(model) or torch.float32
         self._fuse = fuse
-        self.fused_sites = 0
-        self._prepared = None  # (device, model as run there)
+        self._engine = dict(cuda_graph=cuda_graph, fuse=fuse, lean=lean, dtype=dtype, channels_last=channels_last, fast_rng=fast_rng, graph_cache_size=graph_cache_size, graph_mode=graph_mode, backend=backend, compile=compile)
+        self._preparation = _Preparation()  # the model as run on a device, shared with siblings
         self._plan = sampling_plan(schedule, list(self.options.grid), self.options.eta)
         self._encode_plan: Optional[StepPlan] = None
         self._prediction = PREDICTION_CODE[self.options.prediction]
@@ -142,13 +150,29 @@ class FastSampler:
         See models.prepare.prepare_model: a LeanUNet, or a copy that shares the caller's
         weights with GroupNorm+SiLU fused. fuse="inplace" changes the caller's module instead.
         """
-        if self._prepared is not None and self._prepared[0] == device:
-            return self._prepared[1]
-        model, self.fused_sites = prepare_model(self.model, device=device, dtype=self.dtype, fuse=self._fuse, channels_last=self._channels_last(device), lean=self.lean)
+        prep = self._preparation
+        if prep.model is not None and prep.device == device:
+            return prep.model
+        model, prep.fused_sites = prepare_model(self.model, device=device, dtype=self.dtype, fuse=self._fuse, channels_last=self._channels_last(device), lean=self.lean)
         if self.compile is not False:
             model = compile_model(model, self.compile)
-        self._prepared = (device, model)
+        prep.device, prep.model = device, model
         return model
+
+    @property
+    def fused_sites(self) -> int:
+        """How many GroupNorm+SiLU sites the prepared model runs fused (0 before the first run)."""
+        return self._preparation.fused_sites
+
+    def _sibling(self, schedule: Schedule, **algorithm) -> "FastSampler":
+        """A sampler of the same model and engine options with another schedule and algorithm
+        options (steps, eta, skip, clip_x0, prediction, steps_offset, use_clipped_model_output),
+        sharing this one's prepared model (its weight copies, compiled code) and its lock: a
+        pipeline (apps/pipelines.py) makes one per (steps, eta) without preparing the model again."""
+        sibling = FastSampler(self.model, schedule, check_finite=self.options.check_finite, **algorithm, **self._engine)
+        sibling._preparation = self._preparation
+        sibling._lock = self._lock
+        return sibling
 
     def _channels_last(self, device: torch.device) -> bool:
         return True if self._channels_last_opt is None else self._channels_last_opt
@@ -178,18 +202,22 @@ class FastSampler:
         guidance_scale=None,
         uncond_kwargs=None,
         guidance_rescale=None,
+        noise_dtype=None,
     ):
         """Sample x0 from x_T (drawn from `generator` when not given); see ReferenceSampler.sample
-        (model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale as there).
+        (generator, model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale, noise_dtype
+        as there).
 
         Guided, the combination ε_u + w·(ε_c − ε_u) is formed inside the fused step, and on
         CUDA the conditioning tensors and w are static buffers of the captured graph: new
         values of the same shapes replay it without a new capture.
         The result has the sampling dtype and x_T's memory format is not kept (contiguous).
         """
-        x = initial_noise(self.model, x_T, batch_size, generator, shape, None, None)
+        stream = NoiseStream.of(generator, noise_dtype)
+        x = initial_noise(self.model, x_T, batch_size, stream, shape, None, None)
+        stream.check_batch(x.shape[0])
         cond = make_conditioning(x, model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale)
-        return self._run(self._plan, x, generator, return_x0, return_trajectory, "sampling", cond)
+        return self._run(self._plan, x, stream, return_x0, return_trajectory, "sampling", cond)
 
     def encode(self, x0, *, return_trajectory: bool = False, model_kwargs=None, guidance_scale=None, uncond_kwargs=None, guidance_rescale=None):
         """DDIM inversion (η = 0) of x0 along the same grid; see ReferenceSampler.encode."""
@@ -197,11 +225,11 @@ class FastSampler:
         cond = make_conditioning(x, model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale)
         if self._encode_plan is None:
             self._encode_plan = encoding_plan(self.schedule, list(self.options.grid))
-        res = self._run(self._encode_plan, x, None, False, return_trajectory, "encoding", cond)
+        res = self._run(self._encode_plan, x, NoiseStream(), False, return_trajectory, "encoding", cond)
         return (res.sample, res.trajectory) if return_trajectory else res
 
     # --- the loops ----------------------------------------------------------------------------
-    def _run(self, plan: StepPlan, x, generator, return_x0, return_trajectory, what, cond: Conditioning = NONE):
+    def _run(self, plan: StepPlan, x, stream: NoiseStream, return_x0, return_trajectory, what, cond: Conditioning = NONE):
         encoding = what == "encoding"
         want_extra = return_x0 or return_trajectory
         if x.shape[0] == 0:
@@ -212,6 +240,8 @@ class FastSampler:
             check_emulation(x, return_x0=return_x0, return_trajectory=return_trajectory, check_finite=self.options.check_finite)
         elif self.fast_rng and x.device.type != "cuda":
             raise ValueError(f"fast_rng draws the noise inside the CUDA step kernel; x is on {x.device} (use fast_rng=False there)")
+        if self.fast_rng and not stream.plain:
+            raise ValueError("fast_rng draws the noise inside the step kernel from one seed: it takes one generator and float32 noise, not a list of generators or noise_dtype")
         with self._lock, torch.inference_mode(), S.on_device(x):
             x = self._layout(x)
             cond = cast_kwargs(cond, self.dtype)
@@ -219,10 +249,10 @@ class FastSampler:
             if emulate or captured:
                 if self._graphs is None:
                     self._graphs = GraphCache(self._graph_cache_size, self.graph_mode, capture=not emulate)
-                out = self._graphs.run(self, plan, x, generator, encoding, cond)
+                out = self._graphs.run(self, plan, x, stream, encoding, cond)
                 if out is not None:
                     return out
-            return self._eager(plan, x, generator, return_x0, return_trajectory, encoding, cond)
+            return self._eager(plan, x, stream, return_x0, return_trajectory, encoding, cond)
 
     def _model_caller(self, model, plan: StepPlan, batch: int, device, cond: Conditioning):
         """call(x, i): the prepared model at step i on the model batch x (2B when guided)."""
@@ -233,7 +263,7 @@ class FastSampler:
         t_table = torch.tensor(plan.timesteps, dtype=torch.long, device=device).repeat_interleave(batch).view(plan.steps, batch)
         return lambda x, i: S.call_model(model, x, t_table[i], **kw)  # noqa: E731
 
-    def _eager(self, plan: StepPlan, x, generator, return_x0, return_trajectory, encoding, cond: Conditioning = NONE):
+    def _eager(self, plan: StepPlan, x, stream: NoiseStream, return_x0, return_trajectory, encoding, cond: Conditioning = NONE):
         """The loop over static buffers: one model call and one fused op per step.
 
         Guided, the model runs on a buffer xx of 2B samples whose first half is x: the step
@@ -253,7 +283,7 @@ class FastSampler:
         step_op = "guided_step" if (guide is not None and not guide.rescale) else "ddim_step"
         on_kernel = (self.fast_rng and any(noisy)) or pick_backend(step_op, x, self.backend) == "triton"
         stepper = self._kernel_stepper if on_kernel else self._op_stepper
-        step = stepper(plan, x, generator, encoding, guide)
+        step = stepper(plan, x, stream, encoding, guide)
         x0_preds = [] if return_x0 else None
         xs = [x.clone()] if return_trajectory else None
         out_buf = None  # the model output in x's layout, made if the model returns another
@@ -280,28 +310,29 @@ class FastSampler:
             return S.SamplerOutput(x, x0_preds, xs)
         return x
 
-    def _noise_drawer(self, plan: StepPlan, x, generator):
-        """draw(): the next draw of the reference's stream, torch.randn(x.shape) in float32 from
-        `generator`, in x's layout (what the fused step reads with x's flat offsets); None
-        when the plan draws no noise. Buffers made once: no allocation per step."""
+    def _noise_drawer(self, plan: StepPlan, x, stream: NoiseStream):
+        """draw(): the next draw of the reference's stream, torch.randn(x.shape) from the
+        stream, as float32 in x's layout (what the fused step reads with x's flat offsets);
+        None when the plan draws no noise. Buffers made once: no allocation per step."""
         if not any(plan.draws_noise(i) for i in range(plan.steps)):
             return None
         z = torch.empty_like(x, dtype=torch.float32)
-        draw_device = generator.device if generator is not None else x.device
-        if draw_device == x.device and z.is_contiguous():
-            return lambda: torch.randn(x.shape, generator=generator, out=z)  # noqa: E731
-        # NCHW on the generator's device (as ReferenceSampler draws), then one copy into x's layout
-        z_draw = torch.empty(x.shape, dtype=torch.float32, device=draw_device)
-        return lambda: z.copy_(torch.randn(x.shape, generator=generator, out=z_draw))  # noqa: E731
+        draw_device = stream.device or x.device
+        if draw_device == x.device and z.is_contiguous() and stream.plain:
+            return lambda: torch.randn(x.shape, generator=stream.generator, out=z)  # noqa: E731
+        # NCHW on the generator's device in the stream's dtype (as ReferenceSampler draws), then
+        # one copy into x's layout as float32
+        z_draw = torch.empty(x.shape, dtype=stream.dtype, device=draw_device)
+        return lambda: z.copy_(stream.draw_into(z_draw))  # noqa: E731
 
-    def _op_stepper(self, plan: StepPlan, x, generator, encoding, guide: Optional[GuidanceBuffers] = None):
+    def _op_stepper(self, plan: StepPlan, x, stream: NoiseStream, encoding, guide: Optional[GuidanceBuffers] = None):
         """step(i, model_output, noisy, x0_out): the fused op, noise from the reference's stream.
 
         guide: a guided loop's buffers; model_output is then the doubled batch's (uncond, cond)."""
         rows = [tuple(float(v) for v in r) for r in plan.coefs]
         clip = None if encoding else self.options.clip
         clipped_eps = self.options.use_clipped_model_output and not encoding
-        draw = self._noise_drawer(plan, x, generator)
+        draw = self._noise_drawer(plan, x, stream)
         n = x.shape[0]
 
         def step(i, out, noisy, x0_out):
@@ -315,7 +346,7 @@ class FastSampler:
 
         return step
 
-    def _kernel_stepper(self, plan: StepPlan, x, generator, encoding, guide: Optional[GuidanceBuffers] = None):
+    def _kernel_stepper(self, plan: StepPlan, x, stream: NoiseStream, encoding, guide: Optional[GuidanceBuffers] = None):
         """step(i, ...): the Triton step kernel reading row i of a coefficient table made once on
         the device (the captured loop's launch, uncaptured), for fast_rng (the kernel draws the
         noise) and where the step's backend is Triton (CUDA without the native ops): the op's
@@ -326,8 +357,8 @@ class FastSampler:
         table = torch.tensor(plan.coefs, dtype=torch.float32, device=dev)
         row = torch.zeros(1, dtype=torch.int32, device=dev)
         philox = self.fast_rng and any(plan.draws_noise(i) for i in range(plan.steps))
-        seed = philox_seed(generator_or_default(generator, dev), dev) if philox else None
-        draw = None if philox else self._noise_drawer(plan, x, generator)
+        seed = philox_seed(stream.generator_or_default(dev), dev) if philox else None
+        draw = None if philox else self._noise_drawer(plan, x, stream)
         clip = None if encoding else self.options.clip
         clipped_eps = self.options.use_clipped_model_output and not encoding
         has_xt = bool((plan.coefs[:, 4] != 0).any())

@@ -33,7 +33,9 @@ advances as if the eager loop had run. A generator on another device (a CPU gene
 which diffusers recommends for reproducible images) cannot feed a graph: then each run
 draws the steps' noise from it in the reference's order, on its device, and copies them
 in one go into a device table (S, B, C, H, W) that the step kernel reads by the step
-counter (the graph is kept). With fast_rng=True the step kernel draws the noise itself
+counter (the graph is kept); so is a list of generators, one per sample (diffusers'
+convention). noise_dtype (diffusers' pipelines draw in their UNet's dtype) is the dtype
+of the draw, in the graph or into the table, converted to float32 for the kernel. With fast_rng=True the step kernel draws the noise itself
 (Philox, seed from the generator once per run): one pass less, but not the reference's
 stream.
 
@@ -55,7 +57,7 @@ from ..core.plan import StepPlan
 from ..models.prepare import runs_from_table
 from .capture import host_syncs_reported, restore_after_failed_capture
 from .common import call_model, check_model_output, laid_out_like
-from .noise import generator_or_default, philox_seed
+from .noise import NoiseStream, philox_seed
 from .conditioning import NONE, Conditioning, GuidanceBuffers, copy_into, signature, static_copy
 
 GRAPH_MODES = ("step", "loop")
@@ -72,12 +74,15 @@ def _kernels():
     return k
 
 
-def foreign_noise_device(generator: Optional[torch.Generator], device: torch.device) -> Optional[torch.device]:
-    """The generator's device when it is not `device` (its noise is then drawn there and copied
-    in per run), else None."""
-    if generator is None or generator.device == device:
+def foreign_noise_device(generator, device: torch.device) -> Optional[torch.device]:
+    """Where the step noise is drawn when a graph cannot draw it (then it is drawn there and
+    copied in per run as a table), else None: the generator's device when it is not `device`,
+    and for a list of generators (one per sample) theirs. generator: a generator, a list of
+    them, a NoiseStream or None."""
+    stream = NoiseStream.of(generator)
+    if stream.generators is None and (stream.device is None or stream.device == device):
         return None
-    return generator.device
+    return stream.device
 
 
 def _rows_like(x: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
@@ -95,9 +100,20 @@ class CapturedLoop:
     any device: on the CPU the Triton kernels run under TRITON_INTERPRET=1); after
     warm_up() and capture() on CUDA, run() replays the graphs instead."""
 
-    def __init__(self, sampler, model, plan: StepPlan, x: torch.Tensor, encoding: bool, cond: Conditioning = NONE, noise_device: Optional[torch.device] = None):
-        """noise_device: where the caller's generator draws when it is not x's device (the
-        step noise is then drawn there per run and copied in as a table); None: on x's."""
+    def __init__(
+        self,
+        sampler,
+        model,
+        plan: StepPlan,
+        x: torch.Tensor,
+        encoding: bool,
+        cond: Conditioning = NONE,
+        noise_device: Optional[torch.device] = None,
+        noise_dtype: torch.dtype = torch.float32,
+    ):
+        """noise_device: where the step noise is drawn when the graph cannot draw it
+        (foreign_noise_device: it is then drawn there per run and copied in as a table);
+        None: on x's, inside the graph. noise_dtype: the dtype torch.randn draws in."""
         k = _kernels()
         dev = x.device
         n = x.shape[0]
@@ -123,20 +139,22 @@ class CapturedLoop:
         self.t_buf = self.t_table[0].clone()
         self.coefs = torch.tensor(plan.coefs, dtype=torch.float32, device=dev).contiguous()
         self.step = torch.zeros(1, dtype=torch.int32, device=dev)
-        self.z_draw = self.z_buf = self.z_host = self.z_table = None
+        self.z_draw = self.z_buf = self.z_host = self.z_host_draw = self.z_table = None
         self._z_copied = None  # the event after the last copy of z_host into z_table (CUDA)
         if any(self.noisy) and not self.fast_rng and noise_device is not None:
             # rows in the reference's order on the generator's device (pinned for a CPU one,
             # so the per-run copy does not wait for the device), and in x's layout on x's
             pinned = noise_device.type == "cpu" and dev.type == "cuda"
             self.z_host = torch.empty((plan.steps, *x.shape), dtype=torch.float32, device=noise_device, pin_memory=pinned)
+            self.z_host_draw = None if noise_dtype == torch.float32 else torch.empty(x.shape, dtype=noise_dtype, device=noise_device)
             self.z_table = _rows_like(x, plan.steps, torch.float32).zero_()  # the warm-up reads it
         elif any(self.noisy) and not self.fast_rng:
             # the reference's draw is torch.randn(x.shape): element (b, c, h, w) gets the value at
             # its NCHW index, so the draw goes to a contiguous buffer, then into x's layout, which
             # the step kernel reads with x's flat offsets
-            self.z_draw = torch.empty(x.shape, dtype=torch.float32, device=dev)
-            self.z_buf = self.z_draw if x.is_contiguous() else torch.empty_like(x, dtype=torch.float32)
+            self.z_draw = torch.empty(x.shape, dtype=noise_dtype, device=dev)
+            same = x.is_contiguous() and noise_dtype == torch.float32
+            self.z_buf = self.z_draw if same else torch.empty_like(x, dtype=torch.float32)
         self.seed = torch.zeros(1, dtype=torch.int64, device=dev) if self.fast_rng else None
         self.gen = torch.Generator(device=dev) if self.z_buf is not None else None
         self.clip = None if encoding else sampler.options.clip
@@ -238,7 +256,7 @@ class CapturedLoop:
             noise = self.z_table
             noise_row_stride = self.x.numel()
         elif noisy and self.z_buf is not None:
-            torch.randn(self._shape, generator=self.gen, device=self.x_buf.device, dtype=torch.float32, out=self.z_draw)
+            torch.randn(self._shape, generator=self.gen, device=self.x_buf.device, dtype=self.z_draw.dtype, out=self.z_draw)
             noise = self.z_buf if self.z_buf is self.z_draw else self.z_buf.copy_(self.z_draw)
         m, mc, w = out, None, None
         if self.guide is not None and self.guide.rescale:
@@ -265,35 +283,40 @@ class CapturedLoop:
             self.x_buf[self.n :].copy_(self.x)
         self._k.advance(self.step, self.t_table, self.t_buf)
 
-    def _draw_noise_table(self, generator: torch.Generator) -> None:
-        """This run's step noise: one torch.randn(x.shape) per noisy step from `generator`, in
+    def _draw_noise_table(self, stream: NoiseStream) -> None:
+        """This run's step noise: one draw of x's shape per noisy step from the stream, in
         sampling order (the reference's stream), then one copy to the device table."""
         if self._z_copied is not None:
             self._z_copied.synchronize()  # the last run's copy has read z_host (long done, as a rule)
         for i, noisy in enumerate(self.noisy):
-            if noisy:
-                torch.randn(self._shape, generator=generator, dtype=torch.float32, out=self.z_host[i])
+            if noisy and self.z_host_draw is None:
+                stream.draw_into(self.z_host[i])
+            elif noisy:
+                self.z_host[i].copy_(stream.draw_into(self.z_host_draw))
         self.z_table.copy_(self.z_host, non_blocking=True)
         if self.z_table.is_cuda:
             self._z_copied = torch.cuda.Event()
             self._z_copied.record()
 
-    def run(self, x: torch.Tensor, generator: Optional[torch.Generator], cond: Conditioning = NONE) -> torch.Tensor:
+    def run(self, x: torch.Tensor, generator, cond: Conditioning = NONE) -> torch.Tensor:
         """Sample from x (already in this loop's shape, dtype and layout) with the conditioning
-        `cond` (of this loop's signature). No host sync."""
+        `cond` (of this loop's signature) and the noise of `generator` (a generator, a list of
+        them, a NoiseStream or None; of this loop's noise device and dtype). No host sync."""
+        stream = NoiseStream.of(generator)
         dev = self.x_buf.device
         self._load(x)
         copy_into(self.kwargs, cond.kwargs)
         if self.guide is not None:
             self.guide.set_scale(cond.guidance)
         self._reset()
-        source = generator_or_default(generator, dev)
-        if self.gen is not None:
+        source = None
+        if self.gen is not None:  # the graphs draw from self.gen: it takes the caller's state
+            source = stream.generator_or_default(dev)
             self.gen.set_state(source.get_state())
         if self.z_host is not None:
-            self._draw_noise_table(source)
+            self._draw_noise_table(stream)
         if self.seed is not None:
-            self.seed.copy_(philox_seed(source, dev))
+            self.seed.copy_(philox_seed(stream.generator_or_default(dev), dev))
         if not self.graphs:  # not captured (emulated): the same steps, launched one by one
             for i in range(self.plan.steps):
                 self._one_step(self.noisy[i])
@@ -302,7 +325,7 @@ class CapturedLoop:
         else:
             for i in range(self.plan.steps):
                 self.graphs[self.noisy[i]].replay()
-        if self.gen is not None:
+        if source is not None:
             source.set_state(self.gen.get_state())
         return self.x.clone()
 
@@ -323,9 +346,9 @@ class GraphCache:
         self._pool = None
         self.disabled_reason: Optional[str] = None
 
-    def key(self, x: torch.Tensor, encoding: bool, cond: Conditioning = NONE, noise_device: Optional[torch.device] = None) -> tuple:
+    def key(self, x: torch.Tensor, encoding: bool, cond: Conditioning = NONE, noise_device: Optional[torch.device] = None, noise_dtype: torch.dtype = torch.float32) -> tuple:
         fmt = "channels_last" if (x.dim() == 4 and not x.is_contiguous()) else "contiguous"
-        return (tuple(x.shape), x.dtype, fmt, x.device, "encode" if encoding else "sample", signature(cond), noise_device)
+        return (tuple(x.shape), x.dtype, fmt, x.device, "encode" if encoding else "sample", signature(cond), noise_device, noise_dtype)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -334,12 +357,13 @@ class GraphCache:
         """The result, or None when the caller should run the eager loop instead."""
         if self.disabled_reason is not None:
             return None
-        noise_device = foreign_noise_device(generator, x.device)
-        key = self.key(x, encoding, cond, noise_device)
+        stream = NoiseStream.of(generator)
+        noise_device = foreign_noise_device(stream, x.device)
+        key = self.key(x, encoding, cond, noise_device, stream.dtype)
         entry = self._entries.get(key)
         if entry is None:
             model = sampler._prepared_model(x.device)
-            entry = CapturedLoop(sampler, model, plan, x, encoding, cond=cond, noise_device=noise_device)
+            entry = CapturedLoop(sampler, model, plan, x, encoding, cond=cond, noise_device=noise_device, noise_dtype=stream.dtype)
             if self.capture:
                 reason = self._capture(entry, x.device)
                 if reason is not None:
@@ -356,7 +380,7 @@ class GraphCache:
                 self._entries.popitem(last=False)
         else:
             self._entries.move_to_end(key)
-        return entry.run(x, generator, cond)
+        return entry.run(x, stream, cond)
 
     def _capture(self, entry: CapturedLoop, device: torch.device) -> Optional[str]:
         """None once entry's graphs are captured, else why the model cannot be captured."""

@@ -4,13 +4,16 @@ spherical interpolation between two x_T.
 The samplers' stream (shared by FastSampler and ReferenceSampler, so the two agree for
 any η with the same generator): x_T, when not given, is torch.randn((B, C, H, W),
 generator) in float32; then each step with σ > 0 draws one torch.randn of x's shape in
-float32, in sampling order.
+float32, in sampling order. Two variations, both as diffusers' pipelines draw (its
+randn_tensor): a list of B generators draws each sample's (1, C, H, W) from its own
+generator, in batch order; and noise_dtype draws in another dtype (the pipelines draw in
+their UNet's), the values then used as float32.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,8 +21,72 @@ import torch
 from .common import check_input, model_device, sample_shape
 
 
+class NoiseStream:
+    """Where a run's noise comes from: one generator (None: the default one of x's device), or
+    a tuple of generators, one per sample; drawn in `dtype`."""
+
+    def __init__(self, generator=None, dtype: torch.dtype = torch.float32):
+        if isinstance(generator, (list, tuple)):
+            generators = tuple(generator)
+            if not generators or not all(isinstance(g, torch.Generator) for g in generators):
+                raise TypeError("generator must be a torch.Generator or a non-empty list of them (one per sample)")
+            devices = {g.device for g in generators}
+            if len(devices) > 1:
+                raise ValueError(f"the generators of a list must share one device, got {sorted(str(d) for d in devices)}")
+            self.generator, self.generators = None, generators
+        elif generator is None or isinstance(generator, torch.Generator):
+            self.generator, self.generators = generator, None
+        else:
+            raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"noise_dtype must be a floating-point torch.dtype, got {dtype!r}")
+        self.dtype = dtype
+
+    @classmethod
+    def of(cls, generator, noise_dtype=None) -> "NoiseStream":
+        """A sampler's `generator` argument (None, a generator, a list of them, or a stream) as a stream."""
+        if isinstance(generator, NoiseStream):
+            return generator
+        return cls(generator, torch.float32 if noise_dtype is None else noise_dtype)
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        """The device the draws are made on (None: x's)."""
+        if self.generators is not None:
+            return self.generators[0].device
+        return None if self.generator is None else self.generator.device
+
+    @property
+    def plain(self) -> bool:
+        """One generator (or none) drawing float32: the reference's stream as torch.randn(x.shape)."""
+        return self.generators is None and self.dtype == torch.float32
+
+    def check_batch(self, batch: int) -> None:
+        if self.generators is not None and len(self.generators) != batch:
+            raise ValueError(f"got a list of {len(self.generators)} generators for a batch of {batch}; pass one per sample (or one generator)")
+
+    def draw_into(self, out: torch.Tensor) -> torch.Tensor:
+        """One draw of the stream into `out` (contiguous, on self.device, in self.dtype)."""
+        if self.generators is None:
+            return torch.randn(out.shape, generator=self.generator, dtype=out.dtype, device=out.device, out=out)
+        for i, g in enumerate(self.generators):
+            torch.randn((1, *out.shape[1:]), generator=g, dtype=out.dtype, device=out.device, out=out[i : i + 1])
+        return out
+
+    def draw(self, shape, device: torch.device) -> torch.Tensor:
+        """One draw of `shape` as a new float32 tensor on `device`."""
+        buffer = torch.empty(tuple(shape), dtype=self.dtype, device=self.device or device)
+        return self.draw_into(buffer).to(device=device, dtype=torch.float32)
+
+    def generator_or_default(self, device: torch.device) -> torch.Generator:
+        if self.generators is not None:
+            raise ValueError("a list of generators cannot seed one in-kernel noise stream (fast_rng); pass one generator")
+        return generator_or_default(self.generator, device)
+
+
 def initial_noise(model, x_T, batch_size, generator, shape, device, dtype) -> torch.Tensor:
-    """x_T as given (checked), or drawn: torch.randn((batch_size, *shape), generator) in float32."""
+    """x_T as given (checked), or drawn: torch.randn((batch_size, *shape), generator) in float32
+    (generator: a generator, a list of them or a NoiseStream)."""
     if x_T is not None:
         if batch_size is not None and batch_size != x_T.shape[0]:
             raise ValueError(f"batch_size={batch_size} disagrees with x_T's batch {x_T.shape[0]}; pass one of them")
@@ -31,16 +98,14 @@ def initial_noise(model, x_T, batch_size, generator, shape, device, dtype) -> to
     shp = sample_shape(model, shape)
     if device is None:
         device = model_device(model) or torch.device("cpu")
-    gen_device = generator.device if generator is not None else device
-    x = torch.randn((batch_size, *shp), generator=generator, device=gen_device, dtype=torch.float32)
-    return x.to(device=device, dtype=dtype or torch.float32)
+    stream = NoiseStream.of(generator)
+    stream.check_batch(batch_size)
+    return stream.draw((batch_size, *shp), device).to(dtype or torch.float32)
 
 
-def noise_like(x: torch.Tensor, generator) -> torch.Tensor:
-    """One draw of the documented noise stream: torch.randn of x's shape, in float32, on
-    the generator's device (then moved to x's)."""
-    dev = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=dev, dtype=torch.float32).to(x.device)
+def noise_like(x: torch.Tensor, stream: NoiseStream) -> torch.Tensor:
+    """One draw of the documented noise stream: torch.randn of x's shape, float32 on x's device."""
+    return stream.draw(x.shape, x.device)
 
 
 def generator_or_default(generator, device: torch.device) -> torch.Generator:

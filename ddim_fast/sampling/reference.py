@@ -21,7 +21,7 @@ from ..core.schedule import Schedule
 from ..models.prepare import model_dtype
 from . import common as S
 from .conditioning import cast_kwargs, combine, make_conditioning
-from .noise import initial_noise, noise_like
+from .noise import NoiseStream, initial_noise, noise_like
 
 
 class ReferenceSampler:
@@ -52,8 +52,7 @@ class ReferenceSampler:
         steps_offset: int = 0,
         use_clipped_model_output: bool = False,
     ):
-        if not callable(model):
-            raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
+        S.check_model(model, "ReferenceSampler")
         S.warn_if_training(model, "ReferenceSampler")
         self.model = model
         self._model_dtype = model_dtype(model)
@@ -103,8 +102,14 @@ class ReferenceSampler:
         guidance_scale=None,
         uncond_kwargs=None,
         guidance_rescale=None,
+        noise_dtype=None,
     ):
         """Sample x0 from x_T (drawn from `generator` when not given).
+
+        generator: a torch.Generator, or a list of B of them, one per sample, as diffusers'
+        pipelines take it (sample i's x_T and step noise from generator i). noise_dtype: the
+        dtype torch.randn draws in (default float32; diffusers' pipelines draw in their
+        UNet's dtype), the values then used as float32.
 
         model_kwargs: passed as model(x, t, **model_kwargs); tensors in it are per sample
         (batched along dim 0 with x). guidance_scale w with uncond_kwargs: classifier-free
@@ -116,7 +121,9 @@ class ReferenceSampler:
         when return_x0 or return_trajectory is set.
         """
         o = self.options
-        x = initial_noise(self.model, x_T, batch_size, generator, shape, None, None)
+        stream = NoiseStream.of(generator, noise_dtype)
+        x = initial_noise(self.model, x_T, batch_size, stream, shape, None, None)
+        stream.check_batch(x.shape[0])
         cond = self._conditioning(x, model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale)
         n = x.shape[0]
         x0_preds = [] if return_x0 else None
@@ -137,7 +144,7 @@ class ReferenceSampler:
                     et = (x - at.sqrt() * x0_t) / (1 - at).sqrt()
             if return_x0:
                 x0_preds.append(x0_t)
-            noise = noise_like(x, generator).to(x.dtype) if self._plan.draws_noise(i) else None
+            noise = noise_like(x, stream).to(x.dtype) if self._plan.draws_noise(i) else None
             if o.ddpm_noisy:  # ddpm_steps: DDPM posterior mean, variance beta_t
                 beta_t = 1 - at / at_next
                 mean = ((at_next.sqrt() * beta_t) * x0_t + ((1 - beta_t).sqrt() * (1 - at_next)) * x) / (1.0 - at)
