@@ -5,8 +5,8 @@
 #   bash benchmarks/gpu_run.sh OUTDIR [stages]
 #   GPU_RUN_DRY=1 bash benchmarks/gpu_run.sh OUTDIR [stages]   # print the plan, run nothing
 #
-# stages (default "build tests kernels profile step sampling guided"; "compile" and
-# "guided-compile" only when named). Each stage has its own time limit, and every limit is
+# stages (default "build tests kernels profile step sampling guided"; "compile",
+# "guided-compile" and "pipelines" only when named). Each stage has its own time limit, and every limit is
 # cut to what is left before the deadline (GPU_RUN_SECONDS, default 570: one 10-minute
 # device call with time to bring the files back), so that the call always returns with
 # results; a stage with no time left is recorded as skipped. The default stages' limits
@@ -34,6 +34,9 @@
 #             why, in the JSON and report)
 #   guided-compile  the guided rows' compile peers (reference over torch.compile(model)), S = 10 and
 #             50, batch 1 -> OUTDIR/guided-compile.json (only when named; whatever is left, 300 s at most)
+#   pipelines whole StableDiffusionPipeline calls, pipe(...) against ddim_fast.accelerate(pipe)(...),
+#             the tiny and the SD-1.5-sized pipeline in fp16, S = 10 and 50 (needs the diffusers and
+#             transformers wheels) -> OUTDIR/pipelines.json (only when named; 150 s)
 # Then benchmarks/report.py writes OUTDIR/report.md (and report.png with matplotlib).
 # A stage that fails or times out is recorded in OUTDIR/status.txt and the next runs.
 set -uo pipefail
@@ -145,13 +148,17 @@ if has guided-compile; then
   stage guided-compile "$left" "$py" -m pytest benchmarks/test_guided.py --benchmark-only -q -rs -p no:cacheprovider -k "peer or reference" \
     --ddim-steps 10,50 --ddim-batch 1 --ddim-compile-budget $(( left * 3 / 4 )) --benchmark-json="$out/guided-compile.json"
 fi
+if has pipelines; then
+  stage pipelines 150 "$py" -m pytest benchmarks/test_pipelines.py --benchmark-only -q -rs -p no:cacheprovider -k "not compile" \
+    --ddim-steps 10,50 --benchmark-json="$out/pipelines.json"
+fi
 
 if [[ $dry == 1 ]]; then
   echo "planned ${planned}s of ${GPU_RUN_SECONDS:-570}s (20s kept for the report)"
   cat "$status"
   exit 0
 fi
-jsons=$(ls "$out"/step.json "$out"/compile-step.json "$out"/sampling.json "$out"/guided.json "$out"/guided-compile.json "$out"/compile.json "$out"/kernels.json 2>/dev/null)
+jsons=$(ls "$out"/step.json "$out"/compile-step.json "$out"/sampling.json "$out"/guided.json "$out"/guided-compile.json "$out"/compile.json "$out"/kernels.json "$out"/pipelines.json 2>/dev/null)
 if [ -n "$jsons" ]; then
   # shellcheck disable=SC2086
   "$py" benchmarks/report.py $jsons --md "$out/report.md" --png "$out/report.png" && cat "$out/report.md"

@@ -1,6 +1,7 @@
-"""Tiny random-weight diffusers pipelines built from configs (nothing downloaded), as diffusers'
-own tests build theirs: a DDIMPipeline, and a StableDiffusionPipeline with a byte-level
-CLIPTokenizer that has no merges (every character is a token) written to a folder."""
+"""Random-weight diffusers pipelines built from configs (nothing downloaded), as diffusers' own
+tests build theirs: a tiny DDIMPipeline, and a StableDiffusionPipeline (tiny, or with
+SD-1.5's sizes for the GPU benchmark) with a byte-level CLIPTokenizer that has no merges
+(every character is a token) written to a folder."""
 
 import json
 import os
@@ -52,46 +53,70 @@ def ddim_pipeline(seed: int = 0, *, clip_sample: bool = True, channels: int = 3)
     return pipe
 
 
-def sd_pipeline(folder: str, seed: int = 0, *, prediction_type: str = "epsilon", linear_projection: bool = False):
-    """SD-1.x-shaped (linear_projection=True with v-prediction: SD-2.x-shaped), 16x16 images."""
+# SD-1.5's sizes: UNet, VAE and CLIP text encoder (vocabulary aside: the byte tokenizer's)
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+SD15_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=512,
+)
+SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12)
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+TINY_VAE = dict(
+    block_out_channels=(16, 32),
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=16,
+)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+
+
+def sd_pipeline(folder: str, seed: int = 0, *, prediction_type: str = "epsilon", linear_projection: bool = False, size: str = "tiny"):
+    """A StableDiffusionPipeline with a DDIMScheduler (SD's: scaled-linear betas, leading
+    spacing with offset 1, no clipping). size "tiny" (16x16 images) or "sd15" (SD-1.5's
+    UNet, VAE and text encoder, 512x512 images); linear_projection=True with v-prediction is
+    SD-2.x-shaped."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = byte_tokenizer(folder)
+    tokenizer = byte_tokenizer(folder, max_length=77 if size == "sd15" else 16)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-        use_linear_projection=linear_projection,
-    ).eval()
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    ).eval()
+    unet_config, vae_config, text_config = (SD15_UNET, SD15_VAE, SD15_TEXT) if size == "sd15" else (TINY_UNET, TINY_VAE, TINY_TEXT)
+    unet = UNet2DConditionModel(**unet_config, use_linear_projection=linear_projection).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, **vae_config).eval()
     config = CLIPTextConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
         vocab_size=len(tokenizer),
         max_position_embeddings=tokenizer.model_max_length,
+        **text_config,
     )
     text_encoder = CLIPTextModel(config).eval()
     scheduler = DDIMScheduler(

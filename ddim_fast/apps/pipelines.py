@@ -116,11 +116,14 @@ def _same(value, default) -> bool:
 # --- a fingerprint of the UNet's weights ------------------------------------------------------
 
 _SKIP = object()
+_SCALARS = (type(None), bool, int, float, str)
+# what every Module holds (parameter and hook dicts), but for its training flag
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) - {"training"}
 
 
 def _plain(value):
     """value as a hashable of plain Python values, or _SKIP for anything else."""
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if type(value) in _SCALARS:
         return value
     if isinstance(value, (list, tuple)):
         items = tuple(_plain(v) for v in value)
@@ -135,6 +138,8 @@ def _module_state(module: torch.nn.Module) -> tuple:
     """A module's plain attributes (training, LoRA scales and active adapters, flags)."""
     state = []
     for key, value in vars(module).items():
+        if key in _MODULE_INTERNALS:
+            continue
         plain = _plain(value)
         if plain is not _SKIP:
             state.append((key, plain))
@@ -159,7 +164,8 @@ class WeightsWatch:
         floating = [t.detach() for _, t in tensors if t.is_floating_point() and t.numel() > 0]
         if self.content and floating:
             with torch.no_grad():
-                norms = torch.stack([n.float().cpu() for n in torch._foreach_norm(floating)]).numpy().tobytes()
+                norms = [n.float() for n in torch._foreach_norm(floating)]
+                norms = torch.stack([n.to(norms[0].device) for n in norms]).cpu().numpy().tobytes()  # one copy per device
         return structure, storage, norms
 
     def changed(self) -> bool:

@@ -1,0 +1,103 @@
+"""Wall-clock time of a whole diffusers pipeline call (text encoding, the guided DDIM loop at
+w = 7.5, the VAE decode, post-processing): `pipe(...)` against `ddim_fast.accelerate(pipe)(...)`.
+
+    pytest benchmarks/test_pipelines.py --benchmark-only
+
+(With --benchmark-disable, as the test suite runs it, only the first S runs, once.)
+
+Pipelines (random weights, built from configs: tests/tiny_pipelines.py): "tiny", a
+StableDiffusionPipeline of 16x16 images (8x8 latents, a 2-level UNet of width 32, a 2-layer
+text encoder), on every machine; on a GPU also "sd15", SD-1.5's UNet, VAE and text encoder
+(512x512 images, fp16, as users load it). Both need diffusers and transformers (skipped
+without them). Implementations: "pipe" (the pipeline's own call), "accelerate"
+(ddim_fast.accelerate(pipe)) and, with --benchmark-only, "pipe-compile" (the pipeline with
+`pipe.unet = torch.compile(pipe.unet)`, the peer users reach for: Inductor's default mode
+on a CPU, "reduce-overhead" on a GPU) and "accelerate-compile" (accelerate(pipe,
+compile=True): Inductor for the UNet inside our loop).
+"""
+
+import functools
+import tempfile
+import time
+
+import pytest
+import torch
+
+GUIDANCE = 7.5
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+@functools.lru_cache(maxsize=None)
+def _pipeline(name: str, device: str):
+    pytest.importorskip("diffusers", reason="the pipeline rows need diffusers (pip install ddim-fast[diffusers])")
+    pytest.importorskip("transformers", reason="the pipeline rows need transformers (a CLIP text encoder)")
+    from tests.tiny_pipelines import sd_pipeline
+
+    pipe = sd_pipeline(tempfile.mkdtemp(prefix="ddim-fast-tokenizer-"), size=name)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    return pipe.to(device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _implementation(impl: str, name: str, device: str):
+    import ddim_fast
+
+    pipe = _pipeline(name, device)
+    if impl == "pipe":
+        return pipe
+    if impl == "accelerate":
+        return ddim_fast.accelerate(pipe)
+    if impl == "accelerate-compile":
+        return ddim_fast.accelerate(pipe, compile=True)
+    from diffusers import StableDiffusionPipeline
+
+    mode = "reduce-overhead" if device == "cuda" else "default"
+    components = dict(pipe.components, unet=torch.compile(pipe.unet, mode=mode))
+    peer = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    peer.set_progress_bar_config(disable=True)
+    return peer
+
+
+def pytest_generate_tests(metafunc):
+    if "impl" not in metafunc.fixturenames:
+        return
+    opt = metafunc.config.getoption
+    steps = [int(v) for v in opt("--ddim-steps").split(",")]
+    if opt("benchmark_disable"):  # the test suite's pass: each implementation once, at the smallest S
+        steps = steps[:1]
+    pipelines = ["tiny", "sd15"] if torch.cuda.is_available() else ["tiny"]
+    metafunc.parametrize("pipeline", pipelines)
+    metafunc.parametrize("steps", steps, ids=lambda s: f"S{s}")
+    metafunc.parametrize("impl", ["pipe", "accelerate", "pipe-compile", "accelerate-compile"])
+
+
+def test_pipeline_call(benchmark, bench_config, compile_budget, impl, pipeline, steps):
+    compiled = impl.endswith("-compile")
+    if compiled and benchmark.disabled:
+        pytest.skip("torch.compile rows are timed with --benchmark-only")
+    if compiled:
+        compile_budget.admit(f"pipeline-{pipeline}-S{steps}: {impl}")
+    device = bench_config["device"]
+    if steps >= 1000 and pipeline == "sd15":
+        pytest.skip("S = 1000 of the SD-1.5-sized pipeline takes minutes a call; its per-step time is the S = 100 row's")
+    call = _implementation(impl, pipeline, device)
+
+    def run():
+        out = call(PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(0), output_type="np")
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out.images
+
+    benchmark.group = f"pipeline-{pipeline}-S{steps}"
+    benchmark.extra_info.update(impl=impl, steps=steps, model=f"{pipeline} StableDiffusionPipeline", pipeline=pipeline, device=device, guidance=GUIDANCE, dtype="fp16" if device == "cuda" else "fp32", batch=1)
+    if not benchmark.disabled:
+        start = time.perf_counter()
+        run()  # outside the clock: the graph capture, oneDNN's set-up, the compile
+        benchmark.extra_info["first_call_s"] = time.perf_counter() - start
+        if compiled:
+            compile_budget.spent(benchmark.extra_info["first_call_s"])
+    if steps >= 100 or pipeline == "sd15":
+        images = benchmark.pedantic(run, rounds=3, iterations=1)
+    else:
+        images = benchmark(run)
+    assert images.shape[0] == 1 and images.shape[-1] == 3
