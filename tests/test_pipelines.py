@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 
 import ddim_fast  # noqa: E402
 from ddim_fast import FastSampler, ReferenceSampler, Schedule  # noqa: E402
-from .conftest import requires_triton_interpreter  # noqa: E402
+from .conftest import requires_cuda, requires_triton_interpreter  # noqa: E402
 from .tiny_pipelines import ddim_pipeline  # noqa: E402
 from .tiny_pipelines import sd_pipeline as _sd_pipeline  # noqa: E402
 
@@ -144,6 +144,21 @@ def test_stable_diffusion_outputs(sd, fast_sd):
     assert len(pil.images) == 1 and pil.images[0].size == (16, 16)
     images, nsfw = fast_sd("a cat", num_inference_steps=3, generator=_gen(), return_dict=False)
     assert len(images) == 1 and nsfw is None
+
+
+def test_the_pipelines_progress_bar_setting_is_kept():
+    import io
+
+    pipe = ddim_pipeline()
+    fast = ddim_fast.accelerate(pipe)
+    shown = io.StringIO()
+    pipe.set_progress_bar_config(file=shown, disable=False, ascii=True)
+    fast(batch_size=1, generator=_gen(), num_inference_steps=6, output_type="np")
+    assert "6/6" in shown.getvalue()  # one update when the loop is done: no host sync inside it
+    pipe.set_progress_bar_config(file=shown, disable=True)
+    before = shown.getvalue()
+    fast(batch_size=1, generator=_gen(), num_inference_steps=6, output_type="np")
+    assert shown.getvalue() == before
 
 
 # --- what falls back, what is refused ------------------------------------------------------------
@@ -427,3 +442,58 @@ def test_cli_explains_a_diffusers_state_dict_and_other_folders(tmp_path, capsys)
     (tmp_path / "empty").mkdir()
     code, _, err = _cli(capsys, "sample", "--model", str(tmp_path / "empty"), "--steps", "2", "--num-samples", "1")
     assert code == 2 and "not one diffusers' save_pretrained wrote" in err
+
+
+@requires_triton_interpreter
+@pytest.mark.parametrize("generator", ["one", "list"])
+def test_accelerate_through_the_emulated_captured_loop(generator):
+    """The captured loop's code, uncaptured (cuda_graph="emulate"): what a GPU runs, the noise
+    drawn inside the loop from one generator or into the per-run table from a list."""
+    pipe = ddim_pipeline(seed=1)
+    fast = ddim_fast.accelerate(pipe, cuda_graph="emulate")
+    gens = (lambda: _gen(3)) if generator == "one" else (lambda: [_gen(3), _gen(4)])
+    ref_gen, fast_gen = gens(), gens()
+    ref = pipe(batch_size=2, generator=ref_gen, eta=1.0, num_inference_steps=6, output_type="np").images
+    out = fast(batch_size=2, generator=fast_gen, eta=1.0, num_inference_steps=6, output_type="np").images
+    assert np.abs(out - ref).max() < TOL
+    (loop,) = next(iter(fast._samplers.values()))._graphs._entries.values()
+    assert (loop.z_table is not None) == (generator == "list")
+    first = lambda g: g if isinstance(g, torch.Generator) else g[0]  # noqa: E731
+    assert torch.equal(first(ref_gen).get_state(), first(fast_gen).get_state())
+
+
+# --- on a GPU -------------------------------------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.parametrize("generator", ["cpu", "cuda", "cuda-list"])
+def test_accelerate_on_cuda_gives_the_pipelines_images(generator):
+    """The captured loop: a CPU generator (the host noise table), a CUDA one (drawn inside the
+    graph from the caller's state) and a list (the table, one draw per sample)."""
+    pipe = ddim_pipeline(seed=1).to("cuda")
+    fast = ddim_fast.accelerate(pipe)
+
+    def gens():
+        if generator == "cpu":
+            return _gen(3)
+        if generator == "cuda":
+            return torch.Generator(device="cuda").manual_seed(3)
+        return [torch.Generator(device="cuda").manual_seed(3 + i) for i in range(2)]
+
+    ref = pipe(batch_size=2, generator=gens(), eta=1.0, num_inference_steps=10, output_type="np").images
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # captured: no fallback warning
+        out = fast(batch_size=2, generator=gens(), eta=1.0, num_inference_steps=10, output_type="np").images
+    sampler = next(iter(fast._samplers.values()))
+    assert sampler._graphs is not None and sampler._graphs.disabled_reason is None
+    assert np.abs(out - ref).max() < 5e-4  # fp32 on the GPU, TF32 off (tests/conftest.py)
+
+
+@requires_cuda
+def test_accelerate_fp16_stable_diffusion_on_cuda(sd):
+    pipe = copy.deepcopy(sd).to(device="cuda", dtype=torch.float16)
+    fast = ddim_fast.accelerate(pipe)
+    kwargs = dict(prompt=["a cat", "a dog"], negative_prompt=["", "blurry"], num_inference_steps=8, eta=1.0, output_type="np")
+    ref = pipe(**kwargs, generator=torch.Generator(device="cuda").manual_seed(0)).images
+    out = fast(**kwargs, generator=torch.Generator(device="cuda").manual_seed(0)).images
+    assert np.abs(out.astype(np.float32) - ref.astype(np.float32)).max() < 2e-2  # fp16 rounding, differently ordered

@@ -190,11 +190,16 @@ class _FastPipeline:
         self.pipe = pipe
         self.options = dict(options)
         self.check_weights = bool(check_weights)
-        FastSampler(pipe.unet, Schedule.linear(), steps=1, **self.options)  # the options checked now, not at the first call
-        self._watch = WeightsWatch(pipe.unet, self.check_weights)
-        self._root: Optional[FastSampler] = None  # the sampler whose prepared model the others share
         self._samplers: "OrderedDict[tuple, FastSampler]" = OrderedDict()
         self._schedules: dict = {}
+        self._watch_unet()  # the options are checked here, not at the first call
+
+    def _watch_unet(self) -> None:
+        """A fresh look at pipe.unet: its fingerprint, and a template sampler (never run) whose
+        siblings, one per (schedule, steps, η), share one prepared model of it."""
+        self._watch = WeightsWatch(self.pipe.unet, self.check_weights)
+        self._template = FastSampler(self.pipe.unet, Schedule.linear(), steps=1, **self.options)
+        self._samplers.clear()
 
     def __getattr__(self, name):
         if name == "pipe":  # not yet set (copy, pickle): no recursion through pipe
@@ -238,9 +243,7 @@ class _FastPipeline:
     def _sampler(self, steps, eta, use_clipped_model_output: bool) -> tuple:
         """(the FastSampler of this call, None), or (None, why this call falls back)."""
         if self._watch.module is not self.pipe.unet or self._watch.changed():
-            self._watch = WeightsWatch(self.pipe.unet, self.check_weights)
-            self._root = None
-            self._samplers.clear()
+            self._watch_unet()
         key, schedule, algorithm = self._schedule()
         off_grid = _off_grid_steps(schedule, steps, algorithm)
         if off_grid is not None:
@@ -251,10 +254,7 @@ class _FastPipeline:
             self._samplers.move_to_end(cache_key)
             return sampler, None
         algorithm = dict(algorithm, steps=steps, eta=float(eta), use_clipped_model_output=use_clipped_model_output)
-        if self._root is None:
-            sampler = self._root = FastSampler(self.pipe.unet, schedule, **algorithm, **self.options)
-        else:
-            sampler = self._root._sibling(schedule, **algorithm)
+        sampler = self._template._sibling(schedule, **algorithm)
         self._samplers[cache_key] = sampler
         while len(self._samplers) > _SAMPLER_CACHE_SIZE:
             self._samplers.popitem(last=False)
