@@ -199,6 +199,27 @@ def test_a_grid_diffusers_leaves_falls_back_by_name():
         fast(batch_size=1, generator=_gen(), num_inference_steps=2, eta=1.5, output_type="np")
 
 
+def test_options_the_samplers_lack_fall_back_by_name():
+    from diffusers import DDIMScheduler
+
+    pipe = ddim_pipeline()
+    fast = ddim_fast.accelerate(pipe)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, rescale_betas_zero_snr=True)
+    with pytest.warns(UserWarning, match="rescale_betas_zero_snr=True is not supported"):
+        out = fast(batch_size=1, generator=_gen(), num_inference_steps=4, output_type="np").images
+    assert np.array_equal(out, pipe(batch_size=1, generator=_gen(), num_inference_steps=4, output_type="np").images)
+    pipe.unet._hf_hook = object()  # what accelerate's cpu_offload hooks leave on a module
+    with pytest.warns(UserWarning, match="an offloaded UNet"):
+        fast(batch_size=1, generator=_gen(), num_inference_steps=2, output_type="np")
+
+
+def test_numpy_arguments_and_a_large_guidance_rescale(sd, fast_sd):
+    ref, out, _ = _both(sd, fast_sd, prompt="a cat", num_inference_steps=np.int64(4), eta=np.float32(0.5))
+    assert np.abs(out - ref).max() < TOL
+    with pytest.warns(UserWarning, match="guidance_rescale=1.5 above 1"):
+        fast_sd("a cat", num_inference_steps=2, guidance_rescale=1.5, output_type="np")
+
+
 def test_a_scheduler_other_than_ddim_is_refused_with_the_line_that_switches_it(tmp_path):
     from diffusers import EulerDiscreteScheduler
 
@@ -282,6 +303,16 @@ def test_a_replaced_unet_and_a_changed_module_attribute_are_seen():
     pipe.unet.mid_block.resnets[0].output_scale_factor = 2.0  # a plain attribute (as a LoRA scale is)
     ref, out, _ = _both(pipe, fast, **kwargs)
     assert np.abs(out - ref).max() < TOL
+
+
+def test_the_watch_sees_a_small_change_of_low_precision_weights():
+    from ddim_fast.apps.pipelines import WeightsWatch
+
+    layer = torch.nn.Linear(1000, 1000).to(torch.bfloat16)
+    watch = WeightsWatch(layer)
+    with torch.no_grad():
+        layer.weight.data[0, :10] += 0.5  # no version bump, same storage: only the norms show it
+    assert watch.changed() and not watch.changed()
 
 
 def test_samplers_are_cached_per_steps_and_eta_and_share_one_prepared_model():
@@ -416,6 +447,8 @@ def test_cli_samples_from_a_saved_ddim_pipeline(tmp_path, capsys, which):
     assert images.shape == (3, 8, 8, 3)
     expected = _expected_uint8(pipe.unet, pipe.scheduler, 3, 5)
     assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1  # uint8 rounding of fp32 noise
+    code, out, _ = _cli(capsys, "sample", "--model", str(folder), "--steps", "5", "--num-samples", "1", "--clip", "none", "--skip", "uniform", "--out", str(tmp_path / "g.png"))
+    assert code == 0 and "clip" not in out.split("FastSampler")[1].split("batch")[0] and "skip" not in out  # the command line over the folder
 
 
 def test_cli_reads_an_official_structure_unet2d_folder_as_our_unet(tmp_path, capsys):
@@ -497,3 +530,15 @@ def test_accelerate_fp16_stable_diffusion_on_cuda(sd):
     ref = pipe(**kwargs, generator=torch.Generator(device="cuda").manual_seed(0)).images
     out = fast(**kwargs, generator=torch.Generator(device="cuda").manual_seed(0)).images
     assert np.abs(out.astype(np.float32) - ref.astype(np.float32)).max() < 2e-2  # fp16 rounding, differently ordered
+
+
+@requires_cuda
+def test_accelerate_with_fast_rng_on_cuda():
+    """fast_rng: the kernel's own step noise; the same images at η = 0, other (finite) ones for η > 0."""
+    pipe = ddim_pipeline(seed=1).to(device="cuda", dtype=torch.float16)
+    fast = ddim_fast.accelerate(pipe, fast_rng=True)
+    ref = pipe(batch_size=2, generator=_gen(3), num_inference_steps=6, output_type="np").images
+    out = fast(batch_size=2, generator=_gen(3), num_inference_steps=6, output_type="np").images
+    assert np.abs(out.astype(np.float32) - ref.astype(np.float32)).max() < 2e-2
+    noisy = fast(batch_size=2, generator=_gen(3), num_inference_steps=6, eta=1.0, output_type="np").images
+    assert noisy.shape == ref.shape and np.isfinite(noisy.astype(np.float32)).all()

@@ -17,10 +17,14 @@ Where diffusers draws at a step whose σ is 0 (the last one, with set_alpha_to_o
 draw is made after the loop and dropped, so a generator leaves the call in the same state.
 
 Falls back: an argument this does not cover (callback_on_step_end, ip_adapter_image,
-timesteps, sigmas, cross_attention_kwargs, ...), an η outside [0, 1], a UNet with a
-guidance embedding (time_cond_proj_dim) or a grid that DDIMScheduler leaves (it steps from
-t to t − T // S, off its own "trailing" or "linspace" grid when S does not divide T) make
-the call run `pipe(...)` itself, with one warning that names the reason.
+timesteps, sigmas, cross_attention_kwargs, ...), an η outside [0, 1], a guidance_rescale
+above 1, a UNet with a guidance embedding (time_cond_proj_dim), an offloaded UNet
+(enable_model_cpu_offload, sequential or group offloading), a DDIMScheduler option the
+samplers do not implement (thresholding, rescale_betas_zero_snr) or a grid that
+DDIMScheduler leaves (it steps from t to t − T // S: off its own "trailing" grid when S does
+not divide T, off its "linspace" grid for every 1 < S < T) make the call run `pipe(...)`
+itself, with one warning that names the reason. With fast_rng=True the step noise is the
+kernel's own (other images than the pipeline's for η > 0).
 
 Weights: the prepared UNet holds copies of some weights (channels_last convolutions, a
 cast dtype, time tables). Before each call a fingerprint of pipe.unet (its modules, their
@@ -33,6 +37,7 @@ give fresh images.
 from __future__ import annotations
 
 import inspect
+import numbers
 import sys
 import warnings
 from collections import OrderedDict
@@ -146,6 +151,15 @@ def _module_state(module: torch.nn.Module) -> tuple:
     return tuple(sorted(state))
 
 
+def _float32_norms(tensors: list) -> list:
+    """Each tensor's L2 norm accumulated and returned in float32: in bf16 or fp16 a norm does not
+    see a change of a few elements (bf16 keeps 3 significant digits)."""
+    try:
+        return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    except (TypeError, RuntimeError):  # a torch whose _foreach_norm takes no dtype
+        return [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
+
+
 class WeightsWatch:
     """Whether a module's weights changed since the last look: its module tree with their plain
     attributes, every parameter's and buffer's storage, version, shape and dtype, and with
@@ -161,11 +175,11 @@ class WeightsWatch:
         tensors = [(name, t) for name, t in self.module.named_parameters()] + [(name, t) for name, t in self.module.named_buffers()]
         storage = tuple((name, t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device) for name, t in tensors)
         norms = None
-        floating = [t.detach() for _, t in tensors if t.is_floating_point() and t.numel() > 0]
+        floating = [t.detach() for _, t in tensors if t.is_floating_point() and t.numel() > 0 and t.device.type != "meta"]
         if self.content and floating:
             with torch.no_grad():
-                norms = [n.float() for n in torch._foreach_norm(floating)]
-                norms = torch.stack([n.to(norms[0].device) for n in norms]).cpu().numpy().tobytes()  # one copy per device
+                norms = _float32_norms(floating)
+                norms = torch.stack([n.to(norms[0].device) for n in norms]).cpu().numpy().tobytes()  # one copy to the host
         return structure, storage, norms
 
     def changed(self) -> bool:
@@ -214,6 +228,8 @@ class _FastPipeline:
         reason = self._uncovered(values, given, extra)
         if reason is None:
             check_scheduler(self.pipe.scheduler)
+            values["eta"] = float(values["eta"])
+            values["num_inference_steps"] = _as_int(values["num_inference_steps"])
             sampler, reason = self._sampler(values["num_inference_steps"], values["eta"], bool(values.get("use_clipped_model_output")))
         if reason is not None:
             warnings.warn(f"ddim_fast.accelerate: {reason}; this call runs the original {type(self.pipe).__name__}", UserWarning, stacklevel=2)
@@ -227,9 +243,12 @@ class _FastPipeline:
         if names:
             return f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} not covered"
         eta = values["eta"]
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0 <= eta <= 1:
             return f"eta={eta!r} is outside [0, 1]"
-        return None
+        generator = values["generator"]
+        if self.options.get("fast_rng") and isinstance(generator, list) and len(generator) > 1 and eta > 0:
+            return "fast_rng draws the step noise from one seed, so a list of generators is not covered"
+        return _offload_reason(self.pipe)
 
     # samplers ---------------------------------------------------------------------------------
     def _schedule(self) -> tuple:
@@ -244,7 +263,10 @@ class _FastPipeline:
         """(the FastSampler of this call, None), or (None, why this call falls back)."""
         if self._watch.module is not self.pipe.unet or self._watch.changed():
             self._watch_unet()
-        key, schedule, algorithm = self._schedule()
+        try:
+            key, schedule, algorithm = self._schedule()
+        except ValueError as error:  # a DDIMScheduler option the samplers do not implement
+            return None, str(error)
         off_grid = _off_grid_steps(schedule, steps, algorithm)
         if off_grid is not None:
             return None, off_grid
@@ -264,16 +286,39 @@ class _FastPipeline:
         """The denoising loop from latents, drawing as DDIMScheduler.step draws, behind the
         pipeline's progress bar (updated once the loop is done: no host sync inside it)."""
         steps = sampler.options.steps
-        noise_dtype = self.pipe.unet.dtype
-        stream = NoiseStream(generator[0] if isinstance(generator, list) and len(generator) == 1 else generator, noise_dtype)
+        if isinstance(generator, list) and len(generator) == 1:
+            generator = generator[0]  # as randn_tensor takes it
+        fast_rng = self.options.get("fast_rng", False)
+        if fast_rng:  # the kernel draws the step noise: the stream only seeds it
+            stream = NoiseStream(generator[0] if isinstance(generator, list) else generator)
+        else:
+            stream = NoiseStream(generator, self.pipe.unet.dtype)
         with self.pipe.progress_bar(total=steps) as bar:
             sample = sampler.sample(latents, generator=stream, **conditioning)
             bar.update(steps)
-        if eta > 0:  # diffusers draws at every step; the sampler skips the steps whose σ is 0
+        if eta > 0 and not fast_rng:  # diffusers draws at every step; the sampler skips the steps whose σ is 0
             plan = sampler._plan
             for _ in range(sum(1 for i in range(plan.steps) if not plan.draws_noise(i))):
                 stream.draw(latents.shape, latents.device)
         return sample
+
+
+def _as_int(value):
+    """An integral value (a NumPy int, as diffusers accepts) as an int; anything else as it is,
+    for the sampler to refuse with its own error."""
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+
+
+def _offload_reason(pipe) -> Optional[str]:
+    """Why pipe.unet cannot run where the pipeline runs (offloaded), or None."""
+    unet = pipe.unet
+    if getattr(unet, "_hf_hook", None) is not None or any(p.device.type == "meta" for p in unet.parameters()):
+        return "an offloaded UNet (enable_model_cpu_offload, sequential or group offloading) is not covered"
+    device = next((p.device for p in unet.parameters()), None)
+    execution = torch.device(pipe._execution_device)
+    if device is not None and (device.type, device.index or 0) != (execution.type, execution.index or 0):
+        return f"the UNet is on {device} while the pipeline runs on {execution} (offloading) and that is not covered"
+    return None
 
 
 def _off_grid_steps(schedule: Schedule, steps, algorithm: dict) -> Optional[str]:
@@ -339,6 +384,9 @@ class FastStableDiffusionPipeline(_FastPipeline):
     def _uncovered(self, values: dict, given: set, extra: dict) -> Optional[str]:
         if self.pipe.unet.config.time_cond_proj_dim is not None:
             return "a UNet with a guidance embedding (unet.config.time_cond_proj_dim) is not covered"
+        rescale = values["guidance_rescale"]
+        if values["guidance_scale"] > 1 and isinstance(rescale, numbers.Real) and rescale > 1:
+            return f"guidance_rescale={rescale!r} above 1 is not covered"
         return super()._uncovered(values, given, extra)
 
     def _generate(self, sampler: FastSampler, values: dict):

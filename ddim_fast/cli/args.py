@@ -57,11 +57,14 @@ def eta_arg(s: str):
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or {ETA_DDPM_NOISY!r}, got {s!r}") from None
 
 
-def clip_arg(s: str) -> float:
+def clip_arg(s: str):
+    """The half-width r > 0 of the clamp, or "none": no clamp (over a diffusers folder's clip_sample)."""
+    if s.lower() == "none":
+        return False
     try:
         return positive_float(s)
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected the half-width r of [-r, r], a number > 0, got {s!r}") from None
+        raise argparse.ArgumentTypeError(f"expected the half-width r of [-r, r], a number > 0, or 'none', got {s!r}") from None
 
 
 def skip_arg(s: str):
@@ -115,6 +118,6 @@ def sampling_args(p: argparse.ArgumentParser, *, eta=True, clip=True, steps_list
         p.add_argument("--eta", type=eta_arg, default=0.0, help="η in [0, 1] (0: deterministic DDIM, 1: DDPM variance) or 'ddpm_noisy' (default 0)")
     p.add_argument("--skip", type=skip_arg, default=None, help=f"timestep grid: {', '.join(SKIP_TYPES)} or comma-separated timesteps (default uniform, or a diffusers folder's spacing)")
     if clip:
-        p.add_argument("--clip", type=clip_arg, nargs="?", const=1.0, default=None, metavar="R", help="clamp x̂₀ to [-R, R] (R = 1 when given alone; default: no clamp, as the official code)")
+        p.add_argument("--clip", type=clip_arg, nargs="?", const=1.0, default=None, metavar="R", help="clamp x̂₀ to [-R, R] (R = 1 when given alone; 'none': no clamp; default: no clamp, as the official code, or a diffusers folder's clip_sample)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="sampling dtype (default fp32)")
     p.add_argument("--no-graph", action="store_true", help="on CUDA, run the eager loop instead of a captured CUDA graph")

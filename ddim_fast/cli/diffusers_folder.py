@@ -85,13 +85,14 @@ def _folder_schedule(spec: str, scheduler_folder: str, ddim_scheduler, args) -> 
         return Schedule.linear(), {}
     config = _read_json(config_path, spec)
     name = config.get("_class_name", "a scheduler")
-    scheduler = ddim_scheduler.from_config(config)
+    try:
+        scheduler = ddim_scheduler.from_config(config)
+        schedule_and_options = Schedule.from_diffusers_config(scheduler)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CLIError(f"--model {spec!r}: its scheduler config {config_path}: {e}") from None
     if name != "DDIMScheduler":
         _note(args, f"note: --model {spec}: its {name} config is read as DDIMScheduler.from_config reads it (betas, spacing, clipping, prediction type), as a DDIMPipeline would")
-    try:
-        return Schedule.from_diffusers_config(scheduler)
-    except ValueError as e:
-        raise CLIError(f"--model {spec!r}: {e}") from None
+    return schedule_and_options
 
 
 def _as_our_unet(unet2d):

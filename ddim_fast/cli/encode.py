@@ -64,7 +64,7 @@ def cmd_encode(args) -> int:
     device = pick_device(args.device)
     model, schedule, desc, options = load_model(args.model, args.config, device, args)
     x, labels = _read_images(args.input, model, args.num_samples)
-    args.eta, args.clip = 0.0, None
+    args.eta, args.clip = 0.0, False  # DDIM inversion; --reconstruct decodes without a clamp too
     sampler = fast_sampler(model, schedule, args, options)
     latents, se = [], 0.0
     bar = progress_bar(args, x.shape[0], "encode", "img")

@@ -9,7 +9,7 @@ import torch
 from ..apps.machine import cpu_name, git_commit
 from ..apps.quality import FULL, QUICK, QualitySettings, check_trends, format_tables, run_quality
 from .args import CLIError, common_args, eta_arg, finite_float, nonneg_int, positive_int
-from .common import load_model, note, pick_device, set_threads, write_json
+from .common import image_shape, load_model, note, pick_device, set_threads, write_json
 
 
 def cmd_quality(args) -> int:
@@ -23,8 +23,9 @@ def cmd_quality(args) -> int:
             over[k] = tuple(v)
     settings = QualitySettings(**{**base.__dict__, **over}).validate()
     model, schedule, desc, _ = load_model(args.model, args.config, device, args)
-    if (model.in_channels, model.resolution) != (1, 16):
-        raise CLIError(f"--model {args.model!r}: the quality metric is for 1 x 16 x 16 digits, got {model.in_channels} x {model.resolution} x {model.resolution}")
+    shape = image_shape(model)
+    if shape != (1, 16, 16):
+        raise CLIError(f"--model {args.model!r}: the quality metric is for 1 x 16 x 16 digits, got {' x '.join(str(n) for n in shape)}")
     note(args, f"quality of {desc} ({'quick' if args.quick else 'full'} run): {settings.describe()}; {settings.num_reconstruct} reconstructions per S; {settings.model_calls():,} model calls on {device.type} ({torch.get_num_threads()} threads)")
     partial = sorted({n for _, _, n in settings.cells() if n % settings.batch_size})
     if partial and len({n for _, _, n in settings.cells()}) > 1:

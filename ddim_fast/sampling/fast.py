@@ -240,7 +240,7 @@ class FastSampler:
             check_emulation(x, return_x0=return_x0, return_trajectory=return_trajectory, check_finite=self.options.check_finite)
         elif self.fast_rng and x.device.type != "cuda":
             raise ValueError(f"fast_rng draws the noise inside the CUDA step kernel; x is on {x.device} (use fast_rng=False there)")
-        if self.fast_rng and not stream.plain:
+        if self.fast_rng and not stream.plain and any(plan.draws_noise(i) for i in range(plan.steps)):
             raise ValueError("fast_rng draws the noise inside the step kernel from one seed: it takes one generator and float32 noise, not a list of generators or noise_dtype")
         with self._lock, torch.inference_mode(), S.on_device(x):
             x = self._layout(x)
