@@ -140,3 +140,12 @@ def sd_pipeline(folder: str, seed: int = 0, *, prediction_type: str = "epsilon",
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def img2img_pipeline(text_to_image):
+    """The StableDiffusionImg2ImgPipeline of a StableDiffusionPipeline's components."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline(**text_to_image.components, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -9,5 +9,6 @@ ops and base layers, never the command line.
     distributed   sample generation sharded across torchrun processes, restartable
     machine       what a measurement records about where it ran (commit, CPU)
     opcount       what one sampling step dispatches (ops per step), for tests and benchmarks
-    pipelines     accelerate(pipe): a diffusers DDIMPipeline / StableDiffusionPipeline with FastSampler's loop
+    pipelines     accelerate(pipe): a diffusers DDIMPipeline / StableDiffusionPipeline (text or image to
+                  image) with FastSampler's loop; pipeline_core what they share, stable_diffusion the SD ones
 """

@@ -1,7 +1,7 @@
 """A diffusers pipeline in, a fast pipeline out: `ddim_fast.accelerate(pipe)`.
 
     import ddim_fast
-    fast = ddim_fast.accelerate(pipe)             # a DDIMPipeline or a StableDiffusionPipeline
+    fast = ddim_fast.accelerate(pipe)             # a DDIMPipeline, StableDiffusionPipeline or its Img2Img twin
     images = fast("a cat", num_inference_steps=50, generator=g).images
 
 The fast pipeline's call takes the pipeline's own arguments and returns what `pipe(...)`
@@ -36,30 +36,21 @@ give fresh images.
 
 from __future__ import annotations
 
-import inspect
-import numbers
 import sys
-import warnings
-from collections import OrderedDict
-from typing import Optional
 
-import torch
-
-from ..core.schedule import Schedule
 from ..sampling import FastSampler
-from ..sampling.noise import NoiseStream
+from .pipeline_core import SUPPORTED_SCHEDULERS, FastPipeline, WeightsWatch, check_scheduler
+from .stable_diffusion import FastStableDiffusionImg2ImgPipeline, FastStableDiffusionPipeline
 
-__all__ = ["accelerate", "FastDDIMPipeline", "FastStableDiffusionPipeline", "SUPPORTED_PIPELINES"]
+__all__ = ["accelerate", "FastDDIMPipeline", "FastStableDiffusionPipeline", "FastStableDiffusionImg2ImgPipeline", "SUPPORTED_PIPELINES", "SUPPORTED_SCHEDULERS", "WeightsWatch"]
 
-SUPPORTED_PIPELINES = ("DDIMPipeline", "StableDiffusionPipeline")
-SUPPORTED_SCHEDULERS = ("DDIMScheduler",)
-_SAMPLER_CACHE_SIZE = 8
-_SWITCH_LINE = "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)"
+SUPPORTED_PIPELINES = ("DDIMPipeline", "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
 
 
 def accelerate(pipe, *, check_weights: bool = True, **options):
-    """A fast pipeline for `pipe`, a diffusers DDIMPipeline or StableDiffusionPipeline (SD 1.x
-    / 2.x) with a DDIMScheduler; it shares pipe's components and leaves pipe as it is.
+    """A fast pipeline for `pipe`, a diffusers DDIMPipeline, StableDiffusionPipeline or
+    StableDiffusionImg2ImgPipeline (SD 1.x / 2.x) with a DDIMScheduler; it shares pipe's
+    components and leaves pipe as it is.
 
     options: FastSampler's engine and model options (dtype, compile, cuda_graph, graph_mode,
     channels_last, fuse, lean, backend, graph_cache_size, fast_rng); steps, η and the
@@ -80,268 +71,7 @@ def accelerate(pipe, *, check_weights: bool = True, **options):
     return _PIPELINES[kind](pipe, options, check_weights)
 
 
-def check_scheduler(scheduler) -> None:
-    name = type(scheduler).__name__
-    if name not in SUPPORTED_SCHEDULERS:
-        raise ValueError(f"the pipeline's scheduler is a {name}; ddim_fast.accelerate samples with DDIM only. Switch it first: {_SWITCH_LINE}")
-
-
-# --- what a call may hold -------------------------------------------------------------------
-
-
-def _bound_arguments(pipe, args, kwargs) -> tuple:
-    """(every argument of pipe.__call__ with its value, the names given a value other than the
-    default, the extra **kwargs)."""
-    signature = inspect.signature(type(pipe).__call__)
-    bound = signature.bind(pipe, *args, **kwargs)
-    extra = {}
-    given = set()
-    for name, value in bound.arguments.items():
-        parameter = signature.parameters[name]
-        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-            extra = dict(value)
-        elif name != "self" and not _same(value, parameter.default):
-            given.add(name)
-    bound.apply_defaults()
-    values = {k: v for k, v in bound.arguments.items() if k != "self" and signature.parameters[k].kind is not inspect.Parameter.VAR_KEYWORD}
-    return values, given, extra
-
-
-def _same(value, default) -> bool:
-    if value is default:
-        return True
-    if isinstance(value, (torch.Tensor,)) or isinstance(default, torch.Tensor):
-        return False
-    try:
-        return bool(value == default)
-    except Exception:  # noqa: BLE001 - an object without a plain equality is not the default
-        return False
-
-
-# --- a fingerprint of the UNet's weights ------------------------------------------------------
-
-_SKIP = object()
-_SCALARS = (type(None), bool, int, float, str)
-# what every Module holds (parameter and hook dicts), but for its training flag
-_MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) - {"training"}
-
-
-def _plain(value):
-    """value as a hashable of plain Python values, or _SKIP for anything else."""
-    if type(value) in _SCALARS:
-        return value
-    if isinstance(value, (list, tuple)):
-        items = tuple(_plain(v) for v in value)
-        return _SKIP if any(v is _SKIP for v in items) else items
-    if isinstance(value, dict):
-        items = tuple((str(k), _plain(v)) for k, v in value.items())
-        return _SKIP if any(v is _SKIP for _, v in items) else tuple(sorted(items))
-    return _SKIP
-
-
-def _module_state(module: torch.nn.Module) -> tuple:
-    """A module's plain attributes (training, LoRA scales and active adapters, flags)."""
-    state = []
-    for key, value in vars(module).items():
-        if key in _MODULE_INTERNALS:
-            continue
-        plain = _plain(value)
-        if plain is not _SKIP:
-            state.append((key, plain))
-    return tuple(sorted(state))
-
-
-def _float32_norms(tensors: list) -> list:
-    """Each tensor's L2 norm accumulated and returned in float32: in bf16 or fp16 a norm does not
-    see a change of a few elements (bf16 keeps 3 significant digits)."""
-    try:
-        return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
-    except (TypeError, RuntimeError):  # a torch whose _foreach_norm takes no dtype
-        return [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
-
-
-class WeightsWatch:
-    """Whether a module's weights changed since the last look: its module tree with their plain
-    attributes, every parameter's and buffer's storage, version, shape and dtype, and with
-    `content` each floating-point tensor's norm (one read of the weights, one host sync)."""
-
-    def __init__(self, module: torch.nn.Module, content: bool = True):
-        self.module = module
-        self.content = content
-        self._last = self.fingerprint()
-
-    def fingerprint(self) -> tuple:
-        structure = tuple((name, type(m).__qualname__, _module_state(m)) for name, m in self.module.named_modules())
-        tensors = [(name, t) for name, t in self.module.named_parameters()] + [(name, t) for name, t in self.module.named_buffers()]
-        storage = tuple((name, t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device) for name, t in tensors)
-        norms = None
-        floating = [t.detach() for _, t in tensors if t.is_floating_point() and t.numel() > 0 and t.device.type != "meta"]
-        if self.content and floating:
-            with torch.no_grad():
-                norms = _float32_norms(floating)
-                norms = torch.stack([n.to(norms[0].device) for n in norms]).cpu().numpy().tobytes()  # one copy to the host
-        return structure, storage, norms
-
-    def changed(self) -> bool:
-        """True when the fingerprint differs from the last look (which it then becomes)."""
-        now = self.fingerprint()
-        if now == self._last:
-            return False
-        self._last = now
-        return True
-
-
-# --- the fast pipelines -------------------------------------------------------------------------
-
-
-class _FastPipeline:
-    """What both fast pipelines share: the fallback, the samplers per (schedule, steps, η) and
-    the weights watch. Attributes it does not have are pipe's (fast.unet is pipe.unet)."""
-
-    covered: tuple = ()
-
-    def __init__(self, pipe, options: dict, check_weights: bool):
-        self.pipe = pipe
-        self.options = dict(options)
-        self.check_weights = bool(check_weights)
-        self._samplers: "OrderedDict[tuple, FastSampler]" = OrderedDict()
-        self._schedules: dict = {}
-        self._watch_unet()  # the options are checked here, not at the first call
-
-    def _watch_unet(self) -> None:
-        """A fresh look at pipe.unet: its fingerprint, and a template sampler (never run) whose
-        siblings, one per (schedule, steps, η), share one prepared model of it."""
-        self._watch = WeightsWatch(self.pipe.unet, self.check_weights)
-        self._template = FastSampler(self.pipe.unet, Schedule.linear(), steps=1, **self.options)
-        self._samplers.clear()
-
-    def __getattr__(self, name):
-        if name == "pipe":  # not yet set (copy, pickle): no recursion through pipe
-            raise AttributeError(name)
-        return getattr(self.pipe, name)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({type(self.pipe).__name__}, options={self.options})"
-
-    def __call__(self, *args, **kwargs):
-        values, given, extra = _bound_arguments(self.pipe, args, kwargs)
-        reason = self._uncovered(values, given, extra)
-        if reason is None:
-            check_scheduler(self.pipe.scheduler)
-            values["eta"] = float(values["eta"])
-            values["num_inference_steps"] = _as_int(values["num_inference_steps"])
-            sampler, reason = self._sampler(values["num_inference_steps"], values["eta"], bool(values.get("use_clipped_model_output")))
-        if reason is not None:
-            warnings.warn(f"ddim_fast.accelerate: {reason}; this call runs the original {type(self.pipe).__name__}", UserWarning, stacklevel=2)
-            return self.pipe(*args, **kwargs)
-        with torch.no_grad():  # as the pipeline's own call
-            return self._generate(sampler, values)
-
-    def _uncovered(self, values: dict, given: set, extra: dict) -> Optional[str]:
-        """Why this call cannot run here, or None."""
-        names = sorted((given - set(self.covered)) | set(extra))
-        if names:
-            return f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} not covered"
-        eta = values["eta"]
-        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0 <= eta <= 1:
-            return f"eta={eta!r} is outside [0, 1]"
-        generator = values["generator"]
-        if self.options.get("fast_rng") and isinstance(generator, list) and len(generator) > 1 and eta > 0:
-            return "fast_rng draws the step noise from one seed, so a list of generators is not covered"
-        return _offload_reason(self.pipe)
-
-    # samplers ---------------------------------------------------------------------------------
-    def _schedule(self) -> tuple:
-        """(Schedule, options) of pipe.scheduler's config, made once per config."""
-        config = self.pipe.scheduler.config
-        key = repr(sorted((k, repr(v)) for k, v in dict(config).items()))
-        if key not in self._schedules:
-            self._schedules[key] = Schedule.from_diffusers_config(self.pipe.scheduler)
-        return key, *self._schedules[key]
-
-    def _sampler(self, steps, eta, use_clipped_model_output: bool) -> tuple:
-        """(the FastSampler of this call, None), or (None, why this call falls back)."""
-        if self._watch.module is not self.pipe.unet or self._watch.changed():
-            self._watch_unet()
-        try:
-            key, schedule, algorithm = self._schedule()
-        except ValueError as error:  # a DDIMScheduler option the samplers do not implement
-            return None, str(error)
-        off_grid = _off_grid_steps(schedule, steps, algorithm)
-        if off_grid is not None:
-            return None, off_grid
-        cache_key = (key, steps, float(eta), use_clipped_model_output)
-        sampler = self._samplers.get(cache_key)
-        if sampler is not None:
-            self._samplers.move_to_end(cache_key)
-            return sampler, None
-        algorithm = dict(algorithm, steps=steps, eta=float(eta), use_clipped_model_output=use_clipped_model_output)
-        sampler = self._template._sibling(schedule, **algorithm)
-        self._samplers[cache_key] = sampler
-        while len(self._samplers) > _SAMPLER_CACHE_SIZE:
-            self._samplers.popitem(last=False)
-        return sampler, None
-
-    def _sample(self, sampler: FastSampler, latents: torch.Tensor, generator, eta, **conditioning) -> torch.Tensor:
-        """The denoising loop from latents, drawing as DDIMScheduler.step draws, behind the
-        pipeline's progress bar (updated once the loop is done: no host sync inside it)."""
-        steps = sampler.options.steps
-        if isinstance(generator, list) and len(generator) == 1:
-            generator = generator[0]  # as randn_tensor takes it
-        fast_rng = self.options.get("fast_rng", False)
-        if fast_rng:  # the kernel draws the step noise: the stream only seeds it
-            stream = NoiseStream(generator[0] if isinstance(generator, list) else generator)
-        else:
-            stream = NoiseStream(generator, self.pipe.unet.dtype)
-        with self.pipe.progress_bar(total=steps) as bar:
-            sample = sampler.sample(latents, generator=stream, **conditioning)
-            bar.update(steps)
-        if eta > 0 and not fast_rng:  # diffusers draws at every step; the sampler skips the steps whose σ is 0
-            plan = sampler._plan
-            for _ in range(sum(1 for i in range(plan.steps) if not plan.draws_noise(i))):
-                stream.draw(latents.shape, latents.device)
-        return sample
-
-
-def _as_int(value):
-    """An integral value (a NumPy int, as diffusers accepts) as an int; anything else as it is,
-    for the sampler to refuse with its own error."""
-    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
-
-
-def _offload_reason(pipe) -> Optional[str]:
-    """Why pipe.unet cannot run where the pipeline runs (offloaded), or None."""
-    unet = pipe.unet
-    if getattr(unet, "_hf_hook", None) is not None or any(p.device.type == "meta" for p in unet.parameters()):
-        return "an offloaded UNet (enable_model_cpu_offload, sequential or group offloading) is not covered"
-    device = next((p.device for p in unet.parameters()), None)
-    execution = torch.device(pipe._execution_device)
-    if device is not None and (device.type, device.index or 0) != (execution.type, execution.index or 0):
-        return f"the UNet is on {device} while the pipeline runs on {execution} (offloading) and that is not covered"
-    return None
-
-
-def _off_grid_steps(schedule: Schedule, steps, algorithm: dict) -> Optional[str]:
-    """Why DDIMScheduler with these options steps somewhere our grid does not, or None.
-
-    DDIMScheduler steps from each t to t − T // S (α of a negative one: the final α); the
-    samplers step to the grid's next point, the same for "leading" spacing and for the
-    others when S divides T."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 < steps <= schedule.num_train_timesteps:
-        return None  # the sampler refuses it with its own error
-    grid = schedule.timesteps(steps, algorithm["skip"], steps_offset=algorithm.get("steps_offset", 0))
-    ratio = schedule.num_train_timesteps // steps
-    ours = [-1] + grid[:-1]
-    theirs = [t - ratio if t - ratio >= 0 else -1 for t in grid]
-    if ours == theirs:
-        return None
-    return (
-        f"with timestep_spacing={algorithm['skip']!r} and {steps} steps DDIMScheduler steps from t to t - T // S = t - {ratio}, "
-        "off its own grid; ddim-fast keeps to the grid and would give other images"
-    )
-
-
-class FastDDIMPipeline(_FastPipeline):
+class FastDDIMPipeline(FastPipeline):
     """accelerate(DDIMPipeline): its call, with FastSampler's loop."""
 
     covered = ("batch_size", "generator", "eta", "num_inference_steps", "use_clipped_model_output", "output_type", "return_dict")
@@ -371,76 +101,8 @@ class FastDDIMPipeline(_FastPipeline):
         return ImagePipelineOutput(images=image)
 
 
-class FastStableDiffusionPipeline(_FastPipeline):
-    """accelerate(StableDiffusionPipeline): its call, with FastSampler's loop (guided inside
-    the step)."""
-
-    covered = (
-        "prompt", "height", "width", "num_inference_steps", "guidance_scale", "negative_prompt", "num_images_per_prompt",
-        "eta", "generator", "latents", "prompt_embeds", "negative_prompt_embeds", "output_type", "return_dict",
-        "guidance_rescale", "clip_skip",
-    )  # fmt: skip
-
-    def _uncovered(self, values: dict, given: set, extra: dict) -> Optional[str]:
-        if self.pipe.unet.config.time_cond_proj_dim is not None:
-            return "a UNet with a guidance embedding (unet.config.time_cond_proj_dim) is not covered"
-        rescale = values["guidance_rescale"]
-        if values["guidance_scale"] > 1 and isinstance(rescale, numbers.Real) and rescale > 1:
-            return f"guidance_rescale={rescale!r} above 1 is not covered"
-        return super()._uncovered(values, given, extra)
-
-    def _generate(self, sampler: FastSampler, values: dict):
-        from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
-
-        pipe = self.pipe
-        height, width = values["height"], values["width"]
-        if not height or not width:  # as the pipeline: both from the UNet's sample size
-            size = pipe.unet.config.sample_size
-            height, width = (size, size) if isinstance(size, int) else tuple(size[:2])
-            height, width = height * pipe.vae_scale_factor, width * pipe.vae_scale_factor
-        prompt, negative_prompt = values["prompt"], values["negative_prompt"]
-        prompt_embeds, negative_prompt_embeds = values["prompt_embeds"], values["negative_prompt_embeds"]
-        pipe.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds, None, None, ["latents"])
-        if isinstance(prompt, str):
-            batch_size = 1
-        elif isinstance(prompt, list):
-            batch_size = len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
-        device = pipe._execution_device
-        guidance_scale = values["guidance_scale"]
-        guided = guidance_scale > 1  # diffusers' do_classifier_free_guidance (no guidance embedding here)
-        per_prompt = values["num_images_per_prompt"]
-        prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
-            prompt,
-            device,
-            per_prompt,
-            guided,
-            negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            lora_scale=None,
-            clip_skip=values["clip_skip"],
-        )
-        generator = values["generator"]
-        latents = pipe.prepare_latents(batch_size * per_prompt, pipe.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, values["latents"])
-        conditioning = dict(model_kwargs={"encoder_hidden_states": prompt_embeds})
-        if guided:
-            rescale = values["guidance_rescale"]
-            conditioning.update(guidance_scale=guidance_scale, uncond_kwargs={"encoder_hidden_states": negative_prompt_embeds}, guidance_rescale=rescale if rescale > 0 else None)
-        latents = self._sample(sampler, latents, generator, values["eta"], **conditioning).to(prompt_embeds.dtype)
-        output_type = values["output_type"]
-        if output_type != "latent":
-            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
-            image, has_nsfw_concept = pipe.run_safety_checker(image, device, prompt_embeds.dtype)
-        else:
-            image, has_nsfw_concept = latents, None
-        do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not flagged for flagged in has_nsfw_concept]
-        image = pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
-        pipe.maybe_free_model_hooks()
-        if not values["return_dict"]:
-            return (image, has_nsfw_concept)
-        return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept)
-
-
-_PIPELINES = {"DDIMPipeline": FastDDIMPipeline, "StableDiffusionPipeline": FastStableDiffusionPipeline}
+_PIPELINES = {
+    "DDIMPipeline": FastDDIMPipeline,
+    "StableDiffusionPipeline": FastStableDiffusionPipeline,
+    "StableDiffusionImg2ImgPipeline": FastStableDiffusionImg2ImgPipeline,
+}
