@@ -442,6 +442,21 @@ def test_a_list_of_generators_draws_each_sample_from_its_own(cuda_graph):
 
 
 @pytest.mark.parametrize("cuda_graph", LOOPS)
+def test_a_list_of_generators_in_fp16_fills_the_noise_table_as_the_reference_draws(cuda_graph):
+    """A list of generators feeds the captured loop's per-run noise table (z_host), here with
+    fp16 draws (z_host_draw): what a CUDA run of an fp16 diffusers pipeline takes."""
+    x_T = torch.randn((2, *SHAPE), generator=_gen(7))
+    gens = lambda: [_gen(1), _gen(2)]  # noqa: E731
+    ref = ReferenceSampler(_smooth_model, Schedule.linear(), steps=4, eta=1.0).sample(x_T, generator=gens(), noise_dtype=torch.float16)
+    fast = _fast(cuda_graph, steps=4, eta=1.0)
+    out = fast.sample(x_T, generator=gens(), noise_dtype=torch.float16)
+    assert (out - ref).abs().max() < 1e-5
+    if cuda_graph:
+        (loop,) = fast._graphs._entries.values()
+        assert loop.z_table is not None and loop.z_host_draw is not None and loop.z_host_draw.dtype == torch.float16
+
+
+@pytest.mark.parametrize("cuda_graph", LOOPS)
 def test_noise_dtype_draws_as_torch_randn_draws_in_that_dtype(cuda_graph):
     x_T = torch.randn((2, *SHAPE), generator=_gen(7))
     ref_sampler = ReferenceSampler(_smooth_model, Schedule.linear(), steps=4, eta=1.0)
