@@ -15,7 +15,6 @@ the combine in eager PyTorch, as a user's pipeline does it).
 """
 
 import functools
-import time
 
 import pytest
 import torch
@@ -117,14 +116,8 @@ def test_guided_sample(benchmark, bench_config, compile_budget, impl, dtype, mod
     if not benchmark.disabled:
         # warm-up outside the clock: the graph capture (fast on a GPU) or a short run (oneDNN's
         # set-up, the compile) of the same model
-        start = time.perf_counter()
-        if impl == "fast" and device == "cuda":
-            run()
-        else:
-            make(2).sample(x_T, **kw)
-        benchmark.extra_info["first_call_s"] = time.perf_counter() - start
-        if compiled:
-            compile_budget.spent(benchmark.extra_info["first_call_s"])
+        warm_up = run if (impl == "fast" and device == "cuda") else (lambda: make(2).sample(x_T, **kw))
+        compile_budget.first_call(benchmark, warm_up, compiled)
     if steps >= 1000 or model == "sd15":
         out = benchmark.pedantic(run, rounds=2, iterations=1)
     else:

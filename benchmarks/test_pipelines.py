@@ -18,7 +18,6 @@ compile=True): Inductor for the UNet inside our loop).
 
 import functools
 import tempfile
-import time
 
 import pytest
 import torch
@@ -91,11 +90,7 @@ def test_pipeline_call(benchmark, bench_config, compile_budget, impl, pipeline, 
     benchmark.group = f"pipeline-{pipeline}-S{steps}"
     benchmark.extra_info.update(impl=impl, steps=steps, model=f"{pipeline} StableDiffusionPipeline", pipeline=pipeline, device=device, guidance=GUIDANCE, dtype="fp16" if device == "cuda" else "fp32", batch=1)
     if not benchmark.disabled:
-        start = time.perf_counter()
-        run()  # outside the clock: the graph capture, oneDNN's set-up, the compile
-        benchmark.extra_info["first_call_s"] = time.perf_counter() - start
-        if compiled:
-            compile_budget.spent(benchmark.extra_info["first_call_s"])
+        compile_budget.first_call(benchmark, run, compiled)
     if steps >= 100 or pipeline == "sd15":
         images = benchmark.pedantic(run, rounds=3, iterations=1)
     else:

@@ -12,7 +12,6 @@ a GPU the CIFAR-10 UNet (batch 1, 64).
 """
 
 import functools
-import time
 
 import pytest
 import torch
@@ -77,11 +76,7 @@ def test_step(benchmark, compile_budget, model_name, batch, impl, dtype):
         return out
 
     if not benchmark.disabled:
-        start = time.perf_counter()
-        run()  # preparation (the lean model, tables, oneDNN primitives, a compile, a CUDA graph) off the clock
-        benchmark.extra_info["first_call_s"] = time.perf_counter() - start
-        if compiled:
-            compile_budget.spent(benchmark.extra_info["first_call_s"])
+        compile_budget.first_call(benchmark, run, compiled)  # preparation (the lean model, tables, oneDNN primitives, a compile, a CUDA graph) off the clock
         if not compiled:  # a compiled model dispatches inside one opaque region: nothing to count
             benchmark.extra_info["ops_per_step"] = _ops(impl, dtype, model_name)
     out = benchmark(run)
