@@ -51,7 +51,7 @@ def _bound_arguments(pipe, args, kwargs) -> tuple:
 def _same(value, default) -> bool:
     if value is default:
         return True
-    if isinstance(value, (torch.Tensor,)) or isinstance(default, torch.Tensor):
+    if isinstance(value, torch.Tensor) or isinstance(default, torch.Tensor):
         return False
     try:
         return bool(value == default)
@@ -113,7 +113,7 @@ class WeightsWatch:
 
     def fingerprint(self) -> tuple:
         structure = tuple((name, type(m).__qualname__, _module_state(m)) for name, m in self.module.named_modules())
-        tensors = [(name, t) for name, t in self.module.named_parameters()] + [(name, t) for name, t in self.module.named_buffers()]
+        tensors = list(self.module.named_parameters()) + list(self.module.named_buffers())
         storage = tuple((name, t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device) for name, t in tensors)
         norms = None
         floating = [t.detach() for _, t in tensors if t.is_floating_point() and t.numel() > 0 and t.device.type != "meta"]
@@ -147,12 +147,12 @@ class FastPipeline:
         self.check_weights = bool(check_weights)
         self._samplers: "OrderedDict[tuple, FastSampler]" = OrderedDict()
         self._schedules: dict = {}
-        self._watch_unet()  # the options are checked here, not at the first call
+        self._watch = WeightsWatch(pipe.unet, self.check_weights)
+        self._new_samplers()  # the options are checked here, not at the first call
 
-    def _watch_unet(self) -> None:
-        """A fresh look at pipe.unet: its fingerprint, and a template sampler (never run) whose
-        siblings, one per (schedule, steps, η), share one prepared model of it."""
-        self._watch = WeightsWatch(self.pipe.unet, self.check_weights)
+    def _new_samplers(self) -> None:
+        """A template sampler (never run) of pipe.unet as it is now, whose siblings, one per
+        (schedule, steps, η), share one prepared model of it."""
         self._template = FastSampler(self.pipe.unet, Schedule.linear(), steps=1, **self.options)
         self._samplers.clear()
 
@@ -207,8 +207,11 @@ class FastPipeline:
     def _sampler(self, steps, eta, use_clipped_model_output: bool, run: Optional[int] = None) -> tuple:
         """(the FastSampler of this call, None), or (None, why this call falls back). run: only
         the grid's last `run` steps (its `run` lowest timesteps), as an image-to-image call."""
-        if self._watch.module is not self.pipe.unet or self._watch.changed():
-            self._watch_unet()
+        if self._watch.module is not self.pipe.unet:
+            self._watch = WeightsWatch(self.pipe.unet, self.check_weights)
+            self._new_samplers()
+        elif self._watch.changed():  # the watch holds the new fingerprint already
+            self._new_samplers()
         try:
             key, schedule, algorithm = self._schedule()
         except ValueError as error:  # a DDIMScheduler option the samplers do not implement
@@ -249,7 +252,7 @@ class FastPipeline:
             bar.update(steps)
         if eta > 0 and not fast_rng:  # diffusers draws at every step; the sampler skips the steps whose σ is 0
             plan = sampler._plan
-            for _ in range(sum(1 for i in range(plan.steps) if not plan.draws_noise(i))):
+            for _ in range(plan.steps - plan.noisy_steps):
                 stream.draw(latents.shape, latents.device)
         return sample
 

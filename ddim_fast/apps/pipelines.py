@@ -39,6 +39,7 @@ from __future__ import annotations
 import sys
 
 from ..sampling import FastSampler
+from ..sampling.noise import NoiseStream
 from .pipeline_core import SUPPORTED_SCHEDULERS, FastPipeline, WeightsWatch, check_scheduler
 from .stable_diffusion import FastStableDiffusionImg2ImgPipeline, FastStableDiffusionPipeline
 
@@ -85,8 +86,8 @@ class FastDDIMPipeline(FastPipeline):
         size = pipe.unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch_size, pipe.unet.config.in_channels, height, width)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"got a list of {len(generator)} generators for a batch of {batch_size}; pass one per sample")
+        if isinstance(generator, list):  # before randn_tensor, which would index past the list
+            NoiseStream(generator).check_batch(batch_size)
         x_T = randn_tensor(shape, generator=generator, device=pipe._execution_device, dtype=pipe.unet.dtype)
         image = self._sample(sampler, x_T, generator, values["eta"]).to(pipe.unet.dtype)
         image = (image / 2 + 0.5).clamp(0, 1)

@@ -35,6 +35,11 @@ class StepPlan:
     def draws_noise(self, i: int) -> bool:
         return self.coefs[i, 5] > 0
 
+    @property
+    def noisy_steps(self) -> int:
+        """How many steps draw noise (σ > 0)."""
+        return int((self.coefs[:, 5] > 0).sum())
+
 
 def sampling_plan(schedule: Schedule, grid: list[int], eta) -> StepPlan:
     """Steps τ_{S-1} -> τ_{S-2} -> ... -> τ_0 -> -1.

@@ -240,7 +240,7 @@ class FastSampler:
             check_emulation(x, return_x0=return_x0, return_trajectory=return_trajectory, check_finite=self.options.check_finite)
         elif self.fast_rng and x.device.type != "cuda":
             raise ValueError(f"fast_rng draws the noise inside the CUDA step kernel; x is on {x.device} (use fast_rng=False there)")
-        if self.fast_rng and not stream.plain and any(plan.draws_noise(i) for i in range(plan.steps)):
+        if self.fast_rng and not stream.plain and plan.noisy_steps:
             raise ValueError("fast_rng draws the noise inside the step kernel from one seed: it takes one generator and float32 noise, not a list of generators or noise_dtype")
         with self._lock, torch.inference_mode(), S.on_device(x):
             x = self._layout(x)
@@ -314,12 +314,12 @@ class FastSampler:
         """draw(): the next draw of the reference's stream, torch.randn(x.shape) from the
         stream, as float32 in x's layout (what the fused step reads with x's flat offsets);
         None when the plan draws no noise. Buffers made once: no allocation per step."""
-        if not any(plan.draws_noise(i) for i in range(plan.steps)):
+        if not plan.noisy_steps:
             return None
         z = torch.empty_like(x, dtype=torch.float32)
         draw_device = stream.device or x.device
-        if draw_device == x.device and z.is_contiguous() and stream.plain:
-            return lambda: torch.randn(x.shape, generator=stream.generator, out=z)  # noqa: E731
+        if draw_device == x.device and z.is_contiguous() and stream.dtype == torch.float32:
+            return lambda: stream.draw_into(z)  # noqa: E731
         # NCHW on the generator's device in the stream's dtype (as ReferenceSampler draws), then
         # one copy into x's layout as float32
         z_draw = torch.empty(x.shape, dtype=stream.dtype, device=draw_device)
@@ -356,7 +356,7 @@ class FastSampler:
         dev = x.device
         table = torch.tensor(plan.coefs, dtype=torch.float32, device=dev)
         row = torch.zeros(1, dtype=torch.int32, device=dev)
-        philox = self.fast_rng and any(plan.draws_noise(i) for i in range(plan.steps))
+        philox = self.fast_rng and plan.noisy_steps > 0
         seed = philox_seed(stream.generator_or_default(dev), dev) if philox else None
         draw = None if philox else self._noise_drawer(plan, x, stream)
         clip = None if encoding else self.options.clip

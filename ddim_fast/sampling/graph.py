@@ -35,9 +35,9 @@ draws the steps' noise from it in the reference's order, on its device, and copi
 in one go into a device table (S, B, C, H, W) that the step kernel reads by the step
 counter (the graph is kept); so is a list of generators, one per sample (diffusers'
 convention). noise_dtype (diffusers' pipelines draw in their UNet's dtype) is the dtype
-of the draw, in the graph or into the table, converted to float32 for the kernel. With fast_rng=True the step kernel draws the noise itself
-(Philox, seed from the generator once per run): one pass less, but not the reference's
-stream.
+of the draw, in the graph or into the table, converted to float32 for the kernel. With
+fast_rng=True the step kernel draws the noise itself (Philox, seed from the generator
+once per run): one pass less, but not the reference's stream.
 
 Graphs are cached per (shape, dtype, layout, device, task) with a bound (LRU); a
 changed key captures anew. A model that cannot be captured (a host sync, data-dependent
