@@ -464,3 +464,28 @@ def test_eager_loop_on_the_triton_step_reads_a_device_table(monkeypatch, guided,
     ref = ReferenceSampler(model, SCHEDULE, steps=4, eta=1.0).sample(x_T, generator=_gen(1), **kw)
     ref64 = ReferenceSampler(copy.deepcopy(model).double(), SCHEDULE, steps=4, eta=1.0).sample(x_T.double(), generator=_gen(1), **kw)
     assert max_err(got, ref64) <= 2 * max_err(ref, ref64) + 1e-5 * (1 + ref64.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("generators", ["one", "list"])  # one: drawn in the loop (z_draw); a list: the per-run table
+def test_emulated_guided_loop_with_diffusers_noise_tracks_the_reference(dtype, generators):
+    """What accelerate(pipe) gives the loop, in the configuration users get: channels_last, 3
+    channels, η = 1, guided with class labels, fp32 and bf16, with the noise drawn as diffusers
+    draws it (fp16 draws; one generator, or a list with one per sample). 6x6 images: at 108
+    elements a sample, torch.randn in fp16 is another stream than fp32's, not its rounding."""
+    from .conftest import CastModel
+
+    model = tiny_unet(in_channels=3, num_classes=10, resolution=6)
+    x_T = torch.randn(2, 3, 6, 6, generator=_gen(0))
+    gens = (lambda: _gen(1)) if generators == "one" else (lambda: [_gen(1), _gen(2)])
+    kw = dict(model_kwargs={"class_labels": torch.tensor([3, 4])}, guidance_scale=3.0, uncond_kwargs={"class_labels": torch.tensor([10, 10])}, noise_dtype=torch.float16)
+    sampler = FastSampler(model, SCHEDULE, steps=4, eta=1.0, dtype=dtype, cuda_graph="emulate")
+    got = sampler.sample(x_T, generator=gens(), **kw)
+    (loop,) = sampler._graphs._entries.values()
+    assert (loop.z_table is not None) == (generators == "list") and loop.x.is_contiguous(memory_format=torch.channels_last)
+    ref64 = ReferenceSampler(copy.deepcopy(model).double(), SCHEDULE, steps=4, eta=1.0).sample(x_T.double(), generator=gens(), **kw)
+    own_model = model if dtype == torch.float32 else CastModel(model, dtype)
+    own = max_err(ReferenceSampler(own_model, SCHEDULE, steps=4, eta=1.0).sample(x_T, generator=gens(), **kw), ref64)
+    slack = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+    assert got.dtype == dtype
+    assert max_err(got, ref64) <= 2 * own + slack * (1 + ref64.abs().max().item())
