@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -40,7 +41,7 @@ def test_sample_writes_grid_and_files(tmp_path, capsys):
     assert img.shape == (2 * 18 + 2, 3 * 18 + 2)  # 2 rows x 3 columns of 16 px + 2 px padding
     cells = [img[2 + 18 * r : 18 + 18 * r, 2 + 18 * c : 18 + 18 * c] for r in range(2) for c in range(3)]
     assert all(cell.std() > 20 for cell in cells), "a blank (or flat) sample in the grid"
-    assert sorted(os.listdir(d)) == [f"{i:06d}.png" for i in range(6)] + ["samples.npz", "shards"]
+    assert sorted(os.listdir(d)) == [".lock"] + [f"{i:06d}.png" for i in range(6)] + ["manifest.json", "samples.npz", "shards"]
     assert sorted(os.listdir(d / "shards")) == ["00000000-00004.npz", "00000004-00002.npz"]
     arr = _npz(d / "samples.npz")["arr_0"]
     assert arr.shape == (6, 16, 16, 1) and arr.dtype == np.uint8
@@ -103,22 +104,45 @@ def test_sample_as_subprocess(tmp_path):
 
 
 def test_sample_restart_skips_finished_batches(tmp_path, capsys):
-    """A killed run leaves finished shards; the rerun keeps them and only samples what is missing."""
+    """A killed run leaves finished shards; the rerun keeps them, samples only what is missing,
+    and writes the same samples.npz, byte for byte (tests/test_long_runs.py: damaged shards, other
+    settings)."""
     d = tmp_path / "out"
     argv = ("sample", "--steps", "4", "--eta", "0.5", "--num-samples", "7", "--batch-size", "3", "--out-dir", str(d), "--quiet")
     assert _run(capsys, *argv)[0] == 0
-    full = _npz(d / "samples.npz")["arr_0"]
-    # as if the run died during the last batch, with a marker in a finished shard to prove it is not redone
+    with open(d / "samples.npz", "rb") as f:
+        full = f.read()
+    # as if the run was killed during the last batch
     os.remove(d / "shards" / "00000006-00001.npz")
     os.remove(d / "samples.npz")
-    marker = np.full((3, 16, 16, 1), 7, np.uint8)
-    np.savez_compressed(d / "shards" / "00000003-00003.npz", arr_0=marker)
-    assert _run(capsys, *argv)[0] == 0
-    again = _npz(d / "samples.npz")["arr_0"]
-    np.testing.assert_array_equal(again[3:6], marker)  # skipped: read back, not resampled
-    np.testing.assert_array_equal(again[:3], full[:3])
-    np.testing.assert_array_equal(again[6:], full[6:])  # resampled identically (its own seeds)
+    reused_before = os.stat(d / "shards" / "00000003-00003.npz").st_mtime_ns
+    code, out, _ = _run(capsys, *argv)
+    assert code == 0 and "1 samples in" in out and "6 more reused from an earlier run" in out
+    assert os.stat(d / "shards" / "00000003-00003.npz").st_mtime_ns == reused_before  # read back, not rewritten
+    with open(d / "samples.npz", "rb") as f:
+        assert f.read() == full
     assert not [f for f in os.listdir(d / "shards") if ".tmp" in f]
+
+
+def test_sample_killed_and_rerun_gives_the_same_bytes(tmp_path):
+    """SIGKILL in the middle of a run, then the same command: samples.npz as an uninterrupted run's."""
+    argv = [sys.executable, "-m", "ddim_fast.cli", "sample", "--steps", "20", "--num-samples", "40", "--batch-size", "4", "--quiet"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert subprocess.run([*argv, "--out-dir", str(whole)], cwd=ROOT, capture_output=True, timeout=300).returncode == 0
+    run = subprocess.Popen([*argv, "--out-dir", str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(os.listdir(killed / "shards") if (killed / "shards").exists() else []) < 2:
+            time.sleep(0.05)
+    finally:
+        run.kill()
+        run.wait()
+    assert not (killed / "samples.npz").exists(), "the run finished before it was killed; make it longer"
+    res = subprocess.run([*argv, "--out-dir", str(killed)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "more reused from an earlier run" in res.stdout, res.stdout + res.stderr
+    with open(whole / "samples.npz", "rb") as a, open(killed / "samples.npz", "rb") as b:
+        assert a.read() == b.read()
+    assert not [f for _, _, names in os.walk(killed) for f in names if ".tmp" in f]
 
 
 def test_sample_sharded_over_two_processes(tmp_path, capsys):

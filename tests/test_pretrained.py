@@ -199,7 +199,7 @@ def test_training_is_seeded_and_resumable(tmp_path):
     # stop after 2 steps (a checkpoint at step 2), then resume to 4: the same weights
     ck = tmp_path / "ck.pt"
     train_diffusion(_tiny_cfg(2), data=data, checkpoint=ck, log=None)
-    state = torch.load(ck, weights_only=False)
+    state = torch.load(ck, weights_only=True)
     state["config"]["steps"] = 4  # the 4-step run's config at its step 2 is the same state
     torch.save(state, ck)
     c, hist_c = train_diffusion(_tiny_cfg(4), data=data, checkpoint=ck, log=None, log_every=1, out=tmp_path / "c.pt")

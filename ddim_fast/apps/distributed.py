@@ -5,9 +5,12 @@
 The K samples are cut into batches of --batch-size in index order; batch b goes to rank
 b % N. Every sample index has its own seed (derived from --seed and the index), and each
 batch's step noise its own seed (from --seed and b), so the same K images come out
-whatever N. Each finished batch is written atomically as D/shards/<start>-<count>.npz
-(uint8 NHWC) together with one PNG per sample named by its global index; a restarted run
-skips the batches whose shard exists. At the end rank 0 merges the shards, in index
+whatever N. Rank 0 opens the run's folder (apps/run_folder.py: the lock, the manifest of
+what was asked, the clean-up) and tells the other ranks whether it may go on. Each
+finished batch is written as one PNG per sample (named by global index) and then its
+shard D/shards/<start>-<count>.npz, both renamed into place after an fsync; a rerun of
+the same run reuses the shards that prove themselves (this run's, the right shape, their
+digest) and samples the others again. At the end rank 0 streams the shards, in index
 order, into D/samples.npz (key "arr_0", the format FID tools read).
 
 Processes talk through torch.distributed: NCCL on GPUs, gloo on CPUs; without torchrun
@@ -22,6 +25,8 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+
+from .run_folder import DamagedShard, RunFolder, batches
 
 
 @dataclass(frozen=True)
@@ -68,67 +73,80 @@ def finish(world: World) -> None:
         dist.destroy_process_group()
 
 
-def batches(num_samples: int, batch_size: int) -> list[tuple[int, int, int]]:
-    """[(batch index, first sample index, count)] in index order."""
-    return [(b, start, min(batch_size, num_samples - start)) for b, start in enumerate(range(0, num_samples, batch_size))]
+def share_from_main(world: World, value):
+    """Rank 0's value on every rank (a picklable object; itself when there is one process)."""
+    if world.size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value if world.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
-def shard_path(out_dir: str, start: int, count: int) -> str:
-    return os.path.join(out_dir, "shards", f"{start:08d}-{count:05d}.npz")
+@dataclass
+class Tally:
+    """What one rank's generate() did: samples drawn and reused, damaged shards sampled again,
+    PNGs written."""
 
-
-def _write_atomic(path: str, images: np.ndarray) -> None:
-    tmp = path + f".tmp{os.getpid()}.npz"
-    np.savez_compressed(tmp, arr_0=images)
-    os.replace(tmp, path)  # a killed run leaves no half-written shard under the real name
+    drawn: int = 0
+    reused: int = 0
+    resampled_shards: int = 0
+    pngs: int = 0
 
 
 def generate(
     sample_batch: Callable[[int, int, int], np.ndarray],
-    num_samples: int,
-    batch_size: int,
-    out_dir: str,
+    folder: RunFolder,
     world: World,
     *,
-    write_png: Optional[Callable[[np.ndarray, str], None]] = None,
+    encode_png: Optional[Callable[[np.ndarray, object], None]] = None,
     on_batch: Optional[Callable[[int], None]] = None,
-) -> Optional[np.ndarray]:
-    """Run this rank's batches (skipping finished ones) and merge on rank 0.
+    log: Optional[Callable[[str], None]] = None,
+) -> Tally:
+    """Run this rank's batches of the folder's run, reusing the shards that prove themselves,
+    then (rank 0) stream the shards into D/samples.npz.
 
-    sample_batch(b, start, count) -> uint8 images (count, H, W, C). Returns the merged
-    (num_samples, H, W, C) array on rank 0, None elsewhere. Writes D/shards/*.npz,
-    D/<index>.png (with write_png) and, on rank 0, D/samples.npz.
+    sample_batch(b, start, count) -> uint8 images (count, H, W, C). encode_png(image, file)
+    writes one PNG; with it every sample gets D/<index>.png (a reused shard's missing PNGs are
+    written from the shard). The folder must have been opened by rank 0 (RunFolder.open).
     """
-    os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
-    done = 0
-    for b, start, count in batches(num_samples, batch_size):
+    tally = Tally()
+    for b, start, count in batches(folder.num_samples, folder.batch_size):
         if b % world.size != world.rank:
             continue
-        path = shard_path(out_dir, start, count)
-        if os.path.exists(path):  # finished by an earlier run
-            if on_batch:
-                on_batch(count)
-            continue
-        images = sample_batch(b, start, count)
-        if images.shape[0] != count:
-            raise RuntimeError(f"sample_batch returned {images.shape[0]} images for a batch of {count}")
-        if write_png is not None:
-            for i, img in enumerate(images):
-                write_png(img, os.path.join(out_dir, f"{start + i:06d}.png"))
-        _write_atomic(path, images)
-        done += count
-        if on_batch:
+        images = _proven_shard(folder, start, count, tally, log)
+        drawn = images is None
+        if drawn:
+            images = sample_batch(b, start, count)
+            if images.shape[0] != count:
+                raise RuntimeError(f"sample_batch returned {images.shape[0]} images for a batch of {count}")
+            tally.drawn += count
+        else:
+            tally.reused += count
+        if encode_png is not None:
+            for index in range(start, start + count) if drawn else folder.missing_pngs(start, count):
+                folder.write_png(index, lambda f, image=images[index - start]: encode_png(image, f))
+                tally.pngs += 1
+        if drawn:  # last: a shard on disk says that its batch, PNGs included, is done
+            folder.write_shard(start, count, images)
+        if on_batch is not None:
             on_batch(count)
     barrier(world)
-    if not world.is_main:
+    if world.is_main:
+        folder.merge()
+    return tally
+
+
+def _proven_shard(folder: RunFolder, start: int, count: int, tally: Tally, log) -> Optional[np.ndarray]:
+    """The images of a finished batch's shard, or None when it must be sampled (no shard, or one
+    that does not prove itself: said in one line)."""
+    try:
+        return folder.read_shard(start, count)
+    except FileNotFoundError:
         return None
-    parts = []
-    for _, start, count in batches(num_samples, batch_size):
-        path = shard_path(out_dir, start, count)
-        if not os.path.exists(path):
-            raise RuntimeError(f"shard {path} is missing after all ranks finished")
-        with np.load(path) as f:
-            parts.append(f["arr_0"])
-    merged = np.concatenate(parts)
-    _write_atomic(os.path.join(out_dir, "samples.npz"), merged)
-    return merged
+    except DamagedShard as e:
+        tally.resampled_shards += 1
+        if log is not None:
+            log(f"shard {folder.shard_path(start, count)} is {e}: sampling its batch again")
+        return None

@@ -208,7 +208,7 @@ def _train_diffusion(cfg, data, labels, out, checkpoint, log, log_every, progres
     history: list = []
     start = 0
     if checkpoint is not None and os.path.exists(checkpoint):
-        ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        ck = load_checkpoint(checkpoint)
         if ck["config"] != asdict(cfg):
             raise ValueError(f"checkpoint {checkpoint} was written with another TrainConfig: {ck['config']}; delete it or pass that config")
         model.load_state_dict(ck["model"])
@@ -268,6 +268,26 @@ def _train_diffusion(cfg, data, labels, out, checkpoint, log, log_every, progres
         if log:
             log(f"saved the EMA weights to {out}")
     return ema, history
+
+
+CHECKPOINT_KEYS = ("config", "step", "model", "ema", "optimizer", "batches", "noise_generator", "torch_rng", "history")
+
+
+def load_checkpoint(path) -> dict:
+    """A training checkpoint that _save_checkpoint wrote, loaded with weights_only=True: it
+    holds only tensors, numbers, strings and containers of them, so a file whose pickle would
+    run code is refused (ValueError naming the file) rather than run."""
+    import pickle
+
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"checkpoint {path}: not a ddim-fast training checkpoint that loads safely (weights_only=True): {first}") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise ValueError(f"checkpoint {path}: not a ddim-fast training checkpoint (missing {', '.join(missing)})")
+    return ck
 
 
 def _save_checkpoint(path, cfg, step, model, ema, opt, batches, noise_gen, history) -> None:

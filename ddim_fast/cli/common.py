@@ -130,8 +130,60 @@ def pil_image(img: np.ndarray):
     return Image.fromarray(img[..., 0], mode="L") if img.shape[-1] == 1 else Image.fromarray(img)
 
 
+def encode_png(img: np.ndarray, f) -> None:
+    """One uint8 image (H, W, C) as a PNG into the binary file f."""
+    pil_image(img).save(f, format="PNG")
+
+
+def image_format(path: str) -> Optional[str]:
+    """The PIL format that writes path's extension (".png": "PNG"), or None when PIL cannot write it."""
+    from PIL import Image
+
+    Image.init()
+    name = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+    return name if name in Image.SAVE else None
+
+
+def check_image_path(path: str, flag: str) -> None:
+    """Refuse, before any work, an image path that cannot be written: an extension PIL cannot
+    write, an existing folder, a folder in the way (a file where a parent folder should be), or
+    a folder this process cannot write in."""
+    if os.path.isdir(path):
+        raise CLIError(f"{flag} {path!r} is a folder; give a file name such as {os.path.join(path, 'samples.png')!r}")
+    if image_format(path) is None:
+        ext = os.path.splitext(path)[1]
+        raise CLIError(f"{flag} {path!r}: cannot write images as {ext!r}; use .png (or .jpg, .webp, ...)" if ext else f"{flag} {path!r}: needs an image extension such as .png")
+    check_folder_for(path, flag)
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise CLIError(f"{flag} {path!r}: exists and this process cannot write it")
+
+
+def check_folder_for(path: str, flag: str) -> None:
+    """The first existing ancestor of path must be a folder this process can write in (the rest
+    is created when written)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise CLIError(f"{flag} {path!r}: {folder!r} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag} {path!r}: this process cannot write in {folder!r}")
+
+
+GRID_MAX_IMAGES = 1024  # a grid of more is unreadable, and at 256x256 already 270 MB of pixels
+GRID_MAX_PIXELS = 1 << 27
+
+
+def grid_count(n: int, image_pixels: int, scale: int) -> int:
+    """How many of n images go into a grid: all up to GRID_MAX_IMAGES and GRID_MAX_PIXELS (at least one)."""
+    return max(1, min(n, GRID_MAX_IMAGES, GRID_MAX_PIXELS // (image_pixels * scale * scale)))
+
+
 def save_grid(images: np.ndarray, path: str, *, ncol: Optional[int] = None, scale: int = 1, pad: int = 2) -> tuple[int, int]:
-    """Write uint8 images (N, H, W, C) as one PNG grid (ncol columns, default ~sqrt(N)); returns (width, height)."""
+    """Write uint8 images (N, H, W, C) as one image grid (ncol columns, default ~sqrt(N)) in
+    path's format, whole or not at all; returns (width, height)."""
+    from ..apps.run_folder import write_atomic
+
     n, h, w, c = images.shape
     ncol = ncol or max(1, math.ceil(math.sqrt(n)))
     nrow = math.ceil(n / ncol)
@@ -142,7 +194,8 @@ def save_grid(images: np.ndarray, path: str, *, ncol: Optional[int] = None, scal
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     mkdir_for(path)
-    pil_image(grid).save(path)
+    image = pil_image(grid)
+    write_atomic(path, lambda f: image.save(f, format=image_format(path) or "PNG"))
     return grid.shape[1], grid.shape[0]
 
 

@@ -1,5 +1,6 @@
-"""The parser of every command, and main(): bad arguments give one line on stderr and exit
-code 2 (DDIM_FAST_TRACEBACK=1 shows the traceback instead)."""
+"""The parser of every command, and main(): bad arguments, and files that cannot be read or
+written (a full disk included), give one line on stderr and exit code 2
+(DDIM_FAST_TRACEBACK=1 shows the traceback instead)."""
 
 from __future__ import annotations
 
@@ -39,9 +40,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("ddim-fast: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, TypeError, FileNotFoundError) as e:
+    except (CLIError, ValueError, TypeError, OSError, MemoryError) as e:
+        # OSError: a full disk, a folder that cannot be written, ...: its str() names the path
         if os.environ.get("DDIM_FAST_TRACEBACK") == "1":
             raise
-        msg = " ".join(str(e).split())
+        msg = " ".join(str(e).split()) or type(e).__name__
         print(msg if msg.startswith("ddim-fast") else f"ddim-fast: error: {msg}", file=sys.stderr)
         return 2

@@ -4,17 +4,21 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sys
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from ..apps.distributed import World, batches, finish, generate, init_world
+from ..apps.distributed import Tally, World, finish, generate, init_world, share_from_main
+from ..apps.run_folder import RunFolder, RunFolderError, batches, disk_estimate, free_bytes, model_digest, schedule_digest
 from ..apps.pretrained import COND_MODEL, classify_digits
 from ..sampling.noise import derive_seed, indexed_noise, slerp
 from .args import DTYPES, CLIError, common_args, finite_float, nonneg_int, positive_int, sampling_args
-from .common import auto_scale, fast_sampler, image_shape, load_model, note, pick_device, pil_image, progress_bar, reference_sampler, save_grid, set_threads, time_run, to_uint8
+from ..version import __version__
+from .common import auto_scale, check_folder_for, check_image_path, encode_png, fast_sampler, grid_count, image_shape, load_model, note, pick_device, progress_bar, reference_sampler, save_grid, set_threads, time_run, to_uint8
 
 
 def _conditioning(args, model) -> Optional[Callable[[int, int], dict]]:
@@ -59,18 +63,24 @@ def digit_arg(s: str):
 
 def cmd_sample(args) -> int:
     set_threads(args)
+    if args.out is None and args.out_dir is None:
+        args.out = "samples.png"
+    _check_paths(args)  # before any work: a bad path is found in a second, not after the run
     world = _world_for(args)
     device = pick_device(args.device) if world.size == 1 or args.device == "cpu" else _rank_device(args, world)
     if args.digit is not None and args.model == "digits":  # the embedded model's class-conditional twin
         args.model = COND_MODEL
+    folder = None
     try:
         model, schedule, desc, options = load_model(args.model, args.config, device, args if world.is_main else None)
         conditioning = _conditioning(args, model)
-        if args.out is None and args.out_dir is None:
-            args.out = "samples.png"
         sampler = fast_sampler(model, schedule, args, options)
         shape = image_shape(model)
-        n, bs = args.num_samples, args.batch_size
+        n, bs = args.num_samples, min(args.batch_size, args.num_samples)
+        if args.out_dir is None:
+            _check_memory(n, shape)
+        else:
+            folder = _open_folder(args, world, model, schedule, sampler, desc, shape, device)
         seconds = 0.0
         first_batch = None
 
@@ -81,37 +91,148 @@ def cmd_sample(args) -> int:
                 first_batch = x_T
             # step noise (η > 0): one stream per batch, on the sampling device (graph-safe on CUDA)
             g = torch.Generator(device=device).manual_seed(derive_seed(args.seed, 1, b))
-            x, dt = time_run(device, sampler.sample, x_T, generator=g, **(conditioning(start, count) if conditioning else {}))
+            with _batch_memory(count):
+                x, dt = time_run(device, sampler.sample, x_T, generator=g, **(conditioning(start, count) if conditioning else {}))
             seconds += dt
             return to_uint8(x)
 
         bar = progress_bar(args if world.is_main else _Quiet(), n if world.size == 1 else -(-n // world.size), "sample", "img")
-        if args.out_dir:
-            images = generate(sample_batch, n, bs, args.out_dir, world, write_png=lambda img, path: pil_image(img).save(path), on_batch=bar.update)
+        if folder is not None:
+            tally = generate(sample_batch, folder, world, encode_png=encode_png, on_batch=bar.update, log=lambda line: print(line, file=sys.stderr))
+            parts = folder.images if world.is_main else None
         else:
             images = np.concatenate([sample_batch(b, start, count) for b, start, count in _batches_with(bar, n, bs)])
+            tally = Tally(drawn=n)
+            parts = lambda: iter([images])  # noqa: E731
         bar.close()
-    finally:
-        finish(world)
-    rank_note = f", rank {world.rank} of {world.size}" if world.size > 1 else ""
-    made = f"{n} samples" if world.size == 1 else "this rank's samples"
-    per = f": {1000 * seconds / n:.2f} ms/sample" if world.size == 1 and seconds > 0 else ""
-    asked = "" if args.digit is None else f", digit {args.digit}" + ("" if args.guidance is None else f", guidance {args.guidance:g}")
-    print(f"{made} in {seconds:.2f} s{per} (FastSampler, {desc}, S={args.steps}, eta={args.eta}, {_algorithm(sampler)}batch {bs}, {device.type} {args.dtype}{asked}{rank_note})")
-    if images is None:  # not rank 0 of a sharded run
+        rank_note = f", rank {world.rank} of {world.size}" if world.size > 1 else ""
+        made = f"{tally.drawn} samples" if world.size == 1 else f"this rank's {tally.drawn} samples"
+        per = f": {1000 * seconds / tally.drawn:.2f} ms/sample" if tally.drawn and seconds > 0 else ""
+        reused = f", {tally.reused} more reused from an earlier run" if tally.reused else ""
+        asked = "" if args.digit is None else f", digit {args.digit}" + ("" if args.guidance is None else f", guidance {args.guidance:g}")
+        print(f"{made} in {seconds:.2f} s{per}{reused} (FastSampler, {desc}, S={args.steps}, eta={args.eta}, {_algorithm(sampler)}batch {bs}, {device.type} {args.dtype}{asked}{rank_note})")
+        if parts is None:  # not rank 0 of a sharded run
+            return 0
+        if args.digit is not None and args.model == COND_MODEL:
+            hits = _digit_hits(parts(), args.digit, model.null_label)
+            what = f"a {args.digit}" if args.digit != "all" else "the digit asked for (sample i: i mod 10)"
+            print(f"the digit classifier reads {hits} of {n} samples as {what} ({100 * hits / n:.1f}%)")
+        if args.out:
+            scale = auto_scale(args, shape[1])
+            shown = grid_count(n, shape[1] * shape[2], scale)
+            w, h = save_grid(_first(parts(), shown), args.out, scale=scale)
+            print(f"wrote {args.out} ({w}x{h} grid of {n})" if shown == n else f"wrote {args.out} ({w}x{h} grid of the first {shown} of {n} samples: a bigger grid would not be readable)")
+        if folder is not None:
+            if world.size > 1:
+                pngs = f"rank 0's {tally.pngs} PNGs"
+            else:
+                pngs = f"{tally.pngs} PNGs" + (f" (the other {n - tally.pngs} were there)" if tally.pngs < n else "")
+            print(f"wrote {pngs} and samples.npz (uint8 {(n, *folder.image_hwc)}, key arr_0) to {args.out_dir}")
+        if args.compare:
+            _compare(model, schedule, options, sampler, first_batch if first_batch is not None else indexed_noise(args.seed, 0, min(bs, n), shape).to(device), args, device)
         return 0
-    if args.digit is not None and args.model == COND_MODEL:
-        hits = int((classify_digits(images) == _labels(args.digit, 0, n, model.null_label)).sum())
-        what = f"a {args.digit}" if args.digit != "all" else "the digit asked for (sample i: i mod 10)"
-        print(f"the digit classifier reads {hits} of {n} samples as {what} ({100 * hits / n:.1f}%)")
-    if args.out:
-        w, h = save_grid(images, args.out, scale=auto_scale(args, shape[1]))
-        print(f"wrote {args.out} ({w}x{h} grid of {n})")
-    if args.out_dir:
-        print(f"wrote {n} PNGs and samples.npz (uint8 {tuple(images.shape)}, key arr_0) to {args.out_dir}")
-    if args.compare:
-        _compare(model, schedule, options, sampler, first_batch if first_batch is not None else indexed_noise(args.seed, 0, min(bs, n), shape).to(device), args, device)
-    return 0
+    finally:
+        if folder is not None:
+            folder.close()  # after the grid and the digit count have read the shards
+        finish(world)
+
+
+def _check_paths(args) -> None:
+    if args.out is not None:
+        check_image_path(args.out, "--out")
+    if args.out_dir is not None:
+        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+            raise CLIError(f"--out-dir {args.out_dir!r}: exists and is not a folder")
+        check_folder_for(os.path.join(args.out_dir, "x"), "--out-dir")
+
+
+def _check_memory(n: int, shape: tuple) -> None:
+    """Without --out-dir the samples are held in memory (twice, while they are concatenated)."""
+    needed = 2 * n * math.prod(shape)
+    physical = _physical_memory()
+    if physical is not None and needed > physical:
+        raise CLIError(f"--num-samples {n} without --out-dir would hold {needed / 2**30:.1f} GiB of images in memory, more than this machine's {physical / 2**30:.1f} GiB; pass --out-dir DIR to write them batch by batch")
+
+
+def _physical_memory() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+class _batch_memory:
+    """A batch that does not fit in memory: one line naming --batch-size, not an allocator traceback."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, _traceback):
+        out_of_memory = isinstance(error, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))) or (isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+        if out_of_memory:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CLIError(f"a batch of {self.count} samples does not fit in memory ({first}); lower --batch-size") from None
+        return False
+
+
+def _open_folder(args, world, model, schedule, sampler, desc, shape, device) -> RunFolder:
+    """The run's folder, opened by rank 0 (the lock, the manifest check, the clean-up); every
+    rank raises the same one-line error when rank 0 could not open it."""
+    options = sampler.options
+    asked = dict(
+        version=__version__,
+        model_sha256=model_digest(model),
+        schedule_sha256=schedule_digest(schedule),
+        steps=options.steps,
+        eta=options.eta,
+        grid=list(options.grid),
+        clip=options.clip,
+        prediction=options.prediction,
+        use_clipped_model_output=options.use_clipped_model_output,
+        dtype=args.dtype,
+        device=device.type,
+        seed=args.seed,
+        digit=args.digit,
+        guidance=args.guidance,
+    )
+    about = dict(model=desc, torch=torch.__version__)
+    folder = RunFolder(args.out_dir, asked, num_samples=args.num_samples, batch_size=min(args.batch_size, args.num_samples), image_shape=shape, about=about)
+    refusal = None
+    if world.is_main:
+        try:
+            folder.open(overwrite=args.overwrite, log=lambda line: note(args, line))
+        except RunFolderError as e:
+            refusal = str(e)
+    refusal = share_from_main(world, refusal)
+    if refusal is not None:
+        raise RunFolderError(refusal)
+    if world.is_main:
+        estimate, free = disk_estimate(args.num_samples, shape), free_bytes(args.out_dir)
+        if free < estimate:
+            print(f"warning: --out-dir {args.out_dir} has {free / 2**30:.1f} GiB free; this run may write up to {estimate / 2**30:.1f} GiB (PNGs, shards and samples.npz)", file=sys.stderr)
+    return folder
+
+
+def _digit_hits(parts, digit, classes: int) -> int:
+    hits, start = 0, 0
+    for images in parts:
+        hits += int((classify_digits(images) == _labels(digit, start, images.shape[0], classes)).sum())
+        start += images.shape[0]
+    return hits
+
+
+def _first(parts, count: int) -> np.ndarray:
+    """The first count images of a stream of batches."""
+    taken, have = [], 0
+    for images in parts:
+        taken.append(images[: count - have])
+        have += taken[-1].shape[0]
+        if have == count:
+            break
+    return np.concatenate(taken)
 
 
 class _Quiet:
@@ -171,6 +292,7 @@ def _compare(model, schedule, options, fast, x_T, args, device) -> None:
 
 def cmd_interpolate(args) -> int:
     set_threads(args)
+    check_image_path(args.out, "--out")
     device = pick_device(args.device)
     model, schedule, desc, options = load_model(args.model, args.config, device, args)
     shape = image_shape(model)
@@ -201,6 +323,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--out", default=None, metavar="PNG", help="an image grid (default samples.png when --out-dir is not given)")
     s.add_argument("--out-dir", default=None, metavar="DIR", help="one PNG per sample (000000.png, ...) and samples.npz (uint8 NHWC, key arr_0, for FID tools)")
     s.add_argument("--scale", type=positive_int, default=None, help="enlarge the grid by this integer factor (default: to at least 64 px per image)")
+    s.add_argument("--overwrite", action="store_true", help="with --out-dir: start over, removing what an earlier run wrote there (its shards, PNGs, samples.npz and manifest; nothing else), where by default a folder of another run's settings is refused")
     s.add_argument("--compare", action="store_true", help="also time ReferenceSampler vs FastSampler on the first batch")
     s.add_argument("--digit", type=digit_arg, default=None, metavar="D", help=f"draw the digit D (or 'all': sample i draws i mod 10) with the class-conditional model ({COND_MODEL!r} for the embedded one), and say how many samples the digit classifier reads as asked")
     s.add_argument("--guidance", type=finite_float, default=None, metavar="W", help="with --digit: classifier-free guidance scale (eps_u + W (eps_c - eps_u), one model call on the doubled batch; default: none, the conditional model alone)")
