@@ -10,12 +10,13 @@ command group. It may import every layer below it; nothing imports it but the pa
     ddim-fast bench --batch-size 16                 # reference vs fast over S
     ddim-fast train --out digits.pt                 # retrain the embedded model
 
-Bad arguments give one line on stderr and exit code 2 (DDIM_FAST_TRACEBACK=1 shows the
-traceback instead); progress bars go to stderr and --quiet turns them off.
+Bad arguments, and files that cannot be read or written (a full disk), give one line on
+stderr and exit code 2 (DDIM_FAST_TRACEBACK=1 shows the traceback instead); output paths are
+checked before any work; progress bars go to stderr and --quiet turns them off.
 
     args      the parser class, value types and option groups
     common    device, progress, --model loading, samplers from the arguments, images out, timing
-    sample    the sample and interpolate commands
+    sample    the sample and interpolate commands (--out-dir: apps/run_folder.py, apps/distributed.py)
     encode, quality, bench, train: the command of that name
     main      the parser of every command, and main()
 """

@@ -101,7 +101,9 @@ def cmd_sample(args) -> int:
             tally = generate(sample_batch, folder, world, encode_png=encode_png, on_batch=bar.update, log=lambda line: print(line, file=sys.stderr))
             parts = folder.images if world.is_main else None
         else:
-            images = np.concatenate([sample_batch(b, start, count) for b, start, count in _batches_with(bar, n, bs)])
+            images = np.empty((n, shape[1], shape[2], shape[0]), np.uint8)  # filled in place: the set is held once
+            for b, start, count in _batches_with(bar, n, bs):
+                images[start : start + count] = sample_batch(b, start, count)
             tally = Tally(drawn=n)
             parts = lambda: iter([images])  # noqa: E731
         bar.close()
@@ -147,8 +149,8 @@ def _check_paths(args) -> None:
 
 
 def _check_memory(n: int, shape: tuple) -> None:
-    """Without --out-dir the samples are held in memory (twice, while they are concatenated)."""
-    needed = 2 * n * math.prod(shape)
+    """Without --out-dir the samples are held in memory, as uint8."""
+    needed = n * math.prod(shape)
     physical = _physical_memory()
     if physical is not None and needed > physical:
         raise CLIError(f"--num-samples {n} without --out-dir would hold {needed / 2**30:.1f} GiB of images in memory, more than this machine's {physical / 2**30:.1f} GiB; pass --out-dir DIR to write them batch by batch")
