@@ -99,6 +99,7 @@ def _other_weights_file(path):
 def test_a_rerun_with_other_settings_refuses_and_touches_nothing(done, finished, capsys, tmp_path, change, named):
     if change == "other weights":
         change = ["--model", _other_weights_file(tmp_path / "other.pt")]
+    (done / ".lock").write_text("pid 1 on the host of the first run\n")  # a refused run must not even claim the lock
     before = {name: _bytes(done / name) for name in os.listdir(done) if os.path.isfile(done / name)}
     code, out, err = _run(capsys, *RUN, *change, "--out-dir", str(done))
     line = _one_line_error(err)
@@ -131,8 +132,10 @@ def test_overwrite_starts_over_and_leaves_no_png_of_the_other_run(done, capsys):
 
 def test_a_folder_of_samples_without_a_manifest_is_refused(done, capsys):
     os.remove(done / "manifest.json")  # as an older ddim-fast left it
+    os.remove(done / ".lock")
     code, _, err = _run(capsys, *RUN, "--out-dir", str(done))
     assert code == 2 and "no manifest.json" in _one_line_error(err)
+    assert not (done / ".lock").exists()
 
 
 def test_a_folder_with_other_files_only_is_used(tmp_path, capsys):
@@ -182,6 +185,7 @@ DAMAGE = {
     "another shape": (lambda p: _rewrite(p, **_with_its_digest(np.zeros((3, 16, 16, 3), np.uint8))), "not uint8 (3, 16, 16, 1)"),
     "float64": (lambda p: _rewrite(p, **_with_its_digest(np.zeros((3, 16, 16, 1), np.float64))), "float64"),
     "another run's": (lambda p: _rewrite(p, run=np.array("0" * 64)), "another run"),
+    "another batch's": (lambda p: p.write_bytes(_bytes(p.parent / SHARDS[0])), "the batch from sample 0, not 3"),
 }
 
 
@@ -224,6 +228,7 @@ def test_every_file_is_fsynced_before_its_rename(tmp_path, monkeypatch):
 def test_leftover_temporary_files_are_removed_at_start(done, capsys):
     (done / "000003.png.tmp-99999").write_bytes(b"")
     (done / "shards" / f"{SHARDS[0]}.tmp-99999").write_bytes(b"half")
+    (done / "shards" / f"{SHARDS[1]}.tmp4242.npz").write_bytes(b"")  # the name before the manifest
     assert _run(capsys, *RUN, "--out-dir", str(done))[0] == 0
     assert _temporaries(done) == []
 
@@ -251,20 +256,21 @@ def no_sampling(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "flag, make, words",
+    "options, words",
     [
-        ("--out", lambda t: str(t / "a-file" / "x.png"), "is a file, not a folder"),
-        ("--out", lambda t: str(t / "grid.webpx"), "cannot write images as '.webpx'"),
-        ("--out", lambda t: str(t), "is a folder"),
-        ("--out", lambda t: str(t / "grid"), "needs an image extension"),
-        ("--out-dir", lambda t: str(t / "a-file"), "not a folder"),
-        ("--out-dir", lambda t: str(t / "a-file" / "d"), "is a file, not a folder"),
+        (lambda t: ["--out", str(t / "a-file" / "x.png")], "is a file, not a folder"),
+        (lambda t: ["--out", str(t / "grid.webpx")], "cannot write images as '.webpx'"),
+        (lambda t: ["--out", str(t)], "is a folder"),
+        (lambda t: ["--out", str(t / "grid")], "needs an image extension"),
+        (lambda t: ["--out-dir", str(t / "a-file")], "not a folder"),
+        (lambda t: ["--out-dir", str(t / "a-file" / "d")], "is a file, not a folder"),
+        (lambda t: ["--out-dir", str(t / "d"), "--out", str(t / "d" / "000003.png")], "one of the files the run writes"),
     ],
 )
-def test_a_bad_output_path_fails_in_under_a_second_with_no_sampling(tmp_path, capsys, no_sampling, flag, make, words):
+def test_a_bad_output_path_fails_in_under_a_second_with_no_sampling(tmp_path, capsys, no_sampling, options, words):
     (tmp_path / "a-file").write_text("x")
     start = time.perf_counter()
-    code, out, err = _run(capsys, *RUN, flag, make(tmp_path))
+    code, out, err = _run(capsys, *RUN, *options(tmp_path))
     assert time.perf_counter() - start < 1.0
     assert code == 2 and words in _one_line_error(err) and out == ""
 
@@ -304,6 +310,31 @@ def test_the_lock_is_held_while_the_run_goes_on(tmp_path):
     finally:
         folder.close()
     RunFolder(str(tmp_path), {"seed": 0}, num_samples=2, batch_size=1, image_shape=(1, 4, 4)).open().close()
+
+
+def _torchrun(*argv):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ddim_fast.cli", *argv]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def _rank_errors(stderr: str) -> list:
+    """Each rank's one-line error (two ranks may write theirs onto one line of the shared stderr)."""
+    return ["ddim-fast: error:" + part for part in stderr.split("ddim-fast: error:")[1:]]
+
+
+def test_under_torchrun_a_refusal_or_an_error_of_rank_0_stops_every_rank_with_one_line(done, tmp_path):
+    # torchrun itself then reports ChildFailedError with its own traceback; ours must not have one
+    refused = _torchrun(*RUN, "--seed", "1", "--device", "cpu", "--out-dir", str(done))
+    errors = _rank_errors(refused.stderr)
+    assert refused.returncode != 0 and len(errors) == 2 and all("seed 0 there, 1 now" in e for e in errors), refused.stderr
+    assert f"{os.sep}ddim_fast{os.sep}" not in refused.stderr  # no traceback through our code
+    broken = tmp_path / "broken"
+    (broken / ".lock").mkdir(parents=True)  # the lock cannot be opened: an OSError, not a refusal
+    failed = _torchrun(*RUN, "--device", "cpu", "--out-dir", str(broken))
+    errors = _rank_errors(failed.stderr)
+    assert failed.returncode != 0 and len(errors) == 2 and all(".lock" in e for e in errors), failed.stderr
+    assert f"{os.sep}ddim_fast{os.sep}" not in failed.stderr
 
 
 # --- 6. a full disk -----------------------------------------------------------------------------------

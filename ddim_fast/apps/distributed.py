@@ -59,11 +59,26 @@ def init_world(device_type: str) -> World:
     return World(rank, size, local, here)
 
 
-def barrier(world: World) -> None:
-    if world.size > 1:
-        import torch.distributed as dist
+class RankFailed(ValueError):
+    """Another rank stopped (its own error is its own one line); the CLI prints this as one line."""
 
+
+def barrier(world: World) -> None:
+    """Wait for every rank. A rank that fails exits at once (torchrun then stops the others);
+    one waiting here finds the connection closed and says so in one line, not a traceback."""
+    if world.size == 1:
+        return
+    import torch.distributed as dist
+
+    try:
         dist.barrier()
+    except RuntimeError as e:  # DistBackendError and gloo's "Connection closed by peer"
+        raise RankFailed(f"rank {world.rank}: another rank of the run stopped before it finished (see that rank's error): {_first_line(e)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def finish(world: World) -> None:
@@ -80,7 +95,10 @@ def share_from_main(world: World, value):
     import torch.distributed as dist
 
     box = [value if world.is_main else None]
-    dist.broadcast_object_list(box, src=0)
+    try:
+        dist.broadcast_object_list(box, src=0)
+    except RuntimeError as e:  # rank 0 stopped before it got here (its own error says why)
+        raise RankFailed(f"rank {world.rank}: rank 0 stopped before the run began (see its error): {_first_line(e)}") from None
     return box[0]
 
 
@@ -112,6 +130,14 @@ def generate(
     written from the shard). The folder must have been opened by rank 0 (RunFolder.open).
     """
     tally = Tally()
+    _run_batches(sample_batch, folder, world, tally, encode_png, on_batch, log)
+    barrier(world)  # every rank's shards are written
+    if world.is_main:
+        folder.merge()
+    return tally
+
+
+def _run_batches(sample_batch, folder: RunFolder, world: World, tally: Tally, encode_png, on_batch, log) -> None:
     for b, start, count in batches(folder.num_samples, folder.batch_size):
         if b % world.size != world.rank:
             continue
@@ -132,10 +158,6 @@ def generate(
             folder.write_shard(start, count, images)
         if on_batch is not None:
             on_batch(count)
-    barrier(world)
-    if world.is_main:
-        folder.merge()
-    return tally
 
 
 def _proven_shard(folder: RunFolder, start: int, count: int, tally: Tally, log) -> Optional[np.ndarray]:

@@ -6,8 +6,9 @@ done, and the merge, so that a run can be killed and rerun and never mixes or lo
     D/.lock                        held (flock) by the process that runs the folder; the OS
                                    releases it when that process dies, so a kill leaves no
                                    stale lock
-    D/shards/<first>-<count>.npz   one batch: arr_0 (uint8 NHWC), sha256 (of arr_0's bytes)
-                                   and run (the manifest's digest)
+    D/shards/<first>-<count>.npz   one batch: arr_0 (uint8 NHWC), sha256 (of arr_0's bytes),
+                                   first (its first sample's index) and run (the manifest's
+                                   digest)
     D/<index>.png                  one PNG per sample, by global index
     D/samples.npz                  the merge in index order (key arr_0, as FID tools read it)
 
@@ -41,10 +42,10 @@ MANIFEST = "manifest.json"
 LOCK = ".lock"
 MERGED = "samples.npz"
 SHARDS = "shards"
-SHARD_MEMBERS = ("arr_0", "run", "sha256")
+SHARD_MEMBERS = ("arr_0", "first", "run", "sha256")
 _PNG_NAME = re.compile(r"^\d{6,}\.png$")
 _SHARD_NAME = re.compile(r"^\d{8,}-\d{5,}\.npz$")
-_TEMPORARY_NAME = re.compile(r"\.tmp-\d+$")
+_TEMPORARY_NAME = re.compile(r"\.tmp-?\d+(\.npz)?$")  # ours, and the <name>.tmp<pid>.npz of before the manifest
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
 
 
@@ -120,26 +121,38 @@ class RunFolder:
         """Take the folder for this run: lock it, refuse another run's manifest (or clear it with
         overwrite), remove leftover temporary files and write the manifest. Raises RunFolderError."""
         self.check_writable()
+        refusal = None if overwrite else self._refusal()
+        if refusal is not None:  # refused before the lock is touched: the folder stays as it was
+            raise RunFolderError(refusal)
         self._lock()
         try:
+            refusal = None if overwrite else self._refusal()  # again, now that no other run can write
+            if refusal is not None:
+                raise RunFolderError(refusal)
+            self._write_holder()
             on_disk = None if overwrite else self._read_manifest()
             if overwrite:
                 removed = self._remove_outputs()
                 if removed and log:
                     log(f"--overwrite: removed {removed} files of an earlier run from {self.path}")
-            elif on_disk is None and self._outputs():
-                raise RunFolderError(f"--out-dir {self.path} holds samples but no {MANIFEST} (an older ddim-fast's run, or another tool's): what they are cannot be told, so they are not reused; pass --overwrite to remove them ({', '.join(self._output_kinds())}) and start over, or pick another --out-dir")
-            elif on_disk is not None and _compared(on_disk) != self.asked:
-                raise RunFolderError(f"--out-dir {self.path} holds a run with other settings: {describe_differences(_compared(on_disk), self.asked)}. Rerun with its settings to resume it, pick another --out-dir, or pass --overwrite to start over (it removes that run's shards, PNGs and {MERGED})")
             self._remove_temporaries()
             os.makedirs(os.path.join(self.path, SHARDS), exist_ok=True)
-            if overwrite or on_disk is None:
+            if on_disk is None:
                 manifest = dict(self.asked, about=self.about)
                 write_atomic(os.path.join(self.path, MANIFEST), lambda f: f.write((json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()))
         except BaseException:
             self.close()
             raise
         return self
+
+    def _refusal(self) -> Optional[str]:
+        """Why this run may not use the folder (another run's manifest, or samples without one), or None."""
+        on_disk = self._read_manifest()
+        if on_disk is None and self._outputs():
+            return f"--out-dir {self.path} holds samples but no {MANIFEST} (an older ddim-fast's run, or another tool's): what they are cannot be told, so they are not reused; pass --overwrite to remove them ({', '.join(self._output_kinds())}) and start over, or pick another --out-dir"
+        if on_disk is not None and _compared(on_disk) != self.asked:
+            return f"--out-dir {self.path} holds a run with other settings: {describe_differences(_compared(on_disk), self.asked)}. Rerun with its settings to resume it, pick another --out-dir, or pass --overwrite to start over (it removes that run's shards, PNGs and {MERGED})"
+        return None
 
     def close(self) -> None:
         """Release the lock (kept as a file: removing a lock file races with its next taker)."""
@@ -171,16 +184,22 @@ class RunFolder:
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 lock_file.close()
-                raise
+                raise OSError(e.errno, e.strerror, path) from None
             lock_file.seek(0)
             holder = lock_file.read().strip() or "another process"
             lock_file.close()
             raise RunFolderError(f"--out-dir {self.path} is in use by another ddim-fast run ({holder}); wait for it to finish or pick another --out-dir (torchrun's ranks share one run; two separate commands do not)") from None
-        lock_file.seek(0)
-        lock_file.truncate()
-        lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        lock_file.flush()
         self._lock_file = lock_file
+
+    def _write_holder(self) -> None:
+        """Who holds the lock, for the message of a process that finds it taken."""
+        try:
+            self._lock_file.seek(0)
+            self._lock_file.truncate()
+            self._lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            self._lock_file.flush()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, os.path.join(self.path, LOCK)) from None
 
     def _read_manifest(self) -> Optional[dict]:
         path = os.path.join(self.path, MANIFEST)
@@ -238,7 +257,7 @@ class RunFolder:
                 if sorted(archive.files) != sorted(SHARD_MEMBERS):
                     raise DamagedShard(f"holds {sorted(archive.files)}, not {list(SHARD_MEMBERS)}")
                 images = archive["arr_0"]
-                run_id, digest = str(archive["run"]), str(archive["sha256"])
+                first, run_id, digest = int(archive["first"]), str(archive["run"]), str(archive["sha256"])
         except FileNotFoundError:
             raise
         except DamagedShard:
@@ -247,6 +266,8 @@ class RunFolder:
             raise DamagedShard(f"unreadable ({type(e).__name__}: {e})") from None
         if run_id != self.run_id:
             raise DamagedShard("written by another run")
+        if first != start:  # copied or renamed from another batch's name
+            raise DamagedShard(f"the shard of the batch from sample {first}, not {start}")
         if images.dtype != np.uint8 or images.shape != (count, *self.image_hwc):
             raise DamagedShard(f"holds {images.dtype} {images.shape}, not uint8 {(count, *self.image_hwc)}")
         if array_digest(images) != digest:
@@ -256,7 +277,7 @@ class RunFolder:
     def write_shard(self, start: int, count: int, images: np.ndarray) -> None:
         if images.dtype != np.uint8 or images.shape != (count, *self.image_hwc):
             raise ValueError(f"a shard of {count} samples must be uint8 {(count, *self.image_hwc)}, got {images.dtype} {images.shape}")
-        members = dict(arr_0=images, run=np.array(self.run_id), sha256=np.array(array_digest(images)))
+        members = dict(arr_0=images, first=np.array(start, dtype=np.int64), run=np.array(self.run_id), sha256=np.array(array_digest(images)))
         write_atomic(self.shard_path(start, count), lambda f: write_npz(f, members))
 
     def missing_pngs(self, start: int, count: int) -> list[int]:
@@ -288,6 +309,16 @@ class RunFolder:
 
 def _compared(manifest: dict) -> dict:
     return {key: value for key, value in manifest.items() if key != "about"}
+
+
+def is_run_output(out_dir: str, path: str) -> bool:
+    """Whether path is (or would be) a file that a run in out_dir writes: a sample's PNG, a shard,
+    samples.npz, the manifest or the lock."""
+    folder, name = os.path.split(os.path.realpath(path))
+    root = os.path.realpath(out_dir)
+    if folder == root:
+        return bool(_PNG_NAME.match(name)) or name in (MERGED, MANIFEST, LOCK)
+    return folder == os.path.join(root, SHARDS)
 
 
 def describe_differences(then: dict, now: dict) -> str:

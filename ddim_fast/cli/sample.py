@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..apps.distributed import Tally, World, finish, generate, init_world, share_from_main
-from ..apps.run_folder import RunFolder, RunFolderError, batches, disk_estimate, free_bytes, model_digest, schedule_digest
+from ..apps.run_folder import RunFolder, RunFolderError, batches, disk_estimate, free_bytes, is_run_output, model_digest, schedule_digest
 from ..apps.pretrained import COND_MODEL, classify_digits
 from ..sampling.noise import derive_seed, indexed_noise, slerp
 from .args import DTYPES, CLIError, common_args, finite_float, nonneg_int, positive_int, sampling_args
@@ -146,6 +146,8 @@ def _check_paths(args) -> None:
         if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
             raise CLIError(f"--out-dir {args.out_dir!r}: exists and is not a folder")
         check_folder_for(os.path.join(args.out_dir, "x"), "--out-dir")
+        if args.out is not None and is_run_output(args.out_dir, args.out):
+            raise CLIError(f"--out {args.out!r} is one of the files the run writes in --out-dir {args.out_dir!r} (a sample's PNG, a shard, samples.npz, the manifest); give the grid another name")
 
 
 def _check_memory(n: int, shape: tuple) -> None:
@@ -206,7 +208,9 @@ def _open_folder(args, world, model, schedule, sampler, desc, shape, device) -> 
     if world.is_main:
         try:
             folder.open(overwrite=args.overwrite, log=lambda line: note(args, line))
-        except RunFolderError as e:
+        except Exception as e:  # a refusal or an OSError: every rank stops with rank 0's line
+            if world.size == 1:
+                raise
             refusal = str(e)
     refusal = share_from_main(world, refusal)
     if refusal is not None:
