@@ -141,9 +141,54 @@ def test_a_folder_of_samples_without_a_manifest_is_refused(done, capsys):
 def test_a_folder_with_other_files_only_is_used(tmp_path, capsys):
     folder = tmp_path / "out"
     folder.mkdir()
-    (folder / "README").write_text("mine")
+    mine = ["README", "backup.tmp5", "data.tmp-3", "000001.png.bak"]
+    for name in mine:
+        (folder / name).write_text("mine")
     assert _run(capsys, *RUN, "--num-samples", "2", "--out-dir", str(folder))[0] == 0
-    assert (folder / "README").read_text() == "mine"
+    assert _run(capsys, *RUN, "--num-samples", "3", "--overwrite", "--out-dir", str(folder))[0] == 0
+    assert all((folder / name).read_text() == "mine" for name in mine)
+
+
+@pytest.mark.parametrize("obstacle", ["shards", "000002.png", "manifest.json"])
+def test_a_run_file_that_is_not_a_file_is_refused_before_anything_is_removed(done, capsys, obstacle):
+    import shutil
+
+    if obstacle == "shards":
+        shutil.rmtree(done / "shards")
+        (done / "shards").write_text("not a folder")
+    else:
+        os.remove(done / obstacle)
+        (done / obstacle).mkdir()
+    names = sorted(os.listdir(done))
+    code, _, err = _run(capsys, *RUN, "--overwrite", "--out-dir", str(done))
+    line = _one_line_error(err)
+    assert code == 2 and str(done / obstacle) in line and "move it away" in line
+    assert sorted(os.listdir(done)) == names
+
+
+def test_a_manifest_that_is_not_one_is_refused_in_one_line(done, capsys):
+    (done / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    code, _, err = _run(capsys, *RUN, "--out-dir", str(done))
+    assert code == 2 and "manifest.json cannot be read" in _one_line_error(err)
+    (done / "manifest.json").write_text("[1, 2]")
+    code, _, err = _run(capsys, *RUN, "--out-dir", str(done))
+    assert code == 2 and "not a ddim-fast sampling manifest" in _one_line_error(err)
+    assert _run(capsys, *RUN, "--overwrite", "--out-dir", str(done))[0] == 0
+
+
+def test_the_digest_of_a_diffusers_model_does_not_depend_on_where_it_was_loaded_from():
+    from diffusers import UNet2DModel
+
+    from ddim_fast.apps.run_folder import model_digest
+
+    torch.manual_seed(0)
+    model = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    first = model_digest(model)
+    model.register_to_config(_name_or_path="/somewhere/else")
+    assert model_digest(model) == first
+    with torch.no_grad():
+        next(model.parameters())[0] += 1e-3
+    assert model_digest(model) != first
 
 
 # --- 2-3. shards that prove themselves -------------------------------------------------------------
@@ -265,6 +310,7 @@ def no_sampling(monkeypatch):
         (lambda t: ["--out-dir", str(t / "a-file")], "not a folder"),
         (lambda t: ["--out-dir", str(t / "a-file" / "d")], "is a file, not a folder"),
         (lambda t: ["--out-dir", str(t / "d"), "--out", str(t / "d" / "000003.png")], "one of the files the run writes"),
+        (lambda t: ["--out-dir", ""], "must name a folder"),
     ],
 )
 def test_a_bad_output_path_fails_in_under_a_second_with_no_sampling(tmp_path, capsys, no_sampling, options, words):
@@ -300,6 +346,18 @@ def test_a_second_process_on_the_folder_refuses_and_a_killed_one_leaves_no_stale
         holder.kill()  # SIGKILL: the OS releases its lock
         holder.wait()
     assert _run(capsys, *RUN, "--out-dir", str(folder))[0] == 0
+
+
+def test_a_run_that_would_be_refused_says_in_use_while_another_holds_the_folder(done, tmp_path, capsys):
+    import fcntl
+
+    with open(done / ".lock", "a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        holder.truncate(0)
+        holder.write("pid 4242 on the other host")
+        holder.flush()
+        code, _, err = _run(capsys, *RUN, "--seed", "1", "--out-dir", str(done))
+    assert code == 2 and "in use by another ddim-fast run (pid 4242 on the other host" in _one_line_error(err)
 
 
 def test_the_lock_is_held_while_the_run_goes_on(tmp_path):

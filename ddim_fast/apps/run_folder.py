@@ -45,7 +45,8 @@ SHARDS = "shards"
 SHARD_MEMBERS = ("arr_0", "first", "run", "sha256")
 _PNG_NAME = re.compile(r"^\d{6,}\.png$")
 _SHARD_NAME = re.compile(r"^\d{8,}-\d{5,}\.npz$")
-_TEMPORARY_NAME = re.compile(r"\.tmp-?\d+(\.npz)?$")  # ours, and the <name>.tmp<pid>.npz of before the manifest
+# a run file's temporary name: ours (<name>.tmp-<pid>) and the <name>.tmp<pid>.npz of before the manifest
+_TEMPORARY_NAME = re.compile(r"^(\d{6,}\.png|\d{8,}-\d{5,}\.npz|samples\.npz|manifest\.json)\.tmp(-\d+|\d+\.npz)$")
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
 
 
@@ -69,8 +70,9 @@ def model_digest(model: torch.nn.Module) -> str:
     tensor of its state dict (name, dtype, shape, bytes)."""
     digest = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
     config = getattr(model, "config", None)
-    if config is not None:
-        digest.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+    if config is not None:  # less diffusers' bookkeeping (_name_or_path: where it was loaded from)
+        kept = {key: value for key, value in dict(config).items() if not str(key).startswith("_")}
+        digest.update(json.dumps(kept, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name} {flat.dtype} {tuple(tensor.shape)}".encode())
@@ -121,9 +123,10 @@ class RunFolder:
         """Take the folder for this run: lock it, refuse another run's manifest (or clear it with
         overwrite), remove leftover temporary files and write the manifest. Raises RunFolderError."""
         self.check_writable()
+        self._check_layout()
         refusal = None if overwrite else self._refusal()
         if refusal is not None:  # refused before the lock is touched: the folder stays as it was
-            raise RunFolderError(refusal)
+            raise RunFolderError(self._in_use() or refusal)
         self._lock()
         try:
             refusal = None if overwrite else self._refusal()  # again, now that no other run can write
@@ -144,6 +147,34 @@ class RunFolder:
             self.close()
             raise
         return self
+
+    def _check_layout(self) -> None:
+        """Refuse, before anything is removed or written, a folder whose run files are not files
+        (a folder named 000003.png or manifest.json, a file named shards)."""
+        shards = os.path.join(self.path, SHARDS)
+        if os.path.exists(shards) and not os.path.isdir(shards):
+            raise RunFolderError(f"--out-dir {self.path}: {shards} is not a folder; move it away")
+        for path in self._outputs():
+            if not os.path.isfile(path):
+                raise RunFolderError(f"--out-dir {self.path}: {path} has the name of a file the run writes but is not a plain file; move it away")
+
+    def _in_use(self) -> Optional[str]:
+        """The in-use message when another process holds the lock (the lock file is not created)."""
+        import fcntl
+
+        path = os.path.join(self.path, LOCK)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as probe:
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return self._in_use_message(probe.read().strip())
+            fcntl.flock(probe, fcntl.LOCK_UN)
+        return None
+
+    def _in_use_message(self, holder: str) -> str:
+        return f"--out-dir {self.path} is in use by another ddim-fast run ({holder or 'another process'}); wait for it to finish or pick another --out-dir (torchrun's ranks share one run; two separate commands do not)"
 
     def _refusal(self) -> Optional[str]:
         """Why this run may not use the folder (another run's manifest, or samples without one), or None."""
@@ -186,9 +217,9 @@ class RunFolder:
                 lock_file.close()
                 raise OSError(e.errno, e.strerror, path) from None
             lock_file.seek(0)
-            holder = lock_file.read().strip() or "another process"
+            holder = lock_file.read().strip()
             lock_file.close()
-            raise RunFolderError(f"--out-dir {self.path} is in use by another ddim-fast run ({holder}); wait for it to finish or pick another --out-dir (torchrun's ranks share one run; two separate commands do not)") from None
+            raise RunFolderError(self._in_use_message(holder)) from None
         self._lock_file = lock_file
 
     def _write_holder(self) -> None:
@@ -208,8 +239,8 @@ class RunFolder:
         try:
             with open(path) as f:
                 manifest = json.load(f)
-        except (OSError, ValueError) as e:
-            raise RunFolderError(f"--out-dir {self.path}: its {MANIFEST} cannot be read ({e}); pass --overwrite to start over") from None
+        except (OSError, ValueError, RecursionError) as e:
+            raise RunFolderError(f"--out-dir {self.path}: its {MANIFEST} cannot be read ({type(e).__name__}: {e}); pass --overwrite to start over") from None
         if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
             raise RunFolderError(f"--out-dir {self.path}: its {MANIFEST} is not a ddim-fast sampling manifest ({MANIFEST_FORMAT!r}); pass --overwrite to start over")
         return manifest
@@ -237,7 +268,7 @@ class RunFolder:
         for folder in (self.path, os.path.join(self.path, SHARDS)):
             if os.path.isdir(folder):
                 for name in os.listdir(folder):
-                    if _TEMPORARY_NAME.search(name):
+                    if _TEMPORARY_NAME.match(name):
                         os.remove(os.path.join(folder, name))
 
     # --- shards and PNGs ----------------------------------------------------------------------
@@ -281,7 +312,7 @@ class RunFolder:
         write_atomic(self.shard_path(start, count), lambda f: write_npz(f, members))
 
     def missing_pngs(self, start: int, count: int) -> list[int]:
-        return [i for i in range(start, start + count) if not os.path.exists(self.png_path(i))]
+        return [i for i in range(start, start + count) if not os.path.isfile(self.png_path(i))]
 
     def write_png(self, index: int, encode: Callable[[object], None]) -> None:
         """encode(file) writes sample index's PNG into a binary file."""
@@ -357,7 +388,7 @@ def write_atomic(path: str, write: Callable[[object], None]) -> None:
             os.remove(temporary)
         except OSError:
             pass
-        if isinstance(e, OSError) and not e.filename:
+        if isinstance(e, OSError) and (not e.filename or e.filename == temporary):
             raise OSError(e.errno, e.strerror or str(e), path) from None
         raise
     _fsync_folder(os.path.dirname(os.path.abspath(path)))

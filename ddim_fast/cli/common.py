@@ -161,13 +161,20 @@ def check_image_path(path: str, flag: str) -> None:
 def check_folder_for(path: str, flag: str) -> None:
     """The first existing ancestor of path must be a folder this process can write in (the rest
     is created when written)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise CLIError(f"{flag} {path!r}: {folder!r} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise CLIError(f"{flag} {path!r}: this process cannot write in {folder!r}")
+    check_writable_folder(os.path.dirname(os.path.abspath(path)), flag, path)
+
+
+def check_writable_folder(folder: str, flag: str, named: Optional[str] = None) -> None:
+    """folder, or its first existing ancestor, must be a folder this process can write in; the
+    error names `named` (default: folder) as the user gave it."""
+    named = folder if named is None else named
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CLIError(f"{flag} {named!r}: {existing!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag} {named!r}: this process cannot write in {existing!r}")
 
 
 GRID_MAX_IMAGES = 1024  # a grid of more is unreadable, and at 256x256 already 270 MB of pixels

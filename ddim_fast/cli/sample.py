@@ -18,7 +18,7 @@ from ..apps.pretrained import COND_MODEL, classify_digits
 from ..sampling.noise import derive_seed, indexed_noise, slerp
 from .args import DTYPES, CLIError, common_args, finite_float, nonneg_int, positive_int, sampling_args
 from ..version import __version__
-from .common import auto_scale, check_folder_for, check_image_path, encode_png, fast_sampler, grid_count, image_shape, load_model, note, pick_device, progress_bar, reference_sampler, save_grid, set_threads, time_run, to_uint8
+from .common import auto_scale, check_image_path, check_writable_folder, encode_png, fast_sampler, grid_count, image_shape, load_model, note, pick_device, progress_bar, reference_sampler, save_grid, set_threads, time_run, to_uint8
 
 
 def _conditioning(args, model) -> Optional[Callable[[int, int], dict]]:
@@ -91,7 +91,7 @@ def cmd_sample(args) -> int:
                 first_batch = x_T
             # step noise (η > 0): one stream per batch, on the sampling device (graph-safe on CUDA)
             g = torch.Generator(device=device).manual_seed(derive_seed(args.seed, 1, b))
-            with _batch_memory(count):
+            with _batch_memory(count, args.out_dir):
                 x, dt = time_run(device, sampler.sample, x_T, generator=g, **(conditioning(start, count) if conditioning else {}))
             seconds += dt
             return to_uint8(x)
@@ -143,9 +143,11 @@ def _check_paths(args) -> None:
     if args.out is not None:
         check_image_path(args.out, "--out")
     if args.out_dir is not None:
+        if not args.out_dir.strip():
+            raise CLIError("--out-dir must name a folder, got an empty string")
         if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
             raise CLIError(f"--out-dir {args.out_dir!r}: exists and is not a folder")
-        check_folder_for(os.path.join(args.out_dir, "x"), "--out-dir")
+        check_writable_folder(args.out_dir, "--out-dir")
         if args.out is not None and is_run_output(args.out_dir, args.out):
             raise CLIError(f"--out {args.out!r} is one of the files the run writes in --out-dir {args.out_dir!r} (a sample's PNG, a shard, samples.npz, the manifest); give the grid another name")
 
@@ -168,8 +170,8 @@ def _physical_memory() -> Optional[int]:
 class _batch_memory:
     """A batch that does not fit in memory: one line naming --batch-size, not an allocator traceback."""
 
-    def __init__(self, count: int):
-        self.count = count
+    def __init__(self, count: int, out_dir: Optional[str]):
+        self.count, self.out_dir = count, out_dir
 
     def __enter__(self):
         return self
@@ -178,7 +180,8 @@ class _batch_memory:
         out_of_memory = isinstance(error, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))) or (isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
         if out_of_memory:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise CLIError(f"a batch of {self.count} samples does not fit in memory ({first}); lower --batch-size") from None
+            where = "" if self.out_dir is None else f" (the batch size is part of the run: in another --out-dir, or {self.out_dir} with --overwrite)"
+            raise CLIError(f"a batch of {self.count} samples does not fit in memory ({first}); lower --batch-size{where}") from None
         return False
 
 
