@@ -18,7 +18,8 @@ from PIL import Image
 
 from ddim_fast.apps import run_folder
 from ddim_fast.apps.pretrained import read_pretrained
-from ddim_fast.apps.run_folder import RunFolder, RunFolderError, batches, write_npz
+from ddim_fast.apps.files import write_npz
+from ddim_fast.apps.run_folder import RunFolder, RunFolderError, batches
 from ddim_fast.cli import main
 from ddim_fast.sampling import FastSampler
 
