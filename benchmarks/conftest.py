@@ -93,6 +93,13 @@ class CompileBudget:
         self.skipped.append({"name": name, "reason": reason})
         pytest.skip(reason)
 
+    def admit_compiled(self, benchmark, name: str, *, checked_by: str = "") -> None:
+        """A torch.compile row: skipped without --benchmark-only (minutes of compiling for no
+        number; checked_by names the test that checks the compiled path instead), else admit(name)."""
+        if benchmark.disabled:
+            pytest.skip("torch.compile rows are timed with --benchmark-only" + (f" ({checked_by} checks compile=True)" if checked_by else ""))
+        self.admit(name)
+
     def spent(self, seconds: float) -> None:
         self.used += seconds
         self.longest = max(self.longest, seconds)

@@ -84,10 +84,8 @@ def test_guided_sample(benchmark, bench_config, compile_budget, impl, dtype, mod
     if model == "sd15":
         pytest.importorskip("diffusers", reason="the SD-1.5-sized row needs diffusers (pip install ddim-fast[diffusers])")
     compiled = impl.startswith("peer-")
-    if compiled and benchmark.disabled:
-        pytest.skip("torch.compile rows are timed with --benchmark-only")
     if compiled:
-        compile_budget.admit(f"guided-{model}-S{steps}-b{batch}: {impl}-{dtype}")
+        compile_budget.admit_compiled(benchmark, f"guided-{model}-S{steps}-b{batch}: {impl}-{dtype}")
     device = bench_config["device"]
     net = _model(model, device)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]

@@ -20,7 +20,6 @@ by side. Every timed call ends with a device synchronisation. S = 1000 runs two 
 
 import functools
 
-import pytest
 import torch
 
 from ddim_fast import FastSampler, ReferenceSampler, Schedule
@@ -66,10 +65,8 @@ def _sampler(impl, dtype, model, steps, bench_config):
 
 def test_sample(benchmark, bench_config, compile_budget, impl, dtype, model, batch, steps):
     compiled = impl == "fast-compile" or impl.startswith("peer-")
-    if compiled and benchmark.disabled:
-        pytest.skip("torch.compile rows are timed with --benchmark-only (tests/test_compile.py checks compile=True)")
     if compiled:
-        compile_budget.admit(f"sample-{model}-S{steps}-b{batch}: {impl}-{dtype}")
+        compile_budget.admit_compiled(benchmark, f"sample-{model}-S{steps}-b{batch}: {impl}-{dtype}", checked_by="tests/test_compile.py")
     device = bench_config["device"]
     net = get_model(model, device)
     sampler = _sampler(impl, dtype, net, steps, bench_config)

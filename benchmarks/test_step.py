@@ -59,10 +59,8 @@ def _ops(impl, dtype, model_name):
 @pytest.mark.parametrize("impl, dtype", IMPLS + COMPILED, ids=[f"{i}-{d}" for i, d in IMPLS + COMPILED])
 def test_step(benchmark, compile_budget, model_name, batch, impl, dtype):
     compiled = (impl, dtype) in COMPILED
-    if compiled and benchmark.disabled:
-        pytest.skip("torch.compile rows are timed with --benchmark-only (tests/test_compile.py checks compile=True)")
     if compiled:
-        compile_budget.admit(f"step-{model_name}-b{batch}: {impl}-{dtype}")
+        compile_budget.admit_compiled(benchmark, f"step-{model_name}-b{batch}: {impl}-{dtype}", checked_by="tests/test_compile.py")
     model = get_model(model_name, DEVICE)
     sampler = _sampler(impl, dtype, model, STEPS)
     x_T = torch.randn((batch, *sample_shape(model)), generator=torch.Generator().manual_seed(0)).to(DEVICE)

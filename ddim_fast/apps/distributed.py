@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..core.checks import describe_error
 from .run_folder import DamagedShard, RunFolder, batches
 
 
@@ -73,12 +74,7 @@ def barrier(world: World) -> None:
     try:
         dist.barrier()
     except RuntimeError as e:  # DistBackendError and gloo's "Connection closed by peer"
-        raise RankFailed(f"rank {world.rank}: another rank of the run stopped before it finished (see that rank's error): {_first_line(e)}") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+        raise RankFailed(f"rank {world.rank}: another rank of the run stopped before it finished (see that rank's error): {describe_error(e)}") from None
 
 
 def finish(world: World) -> None:
@@ -98,7 +94,7 @@ def share_from_main(world: World, value):
     try:
         dist.broadcast_object_list(box, src=0)
     except RuntimeError as e:  # rank 0 stopped before it got here (its own error says why)
-        raise RankFailed(f"rank {world.rank}: rank 0 stopped before the run began (see its error): {_first_line(e)}") from None
+        raise RankFailed(f"rank {world.rank}: rank 0 stopped before the run began (see its error): {describe_error(e)}") from None
     return box[0]
 
 

@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import socket
 from typing import Callable, Iterator, Optional
 
@@ -123,16 +122,16 @@ class RunFolder:
         overwrite), remove leftover temporary files and write the manifest. Raises RunFolderError."""
         self.check_writable()
         self._check_layout()
-        refusal = None if overwrite else self._refusal()
+        refusal = None if overwrite else self._refusal(self._read_manifest())
         if refusal is not None:  # refused before the lock is touched: the folder stays as it was
             raise RunFolderError(self._in_use() or refusal)
         self._lock()
         try:
-            refusal = None if overwrite else self._refusal()  # again, now that no other run can write
+            on_disk = None if overwrite else self._read_manifest()  # again, now that no other run can write
+            refusal = None if overwrite else self._refusal(on_disk)
             if refusal is not None:
                 raise RunFolderError(refusal)
             self._write_holder()
-            on_disk = None if overwrite else self._read_manifest()
             if overwrite:
                 removed = self._remove_outputs()
                 if removed and log:
@@ -175,9 +174,9 @@ class RunFolder:
     def _in_use_message(self, holder: str) -> str:
         return f"--out-dir {self.path} is in use by another ddim-fast run ({holder or 'another process'}); wait for it to finish or pick another --out-dir (torchrun's ranks share one run; two separate commands do not)"
 
-    def _refusal(self) -> Optional[str]:
-        """Why this run may not use the folder (another run's manifest, or samples without one), or None."""
-        on_disk = self._read_manifest()
+    def _refusal(self, on_disk: Optional[dict]) -> Optional[str]:
+        """Why this run may not use the folder whose manifest is on_disk (another run's, or none
+        beside samples), or None."""
         if on_disk is None and self._outputs():
             return f"--out-dir {self.path} holds samples but no {MANIFEST} (an older ddim-fast's run, or another tool's): what they are cannot be told, so they are not reused; pass --overwrite to remove them ({', '.join(self._output_kinds())}) and start over, or pick another --out-dir"
         if on_disk is not None and _compared(on_disk) != self.asked:
@@ -189,12 +188,6 @@ class RunFolder:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def check_writable(self) -> None:
         """Create the folder and check that this process can write in it (before any work)."""
@@ -373,7 +366,3 @@ def disk_estimate(num_samples: int, image_shape: tuple) -> int:
     the raw uint8 size (compression only shrinks natural images)."""
     channels, height, width = image_shape
     return 3 * num_samples * channels * height * width
-
-
-def free_bytes(path: str) -> int:
-    return shutil.disk_usage(path).free

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..core.checks import check_positive_int
+from ..core.checks import check_positive_int, describe_error
 from ..core.schedule import Schedule
 from ..models.unet import UNet
 from .classifier import DigitClassifier
@@ -282,8 +282,7 @@ def load_checkpoint(path) -> dict:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"checkpoint {path}: not a ddim-fast training checkpoint that loads safely (weights_only=True): {first}") from None
+        raise ValueError(f"checkpoint {path}: not a ddim-fast training checkpoint that loads safely (weights_only=True): {describe_error(e)}") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
     if missing:
         raise ValueError(f"checkpoint {path}: not a ddim-fast training checkpoint (missing {', '.join(missing)})")

@@ -153,20 +153,14 @@ def check_image_path(path: str, flag: str) -> None:
     if image_format(path) is None:
         ext = os.path.splitext(path)[1]
         raise CLIError(f"{flag} {path!r}: cannot write images as {ext!r}; use .png (or .jpg, .webp, ...)" if ext else f"{flag} {path!r}: needs an image extension such as .png")
-    check_folder_for(path, flag)
+    check_writable_folder(os.path.dirname(os.path.abspath(path)), flag, path)
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise CLIError(f"{flag} {path!r}: exists and this process cannot write it")
 
 
-def check_folder_for(path: str, flag: str) -> None:
-    """The first existing ancestor of path must be a folder this process can write in (the rest
-    is created when written)."""
-    check_writable_folder(os.path.dirname(os.path.abspath(path)), flag, path)
-
-
 def check_writable_folder(folder: str, flag: str, named: Optional[str] = None) -> None:
-    """folder, or its first existing ancestor, must be a folder this process can write in; the
-    error names `named` (default: folder) as the user gave it."""
+    """folder, or its first existing ancestor, must be a folder this process can write in (the
+    rest is created when written); the error names `named` (default: folder) as the user gave it."""
     named = folder if named is None else named
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):

@@ -21,6 +21,7 @@ import sys
 
 import torch
 
+from ..core.checks import describe_error
 from ..core.schedule import Schedule
 from .args import CLIError
 
@@ -68,7 +69,7 @@ def load_diffusers_folder(spec: str, device: torch.device, args=None) -> tuple:
     try:
         unet = UNet2DModel.from_pretrained(unet_folder, local_files_only=True)
     except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
-        raise CLIError(f"--model {spec!r}: diffusers cannot load the UNet2DModel in {unet_folder} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise CLIError(f"--model {spec!r}: diffusers cannot load the UNet2DModel in {unet_folder} ({describe_error(e)})") from None
     schedule, options = _folder_schedule(spec, scheduler_folder, DDIMScheduler, args)
     model = _as_our_unet(unet)
     if model is not None:
@@ -126,11 +127,11 @@ def read_weights_file(spec: str):
         try:
             return load_file(spec)
         except Exception as e:  # noqa: BLE001 - any unreadable file is a bad argument here
-            raise CLIError(f"--model {spec!r}: cannot read it as safetensors ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+            raise CLIError(f"--model {spec!r}: cannot read it as safetensors ({describe_error(e)})") from None
     try:
         return torch.load(spec, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is a bad argument here
-        raise CLIError(f"--model {spec!r}: cannot read it as a torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise CLIError(f"--model {spec!r}: cannot read it as a torch checkpoint ({describe_error(e)})") from None
 
 
 _DIFFUSERS_KEYS = ("down_blocks.", "up_blocks.", "mid_block.", "time_embedding.", "conv_norm_out.")

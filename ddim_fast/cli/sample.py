@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 from typing import Callable, Optional
 
@@ -13,8 +14,9 @@ import numpy as np
 import torch
 
 from ..apps.distributed import Tally, World, finish, generate, init_world, share_from_main
-from ..apps.run_folder import RunFolder, RunFolderError, batches, disk_estimate, free_bytes, is_run_output, model_digest, schedule_digest
+from ..apps.run_folder import RunFolder, RunFolderError, batches, disk_estimate, is_run_output, model_digest, schedule_digest
 from ..apps.pretrained import COND_MODEL, classify_digits
+from ..core.checks import describe_error
 from ..sampling.noise import derive_seed, indexed_noise, slerp
 from .args import DTYPES, CLIError, common_args, finite_float, nonneg_int, positive_int, sampling_args
 from ..version import __version__
@@ -80,7 +82,7 @@ def cmd_sample(args) -> int:
         if args.out_dir is None:
             _check_memory(n, shape)
         else:
-            folder = _open_folder(args, world, model, schedule, sampler, desc, shape, device)
+            folder = _open_folder(args, world, model, schedule, sampler, desc, shape, device, batch_size=bs)
         seconds = 0.0
         first_batch = None
 
@@ -145,9 +147,7 @@ def _check_paths(args) -> None:
     if args.out_dir is not None:
         if not args.out_dir.strip():
             raise CLIError("--out-dir must name a folder, got an empty string")
-        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-            raise CLIError(f"--out-dir {args.out_dir!r}: exists and is not a folder")
-        check_writable_folder(args.out_dir, "--out-dir")
+        check_writable_folder(args.out_dir, "--out-dir")  # a file there is "a file, not a folder"
         if args.out is not None and is_run_output(args.out_dir, args.out):
             raise CLIError(f"--out {args.out!r} is one of the files the run writes in --out-dir {args.out_dir!r} (a sample's PNG, a shard, samples.npz, the manifest); give the grid another name")
 
@@ -179,13 +179,12 @@ class _batch_memory:
     def __exit__(self, kind, error, _traceback):
         out_of_memory = isinstance(error, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))) or (isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
         if out_of_memory:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             where = "" if self.out_dir is None else f" (the batch size is part of the run: in another --out-dir, or {self.out_dir} with --overwrite)"
-            raise CLIError(f"a batch of {self.count} samples does not fit in memory ({first}); lower --batch-size{where}") from None
+            raise CLIError(f"a batch of {self.count} samples does not fit in memory ({describe_error(error)}); lower --batch-size{where}") from None
         return False
 
 
-def _open_folder(args, world, model, schedule, sampler, desc, shape, device) -> RunFolder:
+def _open_folder(args, world, model, schedule, sampler, desc, shape, device, *, batch_size: int) -> RunFolder:
     """The run's folder, opened by rank 0 (the lock, the manifest check, the clean-up); every
     rank raises the same one-line error when rank 0 could not open it."""
     options = sampler.options
@@ -206,7 +205,7 @@ def _open_folder(args, world, model, schedule, sampler, desc, shape, device) -> 
         guidance=args.guidance,
     )
     about = dict(model=desc, torch=torch.__version__)
-    folder = RunFolder(args.out_dir, asked, num_samples=args.num_samples, batch_size=min(args.batch_size, args.num_samples), image_shape=shape, about=about)
+    folder = RunFolder(args.out_dir, asked, num_samples=args.num_samples, batch_size=batch_size, image_shape=shape, about=about)
     refusal = None
     if world.is_main:
         try:
@@ -219,7 +218,7 @@ def _open_folder(args, world, model, schedule, sampler, desc, shape, device) -> 
     if refusal is not None:
         raise RunFolderError(refusal)
     if world.is_main:
-        estimate, free = disk_estimate(args.num_samples, shape), free_bytes(args.out_dir)
+        estimate, free = disk_estimate(args.num_samples, shape), shutil.disk_usage(args.out_dir).free
         if free < estimate:
             print(f"warning: --out-dir {args.out_dir} has {free / 2**30:.1f} GiB free; this run may write up to {estimate / 2**30:.1f} GiB (PNGs, shards and samples.npz)", file=sys.stderr)
     return folder

@@ -93,3 +93,10 @@ def check_bool(name: str, v) -> bool:
     if not isinstance(v, bool):
         raise TypeError(f"{name} must be True or False, got {type(v).__name__} {v!r}")
     return v
+
+
+def describe_error(error: BaseException) -> str:
+    """"TypeName: the first line of its message" (the type alone when the message is empty), for
+    errors that are passed on inside a one-line message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__

@@ -53,6 +53,7 @@ from typing import Optional
 
 import torch
 
+from ..core.checks import describe_error
 from ..core.plan import StepPlan
 from ..models.prepare import runs_from_table
 from .capture import host_syncs_reported, restore_after_failed_capture
@@ -394,7 +395,7 @@ class GraphCache:
         try:
             entry.capture(self.mode, self._pool)
         except Exception as e:  # noqa: BLE001 - any failure to capture means: run eagerly
-            reason = f"{type(e).__name__}: {e}".splitlines()[0]
+            reason = describe_error(e)
             try:
                 restore_after_failed_capture(device, self._pool, entry.generators)
             except Exception as restore_error:  # noqa: BLE001 - say so, and fall back all the same
