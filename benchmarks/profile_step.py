@@ -97,7 +97,7 @@ def main(argv=None) -> int:
 
         sampler = FastSampler(model, schedule, steps=2, eta=0.5, dtype=args.dtype)
         xs = sampler._layout(x)
-        loop = CapturedLoop(sampler, sampler._prepared_model(x.device), sampler._plan, xs, False)
+        loop = CapturedLoop(sampler._spec("sampling"), sampler._prepared_model(x.device), xs)
         fmodel = sampler._prepared_model(x.device)
 
         def unet_only():  # what the step graph runs of the model: from the table row, or from t

@@ -77,6 +77,7 @@ struct StepCoefs {
   float c_xt;    // weight of x_t
   float sigma;   // weight of the noise
   float lo, hi;  // clamp range of x0
+  float c_x0_prev = 0.f;  // weight of the previous step's x0 (a multistep solver's history)
 };
 
 // x0 and eps from the model output `m` at x, for each parameterisation. Works for a
@@ -100,7 +101,8 @@ inline StepCoefs check_ddim_step(const at::Tensor& x, const at::Tensor& model_ou
                                  double sqrt_one_minus_alpha_t, double c_x0, double c_eps, double c_xt, double sigma,
                                  const std::optional<at::Tensor>& noise, bool clip, double clip_min,
                                  double clip_max, int64_t prediction, const at::Tensor& out,
-                                 const std::optional<at::Tensor>& x0_out) {
+                                 const std::optional<at::Tensor>& x0_out, double c_x0_prev,
+                                 const std::optional<at::Tensor>& history) {
   const char* op = "ddim_step";
   check_dense(op, x);
   check_prediction(op, prediction);
@@ -110,12 +112,19 @@ inline StepCoefs check_ddim_step(const at::Tensor& x, const at::Tensor& model_ou
   TORCH_CHECK(sigma == 0 || noise.has_value(), op, ": sigma is ", sigma, " > 0 but no noise tensor was given");
   if (noise) check_like(op, "noise", x, *noise, /*allow_float32=*/true);
   if (x0_out) check_like(op, "x0_out", x, *x0_out);
+  TORCH_CHECK(c_x0_prev == 0 || history.has_value(), op, ": c_x0_prev is ", c_x0_prev,
+              " but no history tensor (the previous step's x0) was given");
+  if (history) {
+    TORCH_CHECK(history->scalar_type() == at::kFloat, op, ": history must be float32, got ", history->scalar_type());
+    check_like(op, "history", x, *history, /*allow_float32=*/true);
+  }
   TORCH_CHECK(!clip || clip_min <= clip_max, op, ": clip range must have clip_min <= clip_max, got [", clip_min,
               ", ", clip_max, "]");
   return StepCoefs{static_cast<float>(sqrt_alpha_t), static_cast<float>(sqrt_one_minus_alpha_t),
                    static_cast<float>(c_x0),         static_cast<float>(c_eps),
                    static_cast<float>(c_xt),         static_cast<float>(sigma),
-                   static_cast<float>(clip_min),     static_cast<float>(clip_max)};
+                   static_cast<float>(clip_min),     static_cast<float>(clip_max),
+                   static_cast<float>(c_x0_prev)};
 }
 
 // Checks of guided_step's: ddim_step's with the model output in two halves (uncond, cond)
@@ -125,13 +134,14 @@ inline StepCoefs check_guided_step(const at::Tensor& x, const at::Tensor& uncond
                                    double c_x0, double c_eps, double c_xt, double sigma,
                                    const std::optional<at::Tensor>& noise, bool clip, double clip_min,
                                    double clip_max, int64_t prediction, const at::Tensor& out,
-                                   const std::optional<at::Tensor>& x0_out) {
+                                   const std::optional<at::Tensor>& x0_out, double c_x0_prev,
+                                   const std::optional<at::Tensor>& history) {
   check_dense("guided_step", x);
   check_like("guided_step", "uncond", x, uncond);
   check_like("guided_step", "cond", x, cond);
   TORCH_CHECK(std::isfinite(guidance_scale), "guided_step: guidance_scale must be finite, got ", guidance_scale);
   return check_ddim_step(x, uncond, sqrt_alpha_t, sqrt_one_minus_alpha_t, c_x0, c_eps, c_xt, sigma, noise, clip,
-                         clip_min, clip_max, prediction, out, x0_out);
+                         clip_min, clip_max, prediction, out, x0_out, c_x0_prev, history);
 }
 
 // Checks of predict_x0's arguments, shared by every backend.

@@ -13,18 +13,21 @@ TORCH_LIBRARY(ddim_fast, m) {
   // One DDIM/DDPM update, in one pass over memory:
   //   x0  = x0_from(x, model_output; sqrt_alpha_t, sqrt_one_minus_alpha_t), clamped if `clip`
   //   eps = eps_from(...)  (recomputed from the clamped x0 if clipped_eps)
-  //   out = c_x0 * x0 + c_eps * eps + c_xt * x + sigma * noise
-  // `out` may be `x` itself. `x0_out`, when given, receives x0.
+  //   out = c_x0 * x0 + c_eps * eps + c_xt * x + c_x0_prev * history + sigma * noise
+  // `out` may be `x` itself. `x0_out`, when given, receives x0. `history` (float32, a multistep
+  // solver's previous x0) is read, then overwritten with this step's x0.
   m.def(
       "ddim_step(Tensor x, Tensor model_output, float sqrt_alpha_t, float sqrt_one_minus_alpha_t, "
       "float c_x0, float c_eps, float c_xt, float sigma, Tensor? noise, bool clip, float clip_min, "
-      "float clip_max, int prediction, bool clipped_eps, Tensor(a!) out, Tensor(b!)? x0_out) -> ()");
+      "float clip_max, int prediction, bool clipped_eps, Tensor(a!) out, Tensor(b!)? x0_out, "
+      "float c_x0_prev=0., Tensor(c!)? history=None) -> ()");
   // ddim_step on a guided model call's two halves (classifier-free guidance): the model
   // output is uncond + guidance_scale * (cond - uncond), formed in the same pass.
   m.def(
       "guided_step(Tensor x, Tensor uncond, Tensor cond, float guidance_scale, float sqrt_alpha_t, "
       "float sqrt_one_minus_alpha_t, float c_x0, float c_eps, float c_xt, float sigma, Tensor? noise, bool clip, "
-      "float clip_min, float clip_max, int prediction, bool clipped_eps, Tensor(a!) out, Tensor(b!)? x0_out) -> ()");
+      "float clip_min, float clip_max, int prediction, bool clipped_eps, Tensor(a!) out, Tensor(b!)? x0_out, "
+      "float c_x0_prev=0., Tensor(c!)? history=None) -> ()");
   // x0 from the model output, clamped if `clip`; `eps_out`, when given, receives eps
   // recomputed from the clamped x0 (diffusers' use_clipped_model_output).
   m.def(

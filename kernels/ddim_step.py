@@ -6,7 +6,9 @@ The step's coefficients come from a device table indexed by a device-side step
 counter, so one captured CUDA graph serves every step (ddim_fast.sampling.graph).
 Guided (classifier-free guidance), it reads the two halves of the model call on the
 doubled batch and forms uncond + w·(cond − uncond) first; w comes from a device scalar,
-so a captured graph replays any guidance scale.
+so a captured graph replays any guidance scale. A multistep solver's history (the
+previous step's x̂₀, float32) is read into the update and overwritten with this step's.
+The table's columns are core.plan.COEF_COLUMNS, read by their names' indices.
 """
 
 from __future__ import annotations
@@ -18,10 +20,20 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from ..core import plan as _plan
 from ._wrap import placeholder as _placeholder
 from ._wrap import traceable as _traceable
 
-NUM_COEFS = 6  # sqrt_alpha_t, sqrt_one_minus_alpha_t, c_x0, c_eps, c_xt, sigma
+NUM_COEFS = _plan.NUM_COEFS
+# the columns of a coefficient table row (core.plan.COEF_COLUMNS), as the kernel reads them
+_ROW = tl.constexpr(_plan.NUM_COEFS)
+_SQRT_ALPHA_T = tl.constexpr(_plan.SQRT_ALPHA_T)
+_SQRT_ONE_MINUS_ALPHA_T = tl.constexpr(_plan.SQRT_ONE_MINUS_ALPHA_T)
+_C_X0 = tl.constexpr(_plan.C_X0)
+_C_EPS = tl.constexpr(_plan.C_EPS)
+_C_XT = tl.constexpr(_plan.C_XT)
+_SIGMA = tl.constexpr(_plan.SIGMA)
+_C_X0_PREV = tl.constexpr(_plan.C_X0_PREV)
 
 NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
 
@@ -35,7 +47,8 @@ def _ddim_step_kernel(
     z_ptr,  # noise: fp32 or x's dtype, x's layout; this step's at row * z_row_stride; read when NOISE == 1
     out_ptr,  # x_prev: like x; may be x_ptr itself
     x0_ptr,  # x0 prediction out: like x; written when WRITE_X0
-    coef_ptr,  # fp32 (rows, 6): the coefficients of each step
+    hist_ptr,  # fp32, x's layout: the previous step's x0, read then overwritten; when HISTORY
+    coef_ptr,  # fp32 (rows, NUM_COEFS): the coefficients of each step, columns core.plan.COEF_COLUMNS
     step_ptr,  # int32 (1,): the row of coef_ptr this launch uses
     seed_ptr,  # int64 (1,): Philox seed; read when NOISE == 2
     n,  # number of elements
@@ -49,18 +62,19 @@ def _ddim_step_kernel(
     HAS_XT: tl.constexpr,  # c_xt != 0 somewhere (DDPM posterior mean, inversion)
     WRITE_X0: tl.constexpr,
     GUIDED: tl.constexpr,
+    HISTORY: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     row = tl.load(step_ptr)
-    c = coef_ptr + row * 6
-    sa = tl.load(c)
-    s1m = tl.load(c + 1)
-    c_x0 = tl.load(c + 2)
-    c_eps = tl.load(c + 3)
-    sigma = tl.load(c + 5)
+    c = coef_ptr + row * _ROW
+    sa = tl.load(c + _SQRT_ALPHA_T)
+    s1m = tl.load(c + _SQRT_ONE_MINUS_ALPHA_T)
+    c_x0 = tl.load(c + _C_X0)
+    c_eps = tl.load(c + _C_EPS)
+    sigma = tl.load(c + _SIGMA)
 
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -82,7 +96,9 @@ def _ddim_step_kernel(
             eps = (x - sa * x0) / s1m
     res = c_x0 * x0 + c_eps * eps
     if HAS_XT:
-        res += tl.load(c + 4) * x
+        res += tl.load(c + _C_XT) * x
+    if HISTORY:
+        res += tl.load(c + _C_X0_PREV) * tl.load(hist_ptr + offs, mask=mask, other=0.0)
     if NOISE == 1:
         z = tl.load(z_ptr + row.to(tl.int64) * z_row_stride + offs, mask=mask, other=0.0)
         res += sigma * z.to(tl.float32)
@@ -93,6 +109,8 @@ def _ddim_step_kernel(
     tl.store(out_ptr + offs, res.to(out_ptr.dtype.element_ty), mask=mask)
     if WRITE_X0:
         tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+    if HISTORY:  # read above, by this program
+        tl.store(hist_ptr + offs, x0, mask=mask)
 
 
 def _block_and_warps(n: int):
@@ -119,16 +137,18 @@ def launch(
     x0_out: torch.Tensor | None = None,
     cond: torch.Tensor | None = None,
     guidance: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
     traceable: bool = False,
 ):
     """Launch on dense tensors of one layout, coefficients read from coef_table[step].
 
-    coef_table: fp32 (rows, 6) on x's device; step: int32 (1,) on x's device. noise
+    coef_table: fp32 (rows, NUM_COEFS) on x's device; step: int32 (1,) on x's device. noise
     (a tensor in x's layout) or seed (int64 (1,), in-kernel Philox) or neither (sigma must
     be 0); noise_row_stride > 0: noise holds one row of x.numel() elements per step
     (a table, (rows, *x.shape)) and the step reads its row. cond and guidance (fp32 (1,) on
     x's device), together: guided, model_output is the unconditional half and cond the
-    conditional one. out may be x (the step in place).
+    conditional one. history: fp32 in x's layout, the previous step's x0 (weighted by the
+    row's c_x0_prev), overwritten with this step's. out may be x (the step in place).
     Allocates nothing (but a placeholder per device and dtype, once): safe inside a CUDA
     graph capture. traceable: the launch through torch.library.wrap_triton
     (kernels/_wrap.py; inside the triton_ops below, for torch.compile).
@@ -154,6 +174,7 @@ def launch(
         noise if noise is not None else unused(torch.float32),
         out,
         x0_out if x0_out is not None else unused(x.dtype),
+        history if history is not None else unused(torch.float32),
         coef_table,
         step,
         seed if seed is not None else unused(torch.int64),
@@ -168,13 +189,14 @@ def launch(
         HAS_XT=has_xt,
         WRITE_X0=x0_out is not None,
         GUIDED=cond is not None,
+        HISTORY=history is not None,
         BLOCK=block,
         num_warps=warps,
     )
     return out
 
 
-@triton_op("ddim_fast_triton::ddim_step", mutates_args=("out", "x0_out"))
+@triton_op("ddim_fast_triton::ddim_step", mutates_args=("out", "x0_out", "history"))
 def ddim_step_op(
     x: torch.Tensor,
     model_output: torch.Tensor,
@@ -189,6 +211,7 @@ def ddim_step_op(
     clip_hi: float,
     clipped_eps: bool,
     has_xt: bool,
+    history: Optional[torch.Tensor] = None,
 ) -> None:
     """launch() as an operator torch.compile traces into (Inductor sees and schedules the
     kernel): torch.ops.ddim_fast_triton.ddim_step."""
@@ -204,11 +227,12 @@ def ddim_step_op(
         noise=noise,
         has_xt=has_xt,
         x0_out=x0_out,
+        history=history,
         traceable=True,
     )
 
 
-@triton_op("ddim_fast_triton::guided_step", mutates_args=("out", "x0_out"))
+@triton_op("ddim_fast_triton::guided_step", mutates_args=("out", "x0_out", "history"))
 def guided_step_op(
     x: torch.Tensor,
     uncond: torch.Tensor,
@@ -225,6 +249,7 @@ def guided_step_op(
     clip_hi: float,
     clipped_eps: bool,
     has_xt: bool,
+    history: Optional[torch.Tensor] = None,
 ) -> None:
     """The guided launch() as an operator: torch.ops.ddim_fast_triton.guided_step."""
     launch(
@@ -241,25 +266,27 @@ def guided_step_op(
         x0_out=x0_out,
         cond=cond,
         guidance=guidance,
+        history=history,
         traceable=True,
     )
 
 
-def ddim_step(x, model_output, coefs, noise, clip, prediction: int, clipped_eps: bool, out, x0_out=None, *, cond=None, guidance: float = 0.0):
-    """Eager entry (ops.ddim_step / ops.guided_step with backend="triton"): coefs as 6 Python
-    floats; with cond, guided with scale `guidance`.
+def ddim_step(x, model_output, coefs, noise, clip, prediction: int, clipped_eps: bool, out, x0_out=None, *, cond=None, guidance: float = 0.0, history=None):
+    """Eager entry (ops.ddim_step / ops.guided_step with backend="triton"): coefs as one row of
+    NUM_COEFS Python floats (core.plan.COEF_COLUMNS); with cond, guided with scale `guidance`.
 
     Checked, dense, same-layout arguments (ddim_fast.ops does the checking).
     """
     table = torch.tensor([coefs], dtype=torch.float32, device=x.device)
     step = torch.zeros(1, dtype=torch.int32, device=x.device)
     lo, hi = (float(clip[0]), float(clip[1])) if clip is not None else (0.0, 0.0)
-    noise = noise if coefs[5] != 0 else None
+    noise = noise if coefs[_plan.SIGMA] != 0 else None
+    has_xt = coefs[_plan.C_XT] != 0
     if cond is None:
-        ddim_step_op(x, model_output, table, step, noise, out, x0_out, prediction, clip is not None, lo, hi, bool(clipped_eps), coefs[4] != 0)
+        ddim_step_op(x, model_output, table, step, noise, out, x0_out, prediction, clip is not None, lo, hi, bool(clipped_eps), has_xt, history)
     else:
         w = torch.tensor([guidance], dtype=torch.float32, device=x.device)
-        guided_step_op(x, model_output, cond, w, table, step, noise, out, x0_out, prediction, clip is not None, lo, hi, bool(clipped_eps), coefs[4] != 0)
+        guided_step_op(x, model_output, cond, w, table, step, noise, out, x0_out, prediction, clip is not None, lo, hi, bool(clipped_eps), has_xt, history)
     return out
 
 

@@ -213,7 +213,7 @@ def test_a_model_output_of_another_shape_is_refused_before_any_capture(monkeypat
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "could not be captured" fallback
         with pytest.raises(ValueError, match=r"the model output has shape \(2, 6, 8, 8\)"), torch.inference_mode():
-            cache.run(sampler, sampler._plan, x, None, False)
+            cache.run(sampler._spec("sampling"), sampler._prepared_model, x, None)
     assert captured == [] and cache.disabled_reason is None and len(cache) == 0
 
 
@@ -374,7 +374,7 @@ def test_emulated_loop_encodes_like_the_reference(channels_last):
     sampler = FastSampler(model, SCHEDULE, steps=5, cuda_graph="emulate", channels_last=channels_last)
     got = sampler.encode(x0)
     (loop,) = sampler._graphs._entries.values()
-    assert loop.encoding
+    assert loop.spec.encoding
     ref = ReferenceSampler(model, SCHEDULE, steps=5).encode(x0)
     ref64 = ReferenceSampler(copy.deepcopy(model).double(), SCHEDULE, steps=5).encode(x0.double())
     assert max_err(got, ref64) <= 2 * max_err(ref, ref64) + 1e-5 * (1 + ref64.abs().max().item())

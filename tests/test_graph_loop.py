@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ddim_fast import FastSampler, Schedule
+from ddim_fast.core.plan import NUM_COEFS, SIGMA, SQRT_ALPHA_T
 from ddim_fast.sampling import graph as G
 
 from .conftest import requires_triton_interpreter, tiny_unet
@@ -27,7 +28,9 @@ def test_in_kernel_philox_noise_has_unit_moments():
     x = torch.zeros(n)
     m = torch.zeros(n)
     out = torch.empty(n).fill_(float("nan"))
-    table = torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]])  # out = sigma * z
+    table = torch.zeros(2, NUM_COEFS)  # out = sigma * z
+    table[:, SQRT_ALPHA_T] = 1.0
+    table[:, SIGMA] = 1.0
     seed = torch.tensor([1234], dtype=torch.int64)
     k.launch(x, m, table, torch.tensor([0], dtype=torch.int32), out, prediction=0, seed=seed, has_xt=False)
     z0 = out.clone()
@@ -58,7 +61,7 @@ class _FakeLoop:
 
     generators = []
 
-    def __init__(self, sampler, model, plan, x, encoding, cond=None, noise_device=None, noise_dtype=None):
+    def __init__(self, spec, model, x, cond=None, noise_device=None, noise_dtype=None):
         type(self).made += 1
         self.x = x
 
@@ -79,19 +82,22 @@ def test_graph_cache_keys_and_bound(monkeypatch):
     sampler = FastSampler(tiny_unet(), SCHEDULE, steps=2)
     cache = G.GraphCache(2)
     x1, x2, x3 = torch.zeros(1, 1, 8, 8), torch.zeros(2, 1, 8, 8), torch.zeros(3, 1, 8, 8)
-    cache.run(sampler, sampler._plan, x1, None, False)
-    cache.run(sampler, sampler._plan, x1, None, False)
+    cache.run(sampler._spec("sampling"), sampler._prepared_model, x1, None)
+    cache.run(sampler._spec("sampling"), sampler._prepared_model, x1, None)
     assert _FakeLoop.made == 1  # same key: reused
-    cache.run(sampler, sampler._plan, x1, None, True)  # encoding is another key
-    cache.run(sampler, sampler._plan, x2, None, False)  # batch change: recapture, evicts the LRU
+    cache.run(sampler._spec("encoding"), sampler._prepared_model, x1, None)  # encoding is another key
+    cache.run(sampler._spec("sampling"), sampler._prepared_model, x2, None)  # batch change: recapture, evicts the LRU
     assert _FakeLoop.made == 3 and len(cache) == 2
-    cache.run(sampler, sampler._plan, x1, None, False)  # was evicted
+    cache.run(sampler._spec("sampling"), sampler._prepared_model, x1, None)  # was evicted
     assert _FakeLoop.made == 4
-    cache.run(sampler, sampler._plan, x3.to(torch.bfloat16), None, False)
+    cache.run(sampler._spec("sampling"), sampler._prepared_model, x3.to(torch.bfloat16), None)
     assert len(cache) == 2
     x4 = torch.zeros(2, 3, 8, 8)
-    assert cache.key(x4, False) != cache.key(x4.contiguous(memory_format=torch.channels_last), False)
-    assert cache.key(x4, False) != cache.key(x4.half(), False)
+    spec = sampler._spec("sampling")
+    assert cache.key(spec, x4) != cache.key(spec, x4.contiguous(memory_format=torch.channels_last))
+    assert cache.key(spec, x4) != cache.key(spec, x4.half())
+    dpm = FastSampler(tiny_unet(), SCHEDULE, steps=2, solver="dpmpp_2m")._spec("sampling")
+    assert cache.key(spec, x4) != cache.key(dpm, x4)  # another solver: another loop
 
 
 def test_graph_cache_falls_back_once_with_the_reason(monkeypatch):
@@ -113,11 +119,11 @@ def test_graph_cache_falls_back_once_with_the_reason(monkeypatch):
     sampler = FastSampler(tiny_unet(), SCHEDULE, steps=2)
     cache = G.GraphCache(2)
     with pytest.warns(RuntimeWarning, match="could not be captured in a CUDA graph \\(RuntimeError: operation not permitted"):
-        assert cache.run(sampler, sampler._plan, torch.zeros(1, 1, 8, 8), None, False) is None
+        assert cache.run(sampler._spec("sampling"), sampler._prepared_model, torch.zeros(1, 1, 8, 8), None) is None
     assert restored == [(torch.device("cpu"), "pool", ["the loop's generator"])]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert cache.run(sampler, sampler._plan, torch.zeros(1, 1, 8, 8), None, False) is None  # no second warning
+        assert cache.run(sampler._spec("sampling"), sampler._prepared_model, torch.zeros(1, 1, 8, 8), None) is None  # no second warning
     assert len(restored) == 1
 
 
@@ -134,7 +140,7 @@ def test_a_host_sync_found_in_the_warm_up_falls_back_before_any_capture(monkeypa
     sampler = FastSampler(tiny_unet(), SCHEDULE, steps=2)
     cache = G.GraphCache(2)
     with pytest.warns(RuntimeWarning, match="a step synchronizes with the host"):
-        assert cache.run(sampler, sampler._plan, torch.zeros(1, 1, 8, 8), None, False) is None
+        assert cache.run(sampler._spec("sampling"), sampler._prepared_model, torch.zeros(1, 1, 8, 8), None) is None
 
 
 def test_graph_options_are_validated():

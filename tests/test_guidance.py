@@ -199,7 +199,8 @@ def test_graph_key_follows_the_conditioning_signature_not_its_values():
 
     x = torch.zeros(2, 1, 8, 8)
     cache = G.GraphCache(4)
-    key = lambda **kw: cache.key(x, False, make_conditioning(x, kw.get("model_kwargs"), kw.get("guidance_scale"), kw.get("uncond_kwargs"), kw.get("guidance_rescale")))  # noqa: E731
+    spec = FastSampler(lambda x, t: x, Schedule.linear(100), steps=4)._spec("sampling")
+    key = lambda **kw: cache.key(spec, x, make_conditioning(x, kw.get("model_kwargs"), kw.get("guidance_scale"), kw.get("uncond_kwargs"), kw.get("guidance_rescale")))  # noqa: E731
     lab = lambda *v: {"class_labels": torch.tensor(v)}  # noqa: E731
     base = key(model_kwargs=lab(1, 2), guidance_scale=2.0, uncond_kwargs=lab(10, 10))
     assert base == key(model_kwargs=lab(5, 6), guidance_scale=7.5, uncond_kwargs=lab(10, 10))  # new values: replay

@@ -8,7 +8,7 @@ import torch
 
 from ddim_fast import Schedule
 from ddim_fast.core.grids import timestep_grid
-from ddim_fast.core.plan import encoding_plan, sampling_plan
+from ddim_fast.core.plan import C_EPS, C_X0, C_X0_PREV, C_XT, SIGMA, SQRT_ALPHA_T, SQRT_ONE_MINUS_ALPHA_T, encoding_plan, sampling_plan
 
 
 # --- beta schedules -----------------------------------------------------------------------
@@ -105,7 +105,8 @@ def test_eta0_step_with_true_eps_recovers_x0_exactly():
     t0 = plan.timesteps[0]
     x = math.sqrt(s.alpha(t0)) * x0 + math.sqrt(1 - s.alpha(t0)) * eps
     for i, (t, prev) in enumerate(zip(plan.timesteps, plan.prev)):
-        sa, s1m, c_x0, c_eps, c_xt, sigma = plan.coefs[i]
+        sa, s1m, c_x0, c_eps, c_xt = (plan.coefs[i, c] for c in (SQRT_ALPHA_T, SQRT_ONE_MINUS_ALPHA_T, C_X0, C_EPS, C_XT))
+        assert plan.coefs[i, C_X0_PREV] == 0  # DDIM is one-step
         x0_hat = (x - s1m * eps) / sa
         x = c_x0 * x0_hat + c_eps * eps + c_xt * x
         expected = math.sqrt(s.alpha(prev)) * x0 + math.sqrt(1 - s.alpha(prev)) * eps
@@ -202,10 +203,10 @@ def test_ddpm_noisy_plan_is_the_ddpm_posterior_mean():
     for i, (t, p) in enumerate(zip(plan.timesteps, plan.prev)):
         a_t, a_s = s.alpha(t), s.alpha(p)
         beta = 1 - a_t / a_s
-        assert plan.coefs[i, 2] == pytest.approx(math.sqrt(a_s) * beta / (1 - a_t))
-        assert plan.coefs[i, 4] == pytest.approx(math.sqrt(1 - beta) * (1 - a_s) / (1 - a_t))
-        assert plan.coefs[i, 3] == 0
-        assert plan.coefs[i, 5] == (pytest.approx(math.sqrt(beta)) if i < 9 else 0.0)
+        assert plan.coefs[i, C_X0] == pytest.approx(math.sqrt(a_s) * beta / (1 - a_t))
+        assert plan.coefs[i, C_XT] == pytest.approx(math.sqrt(1 - beta) * (1 - a_s) / (1 - a_t))
+        assert plan.coefs[i, C_EPS] == 0
+        assert plan.coefs[i, SIGMA] == (pytest.approx(math.sqrt(beta)) if i < 9 else 0.0)
 
 
 def test_alpha_zero_on_the_grid_is_rejected():

@@ -42,11 +42,12 @@ SCRIPT = textwrap.dedent(
 
     for dt, noise_dt in (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp16")):
         sig = {"x_ptr": f"*{dt}", "m_ptr": f"*{dt}", "mc_ptr": f"*{dt}", "w_ptr": "*fp32", "z_ptr": f"*{noise_dt}", "out_ptr": f"*{dt}",
-               "x0_ptr": f"*{dt}", "coef_ptr": "*fp32", "step_ptr": "*i32", "seed_ptr": "*i64", "n": "i32", "z_row_stride": "i32",
+               "x0_ptr": f"*{dt}", "hist_ptr": "*fp32", "coef_ptr": "*fp32", "step_ptr": "*i32", "seed_ptr": "*i64", "n": "i32", "z_row_stride": "i32",
                "clip_lo": "fp32", "clip_hi": "fp32"}
         for pred, noise, clip in itertools.product((0, 1, 2), (0, 1, 2), (False, True)):
             build(_ddim_step_kernel, sig, {"PREDICTION": pred, "CLIP": clip, "CLIPPED_EPS": clip, "NOISE": noise,
-                                           "HAS_XT": noise == 1, "WRITE_X0": pred == 1, "GUIDED": noise != 1, "BLOCK": 1024})
+                                           "HAS_XT": noise != 1, "WRITE_X0": pred == 1, "GUIDED": noise != 1,
+                                           "HISTORY": noise == 0, "BLOCK": 1024})
         sig = {"x_ptr": f"*{dt}", "m_ptr": f"*{dt}", "x0_ptr": f"*{dt}", "eps_ptr": f"*{dt}", "n": "i32", "sa": "fp32",
                "s1m": "fp32", "clip_lo": "fp32", "clip_hi": "fp32"}
         build(_predict_x0_kernel, sig, {"PREDICTION": 2, "CLIP": True, "WRITE_EPS": True, "BLOCK": 1024})

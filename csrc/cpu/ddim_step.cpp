@@ -2,7 +2,8 @@
 // one pass. Reads x, model_output (and noise); writes out (and x0_out): 3-5 passes over
 // memory instead of the ~11 of the eager chain (x0, clamp, two scaled terms, noise, sums).
 // guided_step reads the two halves of a guided model call instead of one output and
-// combines them first: m = uncond + w * (cond - uncond).
+// combines them first: m = uncond + w * (cond - uncond). A multistep solver's history (the
+// previous step's x0, float32) is read into the update and overwritten with this step's x0.
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -18,7 +19,7 @@ constexpr int64_t kGrain = 32768;  // elements per task: enough to amortise a th
 
 // One element (or one vector of elements) of the update; V is float or Vec.
 template <typename V>
-inline V step_value(V x, V m, V z, const StepCoefs& c, int64_t prediction, bool clip, bool clipped_eps,
+inline V step_value(V x, V m, V z, V x0_prev, const StepCoefs& c, int64_t prediction, bool clip, bool clipped_eps,
                     V& x0) {
   const V sa(c.sa), s1m(c.s1m);
   V eps;
@@ -29,55 +30,64 @@ inline V step_value(V x, V m, V z, const StepCoefs& c, int64_t prediction, bool 
   }
   V res = V(c.c_x0) * x0 + V(c.c_eps) * eps;
   if (c.c_xt != 0.f) res = res + V(c.c_xt) * x;
+  if (c.c_x0_prev != 0.f) res = res + V(c.c_x0_prev) * x0_prev;
   if (c.sigma != 0.f) res = res + V(c.sigma) * z;
   return res;
 }
 
 // mc: the conditional half of a guided model output (m then is the unconditional half), or null.
+// history: the previous step's x0, overwritten with this step's, or null.
 template <typename scalar_t, typename noise_t>
 void step_kernel(const scalar_t* x, const scalar_t* m, const scalar_t* mc, float w, const noise_t* z,
-                 scalar_t* out, scalar_t* x0_out, int64_t n, const StepCoefs& c, int64_t prediction, bool clip,
-                 bool clipped_eps) {
+                 scalar_t* out, scalar_t* x0_out, float* history, int64_t n, const StepCoefs& c,
+                 int64_t prediction, bool clip, bool clipped_eps) {
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     int64_t i = begin;
     for (; i + kVec <= end; i += kVec) {
       Vec x0;
       const Vec zv = z ? load_f(z + i) : Vec(0.f);
+      const Vec prev = history ? load_f(history + i) : Vec(0.f);
       Vec mv = load_f(m + i);
       if (mc) mv = mv + Vec(w) * (load_f(mc + i) - mv);
-      const Vec r = step_value<Vec>(load_f(x + i), mv, zv, c, prediction, clip, clipped_eps, x0);
+      const Vec r = step_value<Vec>(load_f(x + i), mv, zv, prev, c, prediction, clip, clipped_eps, x0);
       store_f(out + i, r);  // out may alias x: element i was read above
       if (x0_out) store_f(x0_out + i, x0);
+      if (history) store_f(history + i, x0);  // read above
     }
     for (; i < end; ++i) {
       float x0;
       const float zf = z ? static_cast<float>(z[i]) : 0.f;
+      const float prev = history ? history[i] : 0.f;
       float mf = static_cast<float>(m[i]);
       if (mc) mf = mf + w * (static_cast<float>(mc[i]) - mf);
-      const float r = step_value<float>(static_cast<float>(x[i]), mf, zf, c, prediction, clip, clipped_eps, x0);
+      const float r =
+          step_value<float>(static_cast<float>(x[i]), mf, zf, prev, c, prediction, clip, clipped_eps, x0);
       out[i] = static_cast<scalar_t>(r);
       if (x0_out) x0_out[i] = static_cast<scalar_t>(x0);
+      if (history) history[i] = x0;
     }
   });
 }
 
 void run_step(const at::Tensor& x, const at::Tensor& model_output, const at::Tensor* cond, float w,
               const StepCoefs& c, const std::optional<at::Tensor>& noise, bool clip, int64_t prediction,
-              bool clipped_eps, const at::Tensor& out, const std::optional<at::Tensor>& x0_out) {
+              bool clipped_eps, const at::Tensor& out, const std::optional<at::Tensor>& x0_out,
+              const std::optional<at::Tensor>& history) {
   if (x.numel() == 0) return;
   const bool use_noise = noise.has_value() && c.sigma != 0;
+  float* hist = history ? history->data_ptr<float>() : nullptr;
   dispatch_float(x.scalar_type(), "ddim_step", [&](auto tag) {
     using scalar_t = decltype(tag);
     scalar_t* x0p = x0_out ? x0_out->data_ptr<scalar_t>() : nullptr;
     const scalar_t* mc = cond ? cond->const_data_ptr<scalar_t>() : nullptr;
     if (use_noise && noise->scalar_type() != x.scalar_type()) {
       step_kernel<scalar_t, float>(x.const_data_ptr<scalar_t>(), model_output.const_data_ptr<scalar_t>(), mc, w,
-                                   noise->const_data_ptr<float>(), out.data_ptr<scalar_t>(), x0p, x.numel(), c,
-                                   prediction, clip, clipped_eps);
+                                   noise->const_data_ptr<float>(), out.data_ptr<scalar_t>(), x0p, hist, x.numel(),
+                                   c, prediction, clip, clipped_eps);
     } else {
       step_kernel<scalar_t, scalar_t>(x.const_data_ptr<scalar_t>(), model_output.const_data_ptr<scalar_t>(), mc,
                                       w, use_noise ? noise->const_data_ptr<scalar_t>() : nullptr,
-                                      out.data_ptr<scalar_t>(), x0p, x.numel(), c, prediction, clip,
+                                      out.data_ptr<scalar_t>(), x0p, hist, x.numel(), c, prediction, clip,
                                       clipped_eps);
     }
   });
@@ -87,21 +97,25 @@ void ddim_step_cpu(const at::Tensor& x, const at::Tensor& model_output, double s
                    double sqrt_one_minus_alpha_t, double c_x0, double c_eps, double c_xt, double sigma,
                    const std::optional<at::Tensor>& noise, bool clip, double clip_min, double clip_max,
                    int64_t prediction, bool clipped_eps, const at::Tensor& out,
-                   const std::optional<at::Tensor>& x0_out) {
+                   const std::optional<at::Tensor>& x0_out, double c_x0_prev,
+                   const std::optional<at::Tensor>& history) {
   const StepCoefs c = check_ddim_step(x, model_output, sqrt_alpha_t, sqrt_one_minus_alpha_t, c_x0, c_eps, c_xt,
-                                      sigma, noise, clip, clip_min, clip_max, prediction, out, x0_out);
-  run_step(x, model_output, nullptr, 0.f, c, noise, clip, prediction, clipped_eps, out, x0_out);
+                                      sigma, noise, clip, clip_min, clip_max, prediction, out, x0_out, c_x0_prev,
+                                      history);
+  run_step(x, model_output, nullptr, 0.f, c, noise, clip, prediction, clipped_eps, out, x0_out, history);
 }
 
 void guided_step_cpu(const at::Tensor& x, const at::Tensor& uncond, const at::Tensor& cond, double guidance_scale,
                      double sqrt_alpha_t, double sqrt_one_minus_alpha_t, double c_x0, double c_eps, double c_xt,
                      double sigma, const std::optional<at::Tensor>& noise, bool clip, double clip_min,
                      double clip_max, int64_t prediction, bool clipped_eps, const at::Tensor& out,
-                     const std::optional<at::Tensor>& x0_out) {
+                     const std::optional<at::Tensor>& x0_out, double c_x0_prev,
+                     const std::optional<at::Tensor>& history) {
   const StepCoefs c = check_guided_step(x, uncond, cond, guidance_scale, sqrt_alpha_t, sqrt_one_minus_alpha_t, c_x0,
-                                        c_eps, c_xt, sigma, noise, clip, clip_min, clip_max, prediction, out, x0_out);
+                                        c_eps, c_xt, sigma, noise, clip, clip_min, clip_max, prediction, out, x0_out,
+                                        c_x0_prev, history);
   run_step(x, uncond, &cond, static_cast<float>(guidance_scale), c, noise, clip, prediction, clipped_eps, out,
-           x0_out);
+           x0_out, history);
 }
 
 }  // namespace

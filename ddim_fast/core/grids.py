@@ -8,7 +8,7 @@ import numpy as np
 
 from .checks import check_num_train_timesteps, check_steps
 
-SKIP_TYPES = ("uniform", "quad", "leading", "trailing", "linspace")
+SKIP_TYPES = ("uniform", "quad", "leading", "trailing", "linspace", "dpm_linspace", "dpm_leading")
 
 
 def timestep_grid(T: int, steps: int, skip="uniform", steps_offset: int = 0) -> list[int]:
@@ -24,6 +24,10 @@ def timestep_grid(T: int, steps: int, skip="uniform", steps_offset: int = 0) -> 
       "leading"  i * (T // S) + steps_offset (diffusers).
       "trailing" round(arange(T, 0, -T / S)) - 1 (diffusers).
       "linspace" round(linspace(0, T - 1, S)) (diffusers).
+      "dpm_linspace", "dpm_leading": the S + 1 points of "linspace" / "leading" spacing less
+                 the lowest, as diffusers' DPMSolverMultistepScheduler spaces them:
+                 round(linspace(0, T - 1, S + 1))[1:], i * (T // (S + 1)) + steps_offset for
+                 i = 1..S (the last step then lands on t = -1, not on the dropped point).
       a sequence of distinct ints in [0, T): that grid (sorted).
     """
     T = check_num_train_timesteps(T)
@@ -32,8 +36,8 @@ def timestep_grid(T: int, steps: int, skip="uniform", steps_offset: int = 0) -> 
         return _explicit_grid(skip, T)
     if isinstance(steps_offset, bool) or not isinstance(steps_offset, numbers.Integral) or steps_offset < 0:
         raise ValueError(f"steps_offset must be a non-negative int, got {steps_offset!r}")
-    if steps_offset and skip != "leading":
-        raise ValueError(f"steps_offset applies to skip='leading' only, got skip={skip!r} with steps_offset={steps_offset}")
+    if steps_offset and skip not in ("leading", "dpm_leading"):
+        raise ValueError(f"steps_offset applies to skip='leading' (or 'dpm_leading') only, got skip={skip!r} with steps_offset={steps_offset}")
     if skip == "uniform":
         grid = list(range(0, T, T // steps))[:steps]
     elif skip == "quad":
@@ -46,8 +50,16 @@ def timestep_grid(T: int, steps: int, skip="uniform", steps_offset: int = 0) -> 
         grid = sorted(int(v) for v in (np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1)[:steps])
     elif skip == "linspace":
         grid = [int(v) for v in np.linspace(0, T - 1, steps).round().astype(np.int64)]
+    elif skip == "dpm_linspace":
+        grid = [int(v) for v in np.linspace(0, T - 1, steps + 1).round().astype(np.int64)[1:]]
+    elif skip == "dpm_leading":
+        grid = [i * (T // (steps + 1)) + int(steps_offset) for i in range(1, steps + 1)]
+        if grid[-1] >= T:
+            raise ValueError(f"skip='dpm_leading' with steps_offset={steps_offset} reaches t={grid[-1]} >= T={T}")
     else:
         raise ValueError(f"unknown skip type {skip!r}; expected one of {SKIP_TYPES} or a list of timesteps")
+    if skip.startswith("dpm_") and len(set(grid)) != len(grid):
+        raise ValueError(f"skip={skip!r} repeats timesteps at S={steps} with T={T} (a multistep solver needs distinct ones); use fewer steps")
     return grid
 
 

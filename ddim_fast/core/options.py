@@ -9,6 +9,7 @@ import torch
 
 from .checks import ETA_DDPM_NOISY, check_bool, check_clip, check_eta, check_prediction, check_steps
 from .schedule import Schedule
+from .solvers import check_options as check_solver_options
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -24,13 +25,14 @@ class SamplerOptions:
     steps_offset: int
     use_clipped_model_output: bool
     grid: tuple  # the timestep grid, increasing
+    solver: str = "ddim"  # a name of core.solvers.SOLVERS
 
     @property
     def ddpm_noisy(self) -> bool:
         return self.eta == ETA_DDPM_NOISY
 
 
-def make_options(schedule, steps, eta, skip, clip_x0, prediction, check_finite, steps_offset, use_clipped_model_output) -> SamplerOptions:
+def make_options(schedule, steps, eta, skip, clip_x0, prediction, check_finite, steps_offset, use_clipped_model_output, solver="ddim") -> SamplerOptions:
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a ddim_fast.Schedule, got {type(schedule).__name__}")
     steps = check_steps(steps, schedule.num_train_timesteps)
@@ -39,11 +41,12 @@ def make_options(schedule, steps, eta, skip, clip_x0, prediction, check_finite, 
     prediction = check_prediction(prediction)
     check_bool("check_finite", check_finite)
     check_bool("use_clipped_model_output", use_clipped_model_output)
+    check_solver_options(solver, eta, use_clipped_model_output)
     grid = schedule.timesteps(steps, skip, steps_offset=steps_offset)
     if not isinstance(skip, str) and len(grid) != steps:
         raise ValueError(f"skip as an explicit grid holds {len(grid)} timesteps but steps={steps}; pass steps={len(grid)}")
     skip_key = skip if isinstance(skip, str) else tuple(grid)
-    return SamplerOptions(steps, eta, skip_key, clip, prediction, check_finite, int(steps_offset), use_clipped_model_output, tuple(grid))
+    return SamplerOptions(steps, eta, skip_key, clip, prediction, check_finite, int(steps_offset), use_clipped_model_output, tuple(grid), solver)
 
 
 def check_dtype(dtype) -> Optional[torch.dtype]:

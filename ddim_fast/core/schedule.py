@@ -203,19 +203,24 @@ _OTHER_SCHEDULER_KEYS = (
 )  # fmt: skip
 _DDIM_OWN_KEYS = ("clip_sample", "set_alpha_to_one")
 DDIM_SCHEDULERS = ("DDIMScheduler",)
+DPM_SCHEDULERS = ("DPMSolverMultistepScheduler",)
+SUPPORTED_SCHEDULERS = DDIM_SCHEDULERS + DPM_SCHEDULERS
 
 
-def _ddim_config(config):
-    """The config of a DDIMScheduler given as the scheduler, its .config or a dict; a ValueError
-    naming the scheduler for any other, whose config would sample with DDIM unnoticed."""
+def _scheduler_config(config) -> tuple:
+    """(class name or None, config) of a scheduler given as the object, its .config or a dict."""
     if not isinstance(config, Mapping) and hasattr(config, "config"):  # a scheduler object
-        name = type(config).__name__
-        config = config.config
-    else:
-        name = _get(config, "_class_name")
+        return type(config).__name__, config.config
+    return _get(config, "_class_name"), config
+
+
+def _ddim_config(name, config):
+    """The config of a DDIMScheduler; a ValueError naming the scheduler for any other we do not
+    take, whose config would sample with DDIM unnoticed."""
     if name is not None and name not in DDIM_SCHEDULERS:
         raise ValueError(
-            f"the {name} config describes another sampler than DDIM; ddim-fast samples with DDIM only. "
+            f"the {name} config describes another sampler than DDIM; ddim-fast samples with DDIM and "
+            "DPM-Solver++(2M) (DPMSolverMultistepScheduler) only. "
             "Switch the scheduler first: scheduler = DDIMScheduler.from_config(scheduler.config)"
         )
     if name is None and isinstance(config, Mapping):
@@ -225,24 +230,102 @@ def _ddim_config(config):
         if (foreign or made_by_diffusers) and not own:
             hint = f" (it has {', '.join(foreign)})" if foreign else f" (it lacks {' and '.join(k for k in _DDIM_OWN_KEYS if k not in config)})"
             raise ValueError(
-                f"this is not a DDIMScheduler config{hint}; ddim-fast samples with DDIM only. "
+                f"this is not a DDIMScheduler config{hint}; ddim-fast samples with DDIM and DPM-Solver++(2M) (DPMSolverMultistepScheduler) only. "
                 "Switch the scheduler first: scheduler = DDIMScheduler.from_config(scheduler.config)"
             )
     return config
 
 
 def schedule_from_diffusers_config(config) -> tuple:
-    """(Schedule, sampler options) from a DDIMScheduler: the scheduler object, its .config or a
-    dict. The config of another scheduler (Euler, DPMSolverMultistep, PNDM, ...) is refused
-    with a ValueError that names it.
+    """(Schedule, sampler options) from a DDIMScheduler or a DPMSolverMultistepScheduler: the
+    scheduler object, its .config or a dict. The config of another scheduler (Euler, PNDM,
+    UniPC, ...) is refused with a ValueError that names it.
 
     Betas as diffusers computes them (in float32, then our float64 math); options: skip,
     steps_offset, clip_x0 (clip_sample / clip_sample_range), prediction (prediction_type).
     set_alpha_to_one=False makes α at t = -1 equal α_0. With "leading" spacing our
     samplers reproduce diffusers' DDIM loop; with "trailing" and "linspace" the previous
     point is the next element of the actual grid, where diffusers steps to t - T // S.
+    A DPMSolverMultistepScheduler maps to solver="dpmpp_2m" (see _dpm_options).
     """
-    config = _ddim_config(config)
+    name, config = _scheduler_config(config)
+    if name in DPM_SCHEDULERS or (name is None and _is_dpm_multistep(config)):
+        return _dpm_options(config)
+    config = _ddim_config(name, config)
+    betas = _diffusers_betas(config)
+    for flag in ("thresholding", "rescale_betas_zero_snr"):
+        if _get(config, flag, False):
+            raise ValueError(f"DDIMScheduler option {flag}=True is not supported by ddim-fast")
+    alphas_cumprod0 = float(np.cumprod(1.0 - betas)[0])
+    final = 1.0 if _get(config, "set_alpha_to_one", True) else alphas_cumprod0
+    schedule = Schedule.from_betas(betas, final_alpha_cumprod=final)
+    spacing = _get(config, "timestep_spacing", "leading")
+    if spacing not in _DIFFUSERS_SPACING:
+        raise ValueError(f"unknown timestep_spacing {spacing!r}; expected one of {_DIFFUSERS_SPACING}")
+    clip = float(_get(config, "clip_sample_range", 1.0)) if _get(config, "clip_sample", True) else False
+    offset = int(_get(config, "steps_offset", 0))
+    options = dict(skip=spacing, clip_x0=clip, prediction=_diffusers_prediction(config))
+    if spacing == "leading":
+        options["steps_offset"] = offset
+    return schedule, options
+
+
+def _diffusers_prediction(config) -> str:
+    pred = _get(config, "prediction_type", "epsilon")
+    if pred not in _DIFFUSERS_PREDICTION:
+        raise ValueError(f"unknown prediction_type {pred!r}; expected one of {tuple(_DIFFUSERS_PREDICTION)}")
+    return _DIFFUSERS_PREDICTION[pred]
+
+
+# DPMSolverMultistepScheduler options and the values of them that solver="dpmpp_2m" is
+_DPM_REQUIRED = (
+    ("algorithm_type", "dpmsolver++"), ("solver_order", 2), ("solver_type", "midpoint"), ("lower_order_final", True),
+    ("euler_at_final", False), ("thresholding", False), ("use_karras_sigmas", False), ("use_exponential_sigmas", False),
+    ("use_beta_sigmas", False), ("use_lu_lambdas", False), ("use_flow_sigmas", False), ("use_dynamic_shifting", False),
+    ("variance_type", None), ("rescale_betas_zero_snr", False),
+)  # fmt: skip
+_DPM_SPACING = {"linspace": "dpm_linspace", "leading": "dpm_leading", "trailing": "trailing"}
+# keys that, together, only a DPMSolverMultistepScheduler's config has (its .config carries no
+# class name); a DDIM config made from one has DDIM's own keys too, and stays DDIM's
+_DPM_OWN_KEYS = ("algorithm_type", "solver_order", "solver_type", "lower_order_final", "euler_at_final", "final_sigmas_type", "lambda_min_clipped", "use_lu_lambdas")
+
+
+def _is_dpm_multistep(config) -> bool:
+    return isinstance(config, Mapping) and all(k in config for k in _DPM_OWN_KEYS) and not all(k in config for k in _DDIM_OWN_KEYS)
+
+
+def _dpm_options(config) -> tuple:
+    """(Schedule, options) of a DPMSolverMultistepScheduler config: solver="dpmpp_2m" with its
+    grid (skip "dpm_linspace", "dpm_leading" or "trailing", as it spaces the timesteps) and
+    its last step's target (final_sigmas_type "zero": ᾱ = 1, "sigma_min": ᾱ_0). Any variant
+    solver="dpmpp_2m" does not compute (SDE, third order, Heun, Karras sigmas, thresholding,
+    ...) is refused by name."""
+    for key, wanted in _DPM_REQUIRED:
+        value = _get(config, key, wanted)
+        if value != wanted:
+            raise ValueError(
+                f"DPMSolverMultistepScheduler with {key}={value!r} is not what ddim-fast's solver='dpmpp_2m' computes "
+                f"(DPM-Solver++(2M): {key}={wanted!r}); set it, or run the pipeline's own loop"
+            )
+    lambda_min = _get(config, "lambda_min_clipped", -math.inf)
+    if lambda_min is not None and math.isfinite(float(lambda_min)):
+        raise ValueError(f"DPMSolverMultistepScheduler with lambda_min_clipped={lambda_min!r} (a clipped grid) is not supported by ddim-fast")
+    betas = _diffusers_betas(config)
+    final_type = _get(config, "final_sigmas_type", "zero")
+    if final_type not in ("zero", "sigma_min"):
+        raise ValueError(f"unknown final_sigmas_type {final_type!r}; expected 'zero' or 'sigma_min'")
+    final = 1.0 if final_type == "zero" else float(np.cumprod(1.0 - betas)[0])
+    spacing = _get(config, "timestep_spacing", "linspace")
+    if spacing not in _DPM_SPACING:
+        raise ValueError(f"unknown timestep_spacing {spacing!r}; expected one of {tuple(_DPM_SPACING)}")
+    options = dict(solver="dpmpp_2m", skip=_DPM_SPACING[spacing], clip_x0=False, prediction=_diffusers_prediction(config))
+    if spacing == "leading":
+        options["steps_offset"] = int(_get(config, "steps_offset", 0))
+    return Schedule.from_betas(betas, final_alpha_cumprod=final), options
+
+
+def _diffusers_betas(config) -> np.ndarray:
+    """Betas as diffusers computes them (float32), in float64."""
     T = int(_get(config, "num_train_timesteps", 1000))
     start, end = float(_get(config, "beta_start", 0.0001)), float(_get(config, "beta_end", 0.02))
     kind = _get(config, "beta_schedule", "linear")
@@ -257,21 +340,4 @@ def schedule_from_diffusers_config(config) -> tuple:
         betas = cosine_betas(T).astype(np.float32).astype(np.float64)
     else:
         raise ValueError(f"unknown diffusers beta_schedule {kind!r}; expected linear, scaled_linear or squaredcos_cap_v2")
-    for flag in ("thresholding", "rescale_betas_zero_snr"):
-        if _get(config, flag, False):
-            raise ValueError(f"DDIMScheduler option {flag}=True is not supported by ddim-fast")
-    alphas_cumprod0 = float(np.cumprod(1.0 - betas)[0])
-    final = 1.0 if _get(config, "set_alpha_to_one", True) else alphas_cumprod0
-    schedule = Schedule.from_betas(betas, final_alpha_cumprod=final)
-    spacing = _get(config, "timestep_spacing", "leading")
-    if spacing not in _DIFFUSERS_SPACING:
-        raise ValueError(f"unknown timestep_spacing {spacing!r}; expected one of {_DIFFUSERS_SPACING}")
-    pred = _get(config, "prediction_type", "epsilon")
-    if pred not in _DIFFUSERS_PREDICTION:
-        raise ValueError(f"unknown prediction_type {pred!r}; expected one of {tuple(_DIFFUSERS_PREDICTION)}")
-    clip = float(_get(config, "clip_sample_range", 1.0)) if _get(config, "clip_sample", True) else False
-    offset = int(_get(config, "steps_offset", 0))
-    options = dict(skip=spacing, clip_x0=clip, prediction=_DIFFUSERS_PREDICTION[pred])
-    if spacing == "leading":
-        options["steps_offset"] = offset
-    return schedule, options
+    return betas

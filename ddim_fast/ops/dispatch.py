@@ -22,6 +22,7 @@ import numbers
 
 import torch
 
+from ..core import plan
 from ..core.checks import PREDICTION_CODE, check_clip, check_prediction
 from . import fallback
 from .extension import backends, has_native_kernel, triton_status, warn_once
@@ -220,11 +221,16 @@ def _step_args(op, x, alpha_t, alpha_prev, sigma, noise, clip, out, prediction, 
         raise ValueError(f"{op}: alpha_t = 1 leaves no noise to predict; prediction {prediction!r} needs alpha_t < 1")
     code = PREDICTION_CODE[check_prediction(prediction)]
     clip = check_clip(clip)
+    coefs = [0.0] * plan.NUM_COEFS
+    coefs[plan.SQRT_ALPHA_T], coefs[plan.SQRT_ONE_MINUS_ALPHA_T], coefs[plan.SIGMA] = math.sqrt(a_t), math.sqrt(1 - a_t), sigma
     if ddpm_mean:
         beta = max(1.0 - a_t / a_s, 0.0)
-        coefs = (math.sqrt(a_t), math.sqrt(1 - a_t), math.sqrt(a_s) * beta / (1 - a_t), 0.0, math.sqrt(1 - beta) * (1 - a_s) / (1 - a_t), sigma)
+        coefs[plan.C_X0] = math.sqrt(a_s) * beta / (1 - a_t)
+        coefs[plan.C_XT] = math.sqrt(1 - beta) * (1 - a_s) / (1 - a_t)
     else:
-        coefs = (math.sqrt(a_t), math.sqrt(1 - a_t), math.sqrt(a_s), math.sqrt(max(1 - a_s - sigma * sigma, 0.0)), 0.0, sigma)
+        coefs[plan.C_X0] = math.sqrt(a_s)
+        coefs[plan.C_EPS] = math.sqrt(max(1 - a_s - sigma * sigma, 0.0))
+    coefs = tuple(coefs)
     if sigma > 0 and noise is None:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
     if noise is not None:
@@ -238,38 +244,45 @@ def _step_args(op, x, alpha_t, alpha_prev, sigma, noise, clip, out, prediction, 
     return coefs, code, clip, noise, out
 
 
-def step(x, model_output, coefs, noise, clip, prediction: int, clipped_eps: bool, out, x0_out=None, *, backend=None, cond=None, guidance: float = 0.0):
+def step(x, model_output, coefs, noise, clip, prediction: int, clipped_eps: bool, out, x0_out=None, *, backend=None, cond=None, guidance: float = 0.0, history=None):
     """ddim_step on checked arguments with precomputed coefficients (the samplers' entry).
 
-    coefs: 6 floats (sqrt_alpha_t, sqrt_one_minus_alpha_t, c_x0, c_eps, c_xt, sigma);
-    clip: None or (lo, hi); prediction: 0 eps, 1 x0, 2 v. cond: with guidance, the
-    conditional half of a guided call (model_output is then the unconditional half):
-    guided_step.
+    coefs: one row of a step plan, NUM_COEFS floats in the order of core.plan.COEF_COLUMNS
+    (sqrt_alpha_t, sqrt_one_minus_alpha_t, c_x0, c_eps, c_xt, sigma, c_x0_prev); clip: None
+    or (lo, hi); prediction: 0 eps, 1 x0, 2 v. cond: with guidance, the conditional half of
+    a guided call (model_output is then the unconditional half): guided_step. history:
+    float32 in x's layout, a multistep solver's previous x0, read with weight c_x0_prev and
+    then overwritten with this step's x0.
     """
     op = "ddim_step" if cond is None else "guided_step"
     be = pick_backend(op, x, backend)
     if be == "torch":
-        return fallback.ddim_step(x, model_output, coefs, noise, clip, prediction, clipped_eps, out, x0_out, cond=cond, guidance=guidance)
-    if not dense_layout(x, model_output, cond, noise, out, x0_out):
+        return fallback.ddim_step(x, model_output, coefs, noise, clip, prediction, clipped_eps, out, x0_out, cond=cond, guidance=guidance, history=history)
+    if not dense_layout(x, model_output, cond, noise, out, x0_out, history):
         # a kernel addresses all operands with one flat index: compute on dense copies
         xc = x.contiguous()
         tmp_out = torch.empty_like(xc)
         tmp_x0 = torch.empty_like(xc) if x0_out is not None else None
+        tmp_history = None if history is None else history.contiguous()
         dense_cond = None if cond is None else cond.contiguous()
-        step(xc, model_output.contiguous(), coefs, None if noise is None else noise.contiguous(), clip, prediction, clipped_eps, tmp_out, tmp_x0, backend=be, cond=dense_cond, guidance=guidance)
+        step(xc, model_output.contiguous(), coefs, None if noise is None else noise.contiguous(), clip, prediction, clipped_eps, tmp_out, tmp_x0, backend=be, cond=dense_cond, guidance=guidance, history=tmp_history)
         if x0_out is not None:
             x0_out.copy_(tmp_x0)
+        if history is not None and tmp_history is not history:
+            history.copy_(tmp_history)
         return out.copy_(tmp_out)
     if be == "triton":
         from ..kernels import ddim_step as tk
 
-        tk.ddim_step(x, model_output, coefs, noise, clip, prediction, clipped_eps, out, x0_out, cond=cond, guidance=guidance)
+        tk.ddim_step(x, model_output, coefs, noise, clip, prediction, clipped_eps, out, x0_out, cond=cond, guidance=guidance, history=history)
         return out
     lo, hi = clip if clip is not None else (0.0, 0.0)
+    # the native ops take the row's coefficients one by one, in their schema's order (csrc/ops.cpp)
+    update = [coefs[c] for c in (plan.SQRT_ALPHA_T, plan.SQRT_ONE_MINUS_ALPHA_T, plan.C_X0, plan.C_EPS, plan.C_XT, plan.SIGMA)]
     if cond is None:
-        torch.ops.ddim_fast.ddim_step(x, model_output, *coefs, noise, clip is not None, lo, hi, prediction, clipped_eps, out, x0_out)
+        torch.ops.ddim_fast.ddim_step(x, model_output, *update, noise, clip is not None, lo, hi, prediction, clipped_eps, out, x0_out, coefs[plan.C_X0_PREV], history)
     else:
-        torch.ops.ddim_fast.guided_step(x, model_output, cond, guidance, *coefs, noise, clip is not None, lo, hi, prediction, clipped_eps, out, x0_out)
+        torch.ops.ddim_fast.guided_step(x, model_output, cond, guidance, *update, noise, clip is not None, lo, hi, prediction, clipped_eps, out, x0_out, coefs[plan.C_X0_PREV], history)
     return out
 
 

@@ -8,7 +8,7 @@ import torch
 
 def register() -> None:
     @torch.library.register_fake("ddim_fast::ddim_step")
-    def _ddim_step(x, model_output, sqrt_alpha_t, sqrt_one_minus_alpha_t, c_x0, c_eps, c_xt, sigma, noise, clip, clip_min, clip_max, prediction, clipped_eps, out, x0_out):
+    def _ddim_step(x, model_output, sqrt_alpha_t, sqrt_one_minus_alpha_t, c_x0, c_eps, c_xt, sigma, noise, clip, clip_min, clip_max, prediction, clipped_eps, out, x0_out, c_x0_prev=0.0, history=None):
         torch._check(model_output.shape == x.shape, lambda: f"ddim_step: model_output must have x's shape {tuple(x.shape)}")
         torch._check(out.shape == x.shape, lambda: f"ddim_step: out must have x's shape {tuple(x.shape)}")
         return None
@@ -40,7 +40,7 @@ def register() -> None:
 
 def _register_guided_step() -> None:
     @torch.library.register_fake("ddim_fast::guided_step")
-    def _guided_step(x, uncond, cond, guidance_scale, sqrt_alpha_t, sqrt_one_minus_alpha_t, c_x0, c_eps, c_xt, sigma, noise, clip, clip_min, clip_max, prediction, clipped_eps, out, x0_out):
+    def _guided_step(x, uncond, cond, guidance_scale, sqrt_alpha_t, sqrt_one_minus_alpha_t, c_x0, c_eps, c_xt, sigma, noise, clip, clip_min, clip_max, prediction, clipped_eps, out, x0_out, c_x0_prev=0.0, history=None):
         torch._check(uncond.shape == x.shape and cond.shape == x.shape, lambda: f"guided_step: uncond and cond must have x's shape {tuple(x.shape)}")
         torch._check(out.shape == x.shape, lambda: f"guided_step: out must have x's shape {tuple(x.shape)}")
         return None

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..core import plan
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -23,10 +25,13 @@ def x0_eps_from(x, m, sa, s1m, prediction: int):
     return sa * x - s1m * m, sa * m + s1m * x
 
 
-def ddim_step(x, model_output, coefs, noise, clip, prediction: int, clipped_eps: bool, out, x0_out=None, *, cond=None, guidance: float = 0.0):
-    """out = c_x0 * x0 + c_eps * eps + c_xt * x + sigma * noise (see csrc/ops.cpp); with
-    cond (guided_step), the model output is model_output + guidance * (cond - model_output)."""
-    sa, s1m, c_x0, c_eps, c_xt, sigma = coefs
+def ddim_step(x, model_output, coefs, noise, clip, prediction: int, clipped_eps: bool, out, x0_out=None, *, cond=None, guidance: float = 0.0, history=None):
+    """out = c_x0 * x0 + c_eps * eps + c_xt * x + c_x0_prev * history + sigma * noise (see
+    csrc/ops.cpp); with cond (guided_step), the model output is model_output + guidance *
+    (cond - model_output); history (the previous step's x0) is then overwritten with x0."""
+    sa, s1m = coefs[plan.SQRT_ALPHA_T], coefs[plan.SQRT_ONE_MINUS_ALPHA_T]
+    c_x0, c_eps, c_xt = coefs[plan.C_X0], coefs[plan.C_EPS], coefs[plan.C_XT]
+    sigma, c_x0_prev = coefs[plan.SIGMA], coefs[plan.C_X0_PREV]
     cd = _compute_dtype(x.dtype)
     xf, mf = x.to(cd), model_output.to(cd)
     if cond is not None:
@@ -39,10 +44,14 @@ def ddim_step(x, model_output, coefs, noise, clip, prediction: int, clipped_eps:
     res = c_x0 * x0 + c_eps * eps
     if c_xt != 0:
         res = res + c_xt * xf
+    if c_x0_prev != 0:
+        res = res + c_x0_prev * history.to(cd)
     if sigma != 0:
         res = res + sigma * noise.to(cd)
     if x0_out is not None:
         x0_out.copy_(x0)
+    if history is not None:
+        history.copy_(x0)
     out.copy_(res)
     return out
 

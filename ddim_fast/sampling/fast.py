@@ -23,16 +23,19 @@ import torch
 
 from .. import ops
 from ..ops.dispatch import pick_backend
-from ..core.checks import PREDICTION_CODE, check_bool
+from ..core.checks import check_bool
 from ..core.options import check_dtype, make_options
-from ..core.plan import StepPlan, encoding_plan, sampling_plan
+from ..core.plan import StepPlan
 from ..core.schedule import Schedule
+from ..core.solvers import sampling_plan
+from ..core.solvers.ddim import encoding_plan
 from ..models.prepare import COMPILE_MODES, compile_model, model_dtype, prepare_model, runs_from_table
 from . import common as S
 from .conditioning import NONE, Conditioning, GuidanceBuffers, cast_kwargs, make_conditioning
 from .capture import EMULATE, check_emulation
 from .graph import GRAPH_MODES, GraphCache
 from .noise import NoiseStream, initial_noise, philox_seed
+from .spec import StepSpec, step_spec
 
 
 class _Preparation:
@@ -95,6 +98,7 @@ class FastSampler:
         *,
         steps_offset: int = 0,
         use_clipped_model_output: bool = False,
+        solver: str = "ddim",
         cuda_graph: bool = True,
         fuse=True,
         lean: bool = True,
@@ -107,7 +111,7 @@ class FastSampler:
         compile=False,
     ):
         S.check_model(model, "FastSampler")
-        self.options = make_options(schedule, steps, eta, skip, clip_x0, prediction, check_finite, steps_offset, use_clipped_model_output)
+        self.options = make_options(schedule, steps, eta, skip, clip_x0, prediction, check_finite, steps_offset, use_clipped_model_output, solver)
         self.schedule = schedule
         if not (cuda_graph is True or cuda_graph is False or cuda_graph == EMULATE):
             raise ValueError(f"cuda_graph must be True, False or {EMULATE!r}, got {cuda_graph!r}")
@@ -136,9 +140,8 @@ class FastSampler:
         self._fuse = fuse
         self._engine = dict(cuda_graph=cuda_graph, fuse=fuse, lean=lean, dtype=dtype, channels_last=channels_last, fast_rng=fast_rng, graph_cache_size=graph_cache_size, graph_mode=graph_mode, backend=backend, compile=compile)
         self._preparation = _Preparation()  # the model as run on a device, shared with siblings
-        self._plan = sampling_plan(schedule, list(self.options.grid), self.options.eta)
-        self._encode_plan: Optional[StepPlan] = None
-        self._prediction = PREDICTION_CODE[self.options.prediction]
+        self._plan = sampling_plan(self.options.solver, schedule, list(self.options.grid), self.options.eta)
+        self._specs: dict = {}  # "sampling" / "encoding" -> StepSpec, made on first use
         self._graphs = None  # graph.GraphCache, made on first CUDA use
         self._graph_cache_size = graph_cache_size
         self._lock = threading.Lock()  # one sample() at a time per sampler: buffers are shared
@@ -166,7 +169,7 @@ class FastSampler:
 
     def _sibling(self, schedule: Schedule, **algorithm) -> "FastSampler":
         """A sampler of the same model and engine options with another schedule and algorithm
-        options (steps, eta, skip, clip_x0, prediction, steps_offset, use_clipped_model_output),
+        options (steps, eta, skip, clip_x0, prediction, steps_offset, use_clipped_model_output, solver),
         sharing this one's prepared model (its weight copies, compiled code) and its lock: a
         pipeline (apps/pipelines.py) makes one per (steps, eta) without preparing the model again."""
         sibling = FastSampler(self.model, schedule, check_finite=self.options.check_finite, **algorithm, **self._engine)
@@ -217,20 +220,28 @@ class FastSampler:
         x = initial_noise(self.model, x_T, batch_size, stream, shape, None, None)
         stream.check_batch(x.shape[0])
         cond = make_conditioning(x, model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale)
-        return self._run(self._plan, x, stream, return_x0, return_trajectory, "sampling", cond)
+        return self._run(self._spec("sampling"), x, stream, return_x0, return_trajectory, cond)
 
     def encode(self, x0, *, return_trajectory: bool = False, model_kwargs=None, guidance_scale=None, uncond_kwargs=None, guidance_rescale=None):
-        """DDIM inversion (η = 0) of x0 along the same grid; see ReferenceSampler.encode."""
+        """DDIM inversion (η = 0) of x0 along the same grid, whatever the solver; see
+        ReferenceSampler.encode."""
         x = S.check_input(self.model, x0, "x0")
         cond = make_conditioning(x, model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale)
-        if self._encode_plan is None:
-            self._encode_plan = encoding_plan(self.schedule, list(self.options.grid))
-        res = self._run(self._encode_plan, x, NoiseStream(), False, return_trajectory, "encoding", cond)
+        res = self._run(self._spec("encoding"), x, NoiseStream(), False, return_trajectory, cond)
         return (res.sample, res.trajectory) if return_trajectory else res
 
+    def _spec(self, what: str) -> StepSpec:
+        """The step spec of sampling or encoding with this sampler's options, made once."""
+        spec = self._specs.get(what)
+        if spec is None:
+            encoding = what == "encoding"
+            plan = encoding_plan(self.schedule, list(self.options.grid)) if encoding else self._plan
+            spec = self._specs[what] = step_spec(self.options, plan, encoding=encoding, fast_rng=self.fast_rng)
+        return spec
+
     # --- the loops ----------------------------------------------------------------------------
-    def _run(self, plan: StepPlan, x, stream: NoiseStream, return_x0, return_trajectory, what, cond: Conditioning = NONE):
-        encoding = what == "encoding"
+    def _run(self, spec: StepSpec, x, stream: NoiseStream, return_x0, return_trajectory, cond: Conditioning = NONE):
+        plan = spec.plan
         want_extra = return_x0 or return_trajectory
         if x.shape[0] == 0:
             x = self._layout(x)
@@ -249,10 +260,10 @@ class FastSampler:
             if emulate or captured:
                 if self._graphs is None:
                     self._graphs = GraphCache(self._graph_cache_size, self.graph_mode, capture=not emulate)
-                out = self._graphs.run(self, plan, x, stream, encoding, cond)
+                out = self._graphs.run(spec, self._prepared_model, x, stream, cond)
                 if out is not None:
                     return out
-            return self._eager(plan, x, stream, return_x0, return_trajectory, encoding, cond)
+            return self._eager(spec, x, stream, return_x0, return_trajectory, cond)
 
     def _model_caller(self, model, plan: StepPlan, batch: int, device, cond: Conditioning):
         """call(x, i): the prepared model at step i on the model batch x (2B when guided)."""
@@ -263,12 +274,12 @@ class FastSampler:
         t_table = torch.tensor(plan.timesteps, dtype=torch.long, device=device).repeat_interleave(batch).view(plan.steps, batch)
         return lambda x, i: S.call_model(model, x, t_table[i], **kw)  # noqa: E731
 
-    def _eager(self, plan: StepPlan, x, stream: NoiseStream, return_x0, return_trajectory, encoding, cond: Conditioning = NONE):
+    def _eager(self, spec: StepSpec, x, stream: NoiseStream, return_x0, return_trajectory, cond: Conditioning = NONE):
         """The loop over static buffers: one model call and one fused op per step.
 
         Guided, the model runs on a buffer xx of 2B samples whose first half is x: the step
         writes x (reading both halves of the output), then x is copied into the second half."""
-        o = self.options
+        plan = spec.plan
         n, dev = x.shape[0], x.device
         model = self._prepared_model(dev)
         xx = x
@@ -278,12 +289,13 @@ class FastSampler:
             xx[n:].copy_(x)
             x = xx[:n]
         call = self._model_caller(model, plan, xx.shape[0], dev, cond)
-        noisy = [plan.draws_noise(i) for i in range(plan.steps)]
+        noisy = spec.noisy
         guide = GuidanceBuffers(x, cond) if cond.guided else None
         step_op = "guided_step" if (guide is not None and not guide.rescale) else "ddim_step"
-        on_kernel = (self.fast_rng and any(noisy)) or pick_backend(step_op, x, self.backend) == "triton"
+        on_kernel = spec.fast_rng or pick_backend(step_op, x, self.backend) == "triton"
         stepper = self._kernel_stepper if on_kernel else self._op_stepper
-        step = stepper(plan, x, stream, encoding, guide)
+        step = stepper(spec, x, stream, guide)
+        what = "encoding" if spec.encoding else "sampling"
         x0_preds = [] if return_x0 else None
         xs = [x.clone()] if return_trajectory else None
         out_buf = None  # the model output in x's layout, made if the model returns another
@@ -298,8 +310,8 @@ class FastSampler:
             step(i, out, noisy[i], x0_out)  # x updated in place
             if guide is not None:
                 xx[n:].copy_(x)
-            if o.check_finite:
-                S.check_finite(x, i, plan.timesteps[i], "encoding" if encoding else "sampling")
+            if self.options.check_finite:
+                S.check_finite(x, i, plan.timesteps[i], what)
             if return_x0:
                 x0_preds.append(x0_out)
             if return_trajectory:
@@ -325,43 +337,43 @@ class FastSampler:
         z_draw = torch.empty(x.shape, dtype=stream.dtype, device=draw_device)
         return lambda: z.copy_(stream.draw_into(z_draw))  # noqa: E731
 
-    def _op_stepper(self, plan: StepPlan, x, stream: NoiseStream, encoding, guide: Optional[GuidanceBuffers] = None):
+    def _op_stepper(self, spec: StepSpec, x, stream: NoiseStream, guide: Optional[GuidanceBuffers] = None):
         """step(i, model_output, noisy, x0_out): the fused op, noise from the reference's stream.
 
         guide: a guided loop's buffers; model_output is then the doubled batch's (uncond, cond)."""
-        rows = [tuple(float(v) for v in r) for r in plan.coefs]
-        clip = None if encoding else self.options.clip
-        clipped_eps = self.options.use_clipped_model_output and not encoding
+        plan = spec.plan
+        rows = [plan.row(i) for i in range(plan.steps)]
+        clip, clipped_eps, prediction = spec.clip, spec.clipped_eps, spec.prediction
         draw = self._noise_drawer(plan, x, stream)
+        history = torch.zeros_like(x, dtype=torch.float32) if spec.history else None
         n = x.shape[0]
 
         def step(i, out, noisy, x0_out):
             noise = draw() if noisy else None
             if guide is None:
-                ops.step(x, out, rows[i], noise, clip, self._prediction, clipped_eps, x, x0_out, backend=self.backend)
+                ops.step(x, out, rows[i], noise, clip, prediction, clipped_eps, x, x0_out, backend=self.backend, history=history)
             elif guide.rescale:  # per-sample statistics first: the combine cannot be fused
-                ops.step(x, guide.rescaled(out), rows[i], noise, clip, self._prediction, clipped_eps, x, x0_out, backend=self.backend)
+                ops.step(x, guide.rescaled(out), rows[i], noise, clip, prediction, clipped_eps, x, x0_out, backend=self.backend, history=history)
             else:
-                ops.step(x, out[:n], rows[i], noise, clip, self._prediction, clipped_eps, x, x0_out, backend=self.backend, cond=out[n:], guidance=guide.guidance)
+                ops.step(x, out[:n], rows[i], noise, clip, prediction, clipped_eps, x, x0_out, backend=self.backend, cond=out[n:], guidance=guide.guidance, history=history)
 
         return step
 
-    def _kernel_stepper(self, plan: StepPlan, x, stream: NoiseStream, encoding, guide: Optional[GuidanceBuffers] = None):
+    def _kernel_stepper(self, spec: StepSpec, x, stream: NoiseStream, guide: Optional[GuidanceBuffers] = None):
         """step(i, ...): the Triton step kernel reading row i of a coefficient table made once on
         the device (the captured loop's launch, uncaptured), for fast_rng (the kernel draws the
         noise) and where the step's backend is Triton (CUDA without the native ops): the op's
         eager entry would copy a new one-row table to the device every step."""
         from ..kernels import ddim_step as tk
 
+        plan = spec.plan
         dev = x.device
         table = torch.tensor(plan.coefs, dtype=torch.float32, device=dev)
         row = torch.zeros(1, dtype=torch.int32, device=dev)
-        philox = self.fast_rng and plan.noisy_steps > 0
+        philox = spec.fast_rng
         seed = philox_seed(stream.generator_or_default(dev), dev) if philox else None
         draw = None if philox else self._noise_drawer(plan, x, stream)
-        clip = None if encoding else self.options.clip
-        clipped_eps = self.options.use_clipped_model_output and not encoding
-        has_xt = bool((plan.coefs[:, 4] != 0).any())
+        history = torch.zeros_like(x, dtype=torch.float32) if spec.history else None
         n = x.shape[0]
 
         def step(i, out, noisy, x0_out):  # out: in x's layout (_eager sees to it)
@@ -377,15 +389,16 @@ class FastSampler:
                 table,
                 row,
                 x,
-                prediction=self._prediction,
-                clip=clip,
-                clipped_eps=clipped_eps,
+                prediction=spec.prediction,
+                clip=spec.clip,
+                clipped_eps=spec.clipped_eps,
                 noise=draw() if (noisy and draw is not None) else None,
                 seed=seed if (noisy and philox) else None,
-                has_xt=has_xt,
+                has_xt=spec.has_xt,
                 x0_out=x0_out,
                 cond=cond,
                 guidance=w,
+                history=history,
             )
 
         return step

@@ -6,8 +6,9 @@ of it reads its inputs from static device buffers:
     x_buf      (B, C, H, W)  the sample, updated in place by the step kernel
     t_buf      (B,) int64    the model's timestep input
     t_table    (S + 1, B)    the timesteps of every step (a spare last row)
-    coefs      (S, 6) fp32   the coefficients of every step (core.plan.COEF_COLUMNS)
+    coefs      (S, 7) fp32   the coefficients of every step (core.plan.COEF_COLUMNS)
     step       (1,) int32    the device-side step counter that selects both rows
+    history    (B, C, H, W)  fp32, x's layout: a multistep solver's previous x̂₀, zeroed per run
     table      (S, W) fp32   the time embeddings of every step, for a model that runs from a table
     z_draw     (B, C, H, W)  fp32 noise, drawn with torch.randn inside the graph (NCHW: the reference's order)
     z_buf      (B, C, H, W)  the same noise in x's layout (z_draw itself when x is NCHW)
@@ -39,8 +40,10 @@ of the draw, in the graph or into the table, converted to float32 for the kernel
 fast_rng=True the step kernel draws the noise itself (Philox, seed from the generator
 once per run): one pass less, but not the reference's stream.
 
-Graphs are cached per (shape, dtype, layout, device, task) with a bound (LRU); a
-changed key captures anew. A model that cannot be captured (a host sync, data-dependent
+What each step does comes from one immutable StepSpec (sampling/spec.py: the solver's
+plan, the prediction, the clamp, the buffers it needs), not from the sampler.
+Graphs are cached per (shape, dtype, layout, device, spec, conditioning, noise source)
+with a bound (LRU); a changed key captures anew. A model that cannot be captured (a host sync, data-dependent
 control flow) makes the sampler fall back to the eager loop, with one warning that
 names the reason.
 """
@@ -54,12 +57,12 @@ from typing import Optional
 import torch
 
 from ..core.checks import describe_error
-from ..core.plan import StepPlan
 from ..models.prepare import runs_from_table
 from .capture import host_syncs_reported, restore_after_failed_capture
 from .common import call_model, check_model_output, laid_out_like
 from .noise import NoiseStream, philox_seed
 from .conditioning import NONE, Conditioning, GuidanceBuffers, copy_into, signature, static_copy
+from .spec import StepSpec
 
 GRAPH_MODES = ("step", "loop")
 __all__ = ["CapturedLoop", "GraphCache", "GRAPH_MODES", "foreign_noise_device"]
@@ -103,26 +106,26 @@ class CapturedLoop:
 
     def __init__(
         self,
-        sampler,
+        spec: StepSpec,
         model,
-        plan: StepPlan,
         x: torch.Tensor,
-        encoding: bool,
         cond: Conditioning = NONE,
         noise_device: Optional[torch.device] = None,
         noise_dtype: torch.dtype = torch.float32,
     ):
-        """noise_device: where the step noise is drawn when the graph cannot draw it
+        """spec: what each step does (its plan included); model: the prepared model.
+        noise_device: where the step noise is drawn when the graph cannot draw it
         (foreign_noise_device: it is then drawn there per run and copied in as a table);
         None: on x's, inside the graph. noise_dtype: the dtype torch.randn draws in."""
         k = _kernels()
         dev = x.device
         n = x.shape[0]
+        plan = spec.plan
+        self.spec = spec
         self.plan = plan
         self.mode = None  # "step" or "loop" once captured
-        self.encoding = encoding
-        self.noisy = [plan.draws_noise(i) for i in range(plan.steps)]
-        self.fast_rng = sampler.fast_rng and any(self.noisy)
+        self.noisy = list(spec.noisy)
+        self.fast_rng = spec.fast_rng
         self.n = n
         self.kwargs = static_copy(cond.kwargs)
         self.guide = None
@@ -158,10 +161,7 @@ class CapturedLoop:
             self.z_buf = self.z_draw if same else torch.empty_like(x, dtype=torch.float32)
         self.seed = torch.zeros(1, dtype=torch.int64, device=dev) if self.fast_rng else None
         self.gen = torch.Generator(device=dev) if self.z_buf is not None else None
-        self.clip = None if encoding else sampler.options.clip
-        self.clipped_eps = sampler.options.use_clipped_model_output and not encoding
-        self.prediction = sampler._prediction
-        self.has_xt = bool((plan.coefs[:, 4] != 0).any())
+        self.history = torch.zeros_like(self.x, dtype=torch.float32) if spec.history else None
         self._k = k
         self._model = model
         self.table = model.time_table(plan.timesteps) if runs_from_table(model) else None
@@ -222,8 +222,13 @@ class CapturedLoop:
             g.register_generator_state(generator)
 
     def _reset(self):
+        """Before the steps of a run (never inside a capture): the counter, the timesteps and a
+        multistep solver's history (its first step weighs it by 0, which a NaN left there
+        by an earlier run would still poison)."""
         self.step.zero_()
         self.t_buf.copy_(self.t_table[0])
+        if self.history is not None:
+            self.history.zero_()
 
     def _load(self, x: torch.Tensor) -> None:
         self.x.copy_(x)
@@ -270,15 +275,16 @@ class CapturedLoop:
             self.coefs,
             self.step,
             self.x,
-            prediction=self.prediction,
-            clip=self.clip,
-            clipped_eps=self.clipped_eps,
+            prediction=self.spec.prediction,
+            clip=self.spec.clip,
+            clipped_eps=self.spec.clipped_eps,
             noise=noise,
             noise_row_stride=noise_row_stride,
             seed=self.seed if (noisy and self.fast_rng) else None,
-            has_xt=self.has_xt,
+            has_xt=self.spec.has_xt,
             cond=mc,
             guidance=w,
+            history=self.history,
         )
         if self.guide is not None:
             self.x_buf[self.n :].copy_(self.x)
@@ -347,24 +353,26 @@ class GraphCache:
         self._pool = None
         self.disabled_reason: Optional[str] = None
 
-    def key(self, x: torch.Tensor, encoding: bool, cond: Conditioning = NONE, noise_device: Optional[torch.device] = None, noise_dtype: torch.dtype = torch.float32) -> tuple:
+    def key(self, spec: StepSpec, x: torch.Tensor, cond: Conditioning = NONE, noise_device: Optional[torch.device] = None, noise_dtype: torch.dtype = torch.float32) -> tuple:
         fmt = "channels_last" if (x.dim() == 4 and not x.is_contiguous()) else "contiguous"
-        return (tuple(x.shape), x.dtype, fmt, x.device, "encode" if encoding else "sample", signature(cond), noise_device, noise_dtype)
+        return (tuple(x.shape), x.dtype, fmt, x.device, spec, signature(cond), noise_device, noise_dtype)
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def run(self, sampler, plan: StepPlan, x: torch.Tensor, generator, encoding: bool, cond: Conditioning = NONE):
-        """The result, or None when the caller should run the eager loop instead."""
+    def run(self, spec: StepSpec, prepared_model, x: torch.Tensor, generator, cond: Conditioning = NONE):
+        """The result, or None when the caller should run the eager loop instead.
+
+        prepared_model(device): the model as the sampler runs it there (made on first need)."""
         if self.disabled_reason is not None:
             return None
         stream = NoiseStream.of(generator)
         noise_device = foreign_noise_device(stream, x.device)
-        key = self.key(x, encoding, cond, noise_device, stream.dtype)
+        key = self.key(spec, x, cond, noise_device, stream.dtype)
         entry = self._entries.get(key)
         if entry is None:
-            model = sampler._prepared_model(x.device)
-            entry = CapturedLoop(sampler, model, plan, x, encoding, cond=cond, noise_device=noise_device, noise_dtype=stream.dtype)
+            model = prepared_model(x.device)
+            entry = CapturedLoop(spec, model, x, cond=cond, noise_device=noise_device, noise_dtype=stream.dtype)
             if self.capture:
                 reason = self._capture(entry, x.device)
                 if reason is not None:

@@ -2,7 +2,9 @@
 
 It follows ermongroup/ddim's `generalized_steps` (η in [0, 1]) and `ddpm_steps`
 (η = "ddpm_noisy") step for step, with tensor arithmetic in x's dtype, so that it is what
-users compare against and what the fast sampler must match. It is deliberately plain:
+users compare against and what the fast sampler must match. solver="dpmpp_2m" runs
+DPM-Solver++(2M) as Lu et al. (2022) write it (λ, h, r, the multistep D), not from the
+coefficient rows that FastSampler's fused step reads. It is deliberately plain:
 no fused kernels, no preallocation, one model call and a handful of small ops per step.
 
 Noise order (shared with FastSampler, so both agree for any η with the same generator):
@@ -16,8 +18,9 @@ from __future__ import annotations
 import torch
 
 from ..core.options import make_options
-from ..core.plan import encoding_plan, sampling_plan
 from ..core.schedule import Schedule
+from ..core.solvers import dpmpp_2m, sampling_plan
+from ..core.solvers.ddim import encoding_plan
 from ..models.prepare import model_dtype
 from . import common as S
 from .conditioning import cast_kwargs, combine, make_conditioning
@@ -36,6 +39,7 @@ class ReferenceSampler:
     check_finite: raise as soon as a step makes NaN or Inf (a host sync per step).
     steps_offset: for skip="leading". use_clipped_model_output: with a clamp, recompute
     eps from the clamped x̂₀ (diffusers' option; the official code does not clamp).
+    solver: "ddim" (default) or "dpmpp_2m" (DPM-Solver++(2M), η = 0; encode() stays DDIM's).
     """
 
     def __init__(
@@ -51,15 +55,16 @@ class ReferenceSampler:
         *,
         steps_offset: int = 0,
         use_clipped_model_output: bool = False,
+        solver: str = "ddim",
     ):
         S.check_model(model, "ReferenceSampler")
         S.warn_if_training(model, "ReferenceSampler")
         self.model = model
         self._model_dtype = model_dtype(model)
         self.schedule = schedule
-        self.options = make_options(schedule, steps, eta, skip, clip_x0, prediction, check_finite, steps_offset, use_clipped_model_output)
+        self.options = make_options(schedule, steps, eta, skip, clip_x0, prediction, check_finite, steps_offset, use_clipped_model_output, solver)
         # validates alpha_t > 0 on the grid now, not an hour into a run
-        self._plan = sampling_plan(schedule, list(self.options.grid), self.options.eta)
+        self._plan = sampling_plan(self.options.solver, schedule, list(self.options.grid), self.options.eta)
 
     @property
     def timesteps(self) -> list:
@@ -130,6 +135,9 @@ class ReferenceSampler:
         xs = [x] if return_trajectory else None
         if n == 0:
             return S.SamplerOutput(x, x0_preds, xs) if (return_x0 or return_trajectory) else x
+        if o.solver == dpmpp_2m.NAME:
+            x = self._dpmpp_2m(x, cond, x0_preds, xs)
+            return S.SamplerOutput(x, x0_preds, xs) if (return_x0 or return_trajectory) else x
         ac = self._alphas(x)
         for i, (t_i, s_i) in enumerate(zip(self._plan.timesteps, self._plan.prev)):
             t = torch.full((n,), t_i, dtype=torch.long, device=x.device)
@@ -164,6 +172,51 @@ class ReferenceSampler:
             return S.SamplerOutput(x, x0_preds, xs)
         return x
 
+    def _dpmpp_2m(self, x, cond, x0_preds, xs):
+        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2, the midpoint form diffusers runs), in
+        x's dtype: with α = sqrt(ᾱ), σ = sqrt(1 - ᾱ), λ = log(α / σ), from s0 to t (s1 before s0)
+
+            h = λ_t - λ_s0;  first order:  x_t = (σ_t / σ_s0) x - α_t (e^{-h} - 1) x̂₀
+            r = (λ_s0 - λ_s1) / h;  D = (1 + 1/(2r)) x̂₀ - 1/(2r) x̂₀_prev
+            second order:  x_t = (σ_t / σ_s0) x - α_t (e^{-h} - 1) D
+
+        first order at the first step and at the last when S < 15 or it lands on ᾱ = 1."""
+        o = self.options
+        ac = self._alphas(x)
+        ts = list(reversed(o.grid))
+        targets = ts[1:] + [-1]
+        steps = len(ts)
+        final_alpha = float(self.schedule.alpha(-1))
+        x0_prev = None
+        lam_prev = None
+        for i, (s0, t_next) in enumerate(zip(ts, targets)):
+            t = torch.full((x.shape[0],), s0, dtype=torch.long, device=x.device)
+            a_s0, a_t = ac[s0 + 1], ac[t_next + 1]
+            alpha_s0, sigma_s0 = a_s0.sqrt(), (1 - a_s0).sqrt()
+            alpha_t, sigma_t = a_t.sqrt(), (1 - a_t).sqrt()
+            lam_s0 = alpha_s0.log() - sigma_s0.log()
+            lam_t = alpha_t.log() - sigma_t.log()  # +inf where ᾱ = 1
+            h = lam_t - lam_s0
+            out = self._model_output(x, t, cond, i, s0)
+            x0_t, _ = self._x0_eps(x, out, a_s0)
+            if o.clip is not None:
+                x0_t = x0_t.clamp(*o.clip)
+            if x0_preds is not None:
+                x0_preds.append(x0_t)
+            lower_order_final = i == steps - 1 and (steps < dpmpp_2m.LOWER_ORDER_FINAL_BELOW or final_alpha >= 1.0)
+            if x0_prev is None or lower_order_final:
+                d = x0_t
+            else:
+                r = (lam_s0 - lam_prev) / h
+                d = (1 + 1 / (2 * r)) * x0_t - (1 / (2 * r)) * x0_prev
+            x = (sigma_t / sigma_s0) * x - (alpha_t * (torch.exp(-h) - 1)) * d
+            x0_prev, lam_prev = x0_t, lam_s0
+            if o.check_finite:
+                S.check_finite(x, i, s0)
+            if xs is not None:
+                xs.append(x)
+        return x
+
     def _conditioning(self, x, model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale):
         cond = make_conditioning(x, model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale)
         # an fp16/bf16 model gets its float conditioning in its dtype, as it gets x
@@ -193,7 +246,7 @@ class ReferenceSampler:
         """
         x = S.check_input(self.model, x0, "x0")
         cond = self._conditioning(x, model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale)
-        plan = encoding_plan(self.schedule, list(self.options.grid))
+        plan = encoding_plan(self.schedule, list(self.options.grid))  # DDIM's, whatever the solver
         xs = [x] if return_trajectory else None
         n = x.shape[0]
         if n > 0:
@@ -214,4 +267,4 @@ class ReferenceSampler:
 
     def __repr__(self) -> str:
         o = self.options
-        return f"ReferenceSampler(steps={o.steps}, eta={o.eta!r}, skip={o.skip!r}, clip_x0={o.clip}, prediction={o.prediction!r})"
+        return f"ReferenceSampler(steps={o.steps}, eta={o.eta!r}, skip={o.skip!r}, clip_x0={o.clip}, prediction={o.prediction!r}, solver={o.solver!r})"

@@ -1,0 +1,77 @@
+"""DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
+Diffusion Probabilistic Models", Algorithm 2): the probability-flow ODE in data prediction,
+second-order multistep, as diffusers' DPMSolverMultistepScheduler runs it with
+algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True.
+
+With α = sqrt(ᾱ), σ = sqrt(1 - ᾱ), λ = log(α / σ) and the step s0 -> t (s1 the step before):
+
+    h = λ_t - λ_s0,   first order:  x_t = (σ_t / σ_s0) x - α_t (e^{-h} - 1) x̂₀(s0)
+    r0 = (λ_s0 - λ_s1) / h,   D = (1 + 1/(2 r0)) x̂₀(s0) - 1/(2 r0) x̂₀(s1)
+    second order:  x_t = (σ_t / σ_s0) x - α_t (e^{-h} - 1) D
+
+so c_xt = σ_t / σ_s0, c_x0 = A (1 + 1/(2 r0)), c_x0_prev = -A / (2 r0) with
+A = α_t (1 - e^{-h}) = α_t - α_s0 σ_t / σ_s0 (no infinity when the last step lands on
+ᾱ = 1, σ = 0). First order at the first step (no history yet) and at the last when S < 15
+or it lands on σ = 0 (diffusers' lower_order_final and final_sigmas_type="zero").
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..checks import check_eta
+from ..plan import C_X0, C_X0_PREV, C_XT, SQRT_ALPHA_T, SQRT_ONE_MINUS_ALPHA_T, StepPlan, empty_coefs
+
+NAME = "dpmpp_2m"
+LOWER_ORDER_FINAL_BELOW = 15  # diffusers: first order at the last step when S < 15
+
+
+def check(eta, use_clipped_model_output: bool) -> None:
+    if check_eta(eta) != 0:
+        raise ValueError(f"solver {NAME!r} (DPM-Solver++(2M)) solves the probability-flow ODE and adds no noise: eta must be 0, got {eta!r}")
+    if use_clipped_model_output:
+        raise ValueError(f"solver {NAME!r} updates from x and x̂₀ alone, so use_clipped_model_output (eps from the clamped x̂₀) has no meaning there")
+
+
+def _lambda(a: float) -> float:
+    """λ = log(α / σ) of ᾱ = a: half the log signal-to-noise ratio (+inf at a = 1)."""
+    return math.inf if a >= 1.0 else 0.5 * math.log(a / (1.0 - a))
+
+
+def second_order(i: int, steps: int, final_alpha: float) -> bool:
+    """Whether step i (of `steps`) uses the previous x̂₀."""
+    if i == 0:
+        return False
+    if i == steps - 1 and (steps < LOWER_ORDER_FINAL_BELOW or final_alpha >= 1.0):
+        return False
+    return True
+
+
+def sampling_plan(schedule, grid: list[int], eta=0.0) -> StepPlan:
+    """Steps τ_{S-1} -> ... -> τ_0 -> -1 (ᾱ at -1: the schedule's final_alpha_cumprod)."""
+    check(eta, False)
+    ts = list(reversed(grid))
+    prev = ts[1:] + [-1]
+    steps = len(ts)
+    coefs = empty_coefs(steps)
+    for i, (s0, t) in enumerate(zip(ts, prev)):
+        a_s0, a_t = schedule.alpha(s0), schedule.alpha(t)
+        if a_s0 <= 0:
+            raise ValueError(f"alpha_t is 0 at timestep {s0} (a beta of 1): x0 cannot be predicted there; use a grid without t={s0}")
+        alpha_s0, sigma_s0 = math.sqrt(a_s0), math.sqrt(1.0 - a_s0)
+        alpha_t, sigma_t = math.sqrt(a_t), math.sqrt(1.0 - a_t)
+        first_order_weight = alpha_t - alpha_s0 * sigma_t / sigma_s0  # α_t (1 - e^{-h})
+        row = coefs[i]
+        row[SQRT_ALPHA_T], row[SQRT_ONE_MINUS_ALPHA_T] = alpha_s0, sigma_s0
+        row[C_XT] = sigma_t / sigma_s0
+        if not second_order(i, steps, schedule.alpha(-1)):
+            row[C_X0] = first_order_weight
+            continue
+        h = _lambda(a_t) - _lambda(a_s0)
+        h_prev = _lambda(a_s0) - _lambda(schedule.alpha(ts[i - 1]))
+        if not (h > 0 and h_prev > 0):
+            raise ValueError(f"{NAME}: the grid must be strictly increasing in t (steps {ts[i - 1]} -> {s0} -> {t})")
+        r0 = h_prev / h
+        row[C_X0] = first_order_weight * (1.0 + 0.5 / r0)
+        row[C_X0_PREV] = -first_order_weight * 0.5 / r0
+    return StepPlan(tuple(ts), tuple(prev), coefs, NAME)

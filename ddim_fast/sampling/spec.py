@@ -1,0 +1,65 @@
+"""The step spec: what every step of one loop does, fixed before the loop runs.
+
+The eager loop (sampling/fast.py) and the captured loop (sampling/graph.py) read this and
+nothing of the sampler: the plan's coefficient rows (core/plan.py, made by a solver in
+core/solvers/), how the model output is read, the clamp, and which buffers the loop needs
+(the noise draws, the previous x̂₀ of a multistep solver). GraphCache keys on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..core.checks import PREDICTION_CODE
+from ..core.options import SamplerOptions
+from ..core.plan import StepPlan
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """plan: the coefficient rows (not compared: a spec is made once per plan of a sampler,
+    and what tells two plans apart is in the fields below it); encoding: DDIM inversion.
+    prediction: 0 eps, 1 x0, 2 v. clip: the clamp of x̂₀, (lo, hi) or None. clipped_eps: ε
+    recomputed from the clamped x̂₀. has_xt: some step weighs x (c_xt != 0). history: the
+    loop keeps the previous x̂₀ (float32, x's layout). noisy: per step, whether it draws
+    noise. fast_rng: the step kernel draws it (Philox)."""
+
+    plan: StepPlan = field(compare=False, repr=False)
+    solver: str
+    timesteps: tuple
+    encoding: bool
+    prediction: int
+    clip: Optional[tuple]
+    clipped_eps: bool
+    has_xt: bool
+    history: bool
+    noisy: tuple
+    fast_rng: bool
+
+    @property
+    def steps(self) -> int:
+        return len(self.noisy)
+
+    @property
+    def draws_noise(self) -> bool:
+        return any(self.noisy)
+
+
+def step_spec(options: SamplerOptions, plan: StepPlan, *, encoding: bool, fast_rng: bool) -> StepSpec:
+    """The spec of `plan` run with `options`; encoding: the inversion (no clamp)."""
+    clip = None if encoding else options.clip
+    noisy = tuple(plan.draws_noise(i) for i in range(plan.steps))
+    return StepSpec(
+        plan=plan,
+        solver=plan.solver,
+        timesteps=plan.timesteps,
+        encoding=encoding,
+        prediction=PREDICTION_CODE[options.prediction],
+        clip=clip,
+        clipped_eps=options.use_clipped_model_output and clip is not None,
+        has_xt=plan.has_xt,
+        history=plan.history,
+        noisy=noisy,
+        fast_rng=fast_rng and any(noisy),
+    )
