@@ -32,7 +32,8 @@ def kernel_contracts(monkeypatch):
     """Every launch of the loop's kernels checked against what they assume on a GPU, where a
     broken assumption reads the wrong memory instead of failing: the step kernel addresses
     every operand with x's flat offsets (same shape, device and strides; a noise table holds
-    one such row per step), the coefficient table is fp32 (rows, 6), the counter int32 (1,)."""
+    one such row per step; a multistep solver's history is fp32), the coefficient table is fp32
+    (rows, NUM_COEFS), the counter int32 (1,)."""
     from ddim_fast.kernels import ddim_step as k
     from ddim_fast.ops.dispatch import dense_layout
 
@@ -45,8 +46,10 @@ def kernel_contracts(monkeypatch):
     def small(name, t, dtype, x):
         assert t.dtype == dtype and t.shape == (1,) and t.device == x.device, (name, t.dtype, t.shape, t.device)
 
-    def launch(x, model_output, coef_table, step, out, *, noise=None, noise_row_stride=0, seed=None, x0_out=None, cond=None, guidance=None, **kwargs):
+    def launch(x, model_output, coef_table, step, out, *, noise=None, noise_row_stride=0, seed=None, x0_out=None, cond=None, guidance=None, history=None, **kwargs):
         assert dense_layout(x), x.stride()
+        if history is not None:
+            like_x("history", x, history, (torch.float32,))
         for name, t in (("model_output", model_output), ("out", out), ("x0_out", x0_out), ("cond", cond)):
             if t is not None:
                 like_x(name, x, t, (x.dtype,))
@@ -63,7 +66,7 @@ def kernel_contracts(monkeypatch):
             small("seed", seed, torch.int64, x)
         if guidance is not None:
             small("guidance", guidance, torch.float32, x)
-        return real_launch(x, model_output, coef_table, step, out, noise=noise, noise_row_stride=noise_row_stride, seed=seed, x0_out=x0_out, cond=cond, guidance=guidance, **kwargs)
+        return real_launch(x, model_output, coef_table, step, out, noise=noise, noise_row_stride=noise_row_stride, seed=seed, x0_out=x0_out, cond=cond, guidance=guidance, history=history, **kwargs)
 
     def advance(step, t_table, t_buf):
         small("step", step, torch.int32, t_buf)

@@ -8,7 +8,8 @@ import torch
 
 from ddim_fast import Schedule
 from ddim_fast.core.grids import timestep_grid
-from ddim_fast.core.plan import C_EPS, C_X0, C_X0_PREV, C_XT, SIGMA, SQRT_ALPHA_T, SQRT_ONE_MINUS_ALPHA_T, encoding_plan, sampling_plan
+from ddim_fast.core.plan import C_EPS, C_X0, C_X0_PREV, C_XT, SIGMA, SQRT_ALPHA_T, SQRT_ONE_MINUS_ALPHA_T
+from ddim_fast.core.solvers.ddim import encoding_plan, sampling_plan
 
 
 # --- beta schedules -----------------------------------------------------------------------

@@ -3,14 +3,17 @@ math on NumPy and plain torch tensors. It imports no other layer of ddim_fast an
 torch.nn.
 
     checks    argument checks shared by every layer
-    grids     timestep grids (uniform, quad, leading, trailing, linspace, explicit)
+    grids     timestep grids (uniform, quad, leading, trailing, linspace, dpm_*, explicit)
     schedule  Schedule: betas and α_t; from a name, a spec or a diffusers config
-    plan      StepPlan: the coefficients of each sampling or encoding step
+    plan      StepPlan: the coefficients of each step, in named columns
+    solvers   the solvers that make plans: ddim (sampling and encoding), dpmpp_2m
     options   the validated options both samplers take
 """
 
 from .grids import SKIP_TYPES, timestep_grid
-from .plan import COEF_COLUMNS, StepPlan, encoding_plan, sampling_plan
+from .plan import COEF_COLUMNS, StepPlan
+from .solvers import SOLVERS
+from .solvers.ddim import encoding_plan, sampling_plan
 from .schedule import Schedule
 
-__all__ = ["Schedule", "StepPlan", "sampling_plan", "encoding_plan", "timestep_grid", "SKIP_TYPES", "COEF_COLUMNS"]
+__all__ = ["Schedule", "StepPlan", "sampling_plan", "encoding_plan", "timestep_grid", "SKIP_TYPES", "COEF_COLUMNS", "SOLVERS"]

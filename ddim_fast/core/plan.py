@@ -67,8 +67,3 @@ class StepPlan:
 def empty_coefs(steps: int) -> np.ndarray:
     return np.zeros((steps, NUM_COEFS), dtype=np.float64)
 
-
-# DDIM's plans, by their historical names (DDIM is the default solver; core/solvers/ddim.py)
-from .solvers.ddim import encoding_plan, sampling_plan  # noqa: E402
-
-__all__ = ["COEF_COLUMNS", "NUM_COEFS", "StepPlan", "empty_coefs", "encoding_plan", "sampling_plan"]

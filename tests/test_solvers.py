@@ -1,0 +1,264 @@
+"""Solvers (core/solvers/): their step plans, the history column of the fused step on every
+backend, and DPM-Solver++(2M) against its own reference loop and the ODE it solves.
+
+Parity with diffusers' DPMSolverMultistepScheduler is in test_dpm_diffusers.py.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ddim_fast import FastSampler, ReferenceSampler, Schedule, ops
+from ddim_fast.core import plan as P
+from ddim_fast.core.solvers import SOLVERS, sampling_plan
+
+from .conftest import max_err, requires_triton_interpreter, tiny_unet
+from .test_ops import BACKENDS, DTYPES, _close, _inputs, _poison
+
+SCHEDULE = Schedule.linear()
+
+
+def _lam(a: float) -> float:
+    return 0.5 * math.log(a / (1 - a)) if a < 1 else math.inf
+
+
+# --- plans ----------------------------------------------------------------------------------
+
+
+def test_solvers_are_named():
+    assert SOLVERS == ("ddim", "dpmpp_2m")
+    with pytest.raises(ValueError, match="solver must be one of"):
+        FastSampler(tiny_unet(), SCHEDULE, steps=4, solver="euler")
+    with pytest.raises(ValueError, match="solver must be one of"):
+        ReferenceSampler(tiny_unet(), SCHEDULE, steps=4, solver=None)
+
+
+@pytest.mark.parametrize("steps, final_alpha", [(10, 1.0), (20, 1.0), (20, None), (14, None), (15, None)])
+def test_dpmpp_2m_rows_are_lu_et_al_second_order_multistep(steps, final_alpha):
+    """Each row against the update written from λ, h and r (Lu et al. 2022, Algorithm 2)."""
+    a0 = float(SCHEDULE.alphas_cumprod64[0])
+    schedule = Schedule.from_betas(SCHEDULE.betas64, final_alpha_cumprod=a0 if final_alpha is None else final_alpha)
+    grid = schedule.timesteps(steps, "dpm_linspace")
+    plan = sampling_plan("dpmpp_2m", schedule, grid, 0.0)
+    assert plan.solver == "dpmpp_2m" and plan.history and plan.has_xt and plan.noisy_steps == 0
+    for i, (s0, t) in enumerate(zip(plan.timesteps, plan.prev)):
+        a_s, a_t = schedule.alpha(s0), schedule.alpha(t)
+        alpha_t, sigma_t, sigma_s = math.sqrt(a_t), math.sqrt(1 - a_t), math.sqrt(1 - a_s)
+        h = _lam(a_t) - _lam(a_s)
+        expm1 = -1.0 if math.isinf(h) else math.expm1(-h)  # e^{-h} - 1
+        row = plan.coefs[i]
+        assert row[P.SQRT_ALPHA_T] == pytest.approx(math.sqrt(a_s)) and row[P.SQRT_ONE_MINUS_ALPHA_T] == pytest.approx(sigma_s)
+        assert row[P.C_XT] == pytest.approx(sigma_t / sigma_s, abs=1e-15)
+        assert row[P.C_EPS] == 0 and row[P.SIGMA] == 0
+        last_first_order = i == steps - 1 and (steps < 15 or a_t == 1.0)
+        if i == 0 or last_first_order:
+            assert row[P.C_X0] == pytest.approx(-alpha_t * expm1, rel=1e-12)
+            assert row[P.C_X0_PREV] == 0
+        else:
+            r = (_lam(a_s) - _lam(schedule.alpha(plan.timesteps[i - 1]))) / h
+            assert row[P.C_X0] == pytest.approx(-alpha_t * expm1 * (1 + 1 / (2 * r)), rel=1e-9)
+            assert row[P.C_X0_PREV] == pytest.approx(alpha_t * expm1 / (2 * r), rel=1e-9)
+    second_order_last = plan.coefs[-1, P.C_X0_PREV] != 0
+    assert second_order_last == (steps >= 15 and final_alpha is None)  # diffusers' lower_order_final
+
+
+def test_first_order_dpm_solver_pp_is_ddim():
+    """DPM-Solver++'s first-order step is DDIM's η = 0 step (Lu et al., Section 4): the first
+    row of its plan moves x as DDIM's first row does, for any x and x̂₀."""
+    grid = SCHEDULE.timesteps(10)
+    ddim = sampling_plan("ddim", SCHEDULE, grid, 0.0)
+    dpm = sampling_plan("dpmpp_2m", SCHEDULE, grid, 0.0)
+    g = torch.Generator().manual_seed(0)
+    x, x0 = torch.randn(100, generator=g, dtype=torch.float64), torch.randn(100, generator=g, dtype=torch.float64)
+    for i in (0, 9):
+        d, m = ddim.coefs[i], dpm.coefs[i]
+        eps = (x - d[P.SQRT_ALPHA_T] * x0) / d[P.SQRT_ONE_MINUS_ALPHA_T]
+        via_ddim = d[P.C_X0] * x0 + d[P.C_EPS] * eps
+        via_dpm = m[P.C_X0] * x0 + m[P.C_XT] * x
+        torch.testing.assert_close(via_dpm, via_ddim, rtol=1e-12, atol=1e-12)
+
+
+def test_dpmpp_2m_refuses_what_it_cannot_honour():
+    with pytest.raises(ValueError, match="eta must be 0"):
+        FastSampler(tiny_unet(), SCHEDULE, steps=10, eta=0.5, solver="dpmpp_2m")
+    with pytest.raises(ValueError, match="eta must be 0"):
+        ReferenceSampler(tiny_unet(), SCHEDULE, steps=10, eta="ddpm_noisy", solver="dpmpp_2m")
+    with pytest.raises(ValueError, match="use_clipped_model_output"):
+        FastSampler(tiny_unet(), SCHEDULE, steps=10, clip_x0=True, use_clipped_model_output=True, solver="dpmpp_2m")
+    # 'quad' repeats small timesteps at large S: h = 0 there, which a multistep solver cannot take
+    with pytest.raises(ValueError, match="strictly increasing"):
+        FastSampler(tiny_unet(), SCHEDULE, steps=200, skip="quad", solver="dpmpp_2m")
+
+
+def test_dpm_grids_are_the_s_plus_one_point_grids_less_the_lowest():
+    T = 1000
+    assert SCHEDULE.timesteps(10, "dpm_linspace") == [100, 200, 300, 400, 500, 599, 699, 799, 899, 999]
+    assert SCHEDULE.timesteps(4, "dpm_leading", steps_offset=1) == [201, 401, 601, 801]
+    assert SCHEDULE.timesteps(5, "dpm_linspace") == [int(v) for v in np.linspace(0, T - 1, 6).round()[1:]]
+    with pytest.raises(ValueError, match="repeats timesteps"):
+        SCHEDULE.timesteps(1000, "dpm_linspace")
+    with pytest.raises(ValueError, match="steps_offset applies"):
+        SCHEDULE.timesteps(10, "dpm_linspace", steps_offset=1)
+
+
+# --- the history column of the fused step, every backend ---------------------------------------
+
+
+def _ref_step_with_history(x, m, row, noise, history, clip, prediction):
+    """x_next = c_x0 x̂₀ + c_eps ε + c_xt x + c_x0_prev x̂₀_prev + σ z, in float64, written plainly."""
+    x, m, history = x.double(), m.double(), history.double()
+    sa, s1m = row[P.SQRT_ALPHA_T], row[P.SQRT_ONE_MINUS_ALPHA_T]
+    if prediction == 0:
+        x0, eps = (x - s1m * m) / sa, m
+    else:  # v
+        x0, eps = sa * x - s1m * m, sa * m + s1m * x
+    if clip is not None:
+        x0 = x0.clamp(*clip)
+    out = row[P.C_X0] * x0 + row[P.C_EPS] * eps + row[P.C_XT] * x + row[P.C_X0_PREV] * history
+    if noise is not None:
+        out = out + row[P.SIGMA] * noise.double()
+    return out, x0
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("shape, channels_last", [((3, 5, 7, 9), False), ((2, 3, 5, 7), True), ((1037,), False)])
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("prediction, clip, sigma", [(0, None, 0.0), (2, (-1.5, 1.5), 0.3)])
+def test_step_reads_and_rewrites_the_history(backend, device, dtype, atol, rtol, shape, channels_last, guided, prediction, clip, sigma):
+    x, m, z = _inputs(shape, dtype, device)
+    cond = _inputs(shape, dtype, device, seed=1)[1] if guided else None
+    history = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(device)
+    if channels_last:
+        x, m, z, history = (t.contiguous(memory_format=torch.channels_last) for t in (x, m, z, history))
+        cond = None if cond is None else cond.contiguous(memory_format=torch.channels_last)
+    row = [0.0] * P.NUM_COEFS
+    row[P.SQRT_ALPHA_T], row[P.SQRT_ONE_MINUS_ALPHA_T] = math.sqrt(0.3), math.sqrt(0.7)
+    row[P.C_X0], row[P.C_EPS], row[P.C_XT], row[P.C_X0_PREV], row[P.SIGMA] = 1.9, 0.2, 0.6, -0.7, sigma
+    w = 2.5
+    m_combined = m if cond is None else (m.double() + w * (cond.double() - m.double()))
+    noise = z if sigma else None
+    expected, expected_x0 = _ref_step_with_history(x, m_combined, row, noise, history, clip, prediction)
+    out = _poison(torch.empty_like(x))
+    kwargs = dict(cond=cond, guidance=w) if guided else {}
+    ops.step(x, m, tuple(row), noise, clip, prediction, False, out, None, backend=backend, history=history, **kwargs)
+    _close(out, expected, dtype, 4 * atol, 4 * rtol)
+    # the history now holds this step's x̂₀ (float32, computed from x's dtype's inputs)
+    torch.testing.assert_close(history.double(), expected_x0, atol=1e-5 * (1 + expected_x0.abs().max().item()), rtol=1e-5)
+    if channels_last:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_native_step_refuses_a_weight_without_a_history():
+    from ddim_fast.ops.extension import has_native_kernel
+
+    if not has_native_kernel("ddim_step", "cpu"):
+        pytest.skip("the extension's CPU kernels are not built")
+    x = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="no history tensor"):
+        torch.ops.ddim_fast.ddim_step(x, x, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, None, False, 0.0, 0.0, 0, False, x.clone(), None, 0.5, None)
+    with pytest.raises(RuntimeError, match="history must be float32"):
+        torch.ops.ddim_fast.ddim_step(x, x, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, None, False, 0.0, 0.0, 0, False, x.clone(), None, 0.5, x.half())
+
+
+# --- DPM-Solver++(2M) sampling --------------------------------------------------------------
+
+
+def _smooth_model(x, t):
+    """An analytic ε-model, smooth in x and t: the solver's order shows in its error."""
+    tt = t.to(x.dtype).view(-1, *([1] * (x.dim() - 1))) / 1000
+    return 0.7 * torch.sin(x * (1 + tt)) + 0.1 * tt * torch.cos(3 * x)
+
+
+@pytest.mark.parametrize("steps", [10, 25])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_fast_dpmpp_2m_matches_its_reference_loop(steps, channels):
+    x_T = torch.randn(2, channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    model = tiny_unet(in_channels=channels)
+    ref = ReferenceSampler(model, SCHEDULE, steps=steps, skip="dpm_linspace", solver="dpmpp_2m").sample(x_T)
+    fast = FastSampler(model, SCHEDULE, steps=steps, skip="dpm_linspace", solver="dpmpp_2m")  # channels_last by default
+    got = fast.sample(x_T)
+    assert max_err(got, ref) <= 1e-4 * (1 + ref.abs().max().item())
+    out = fast.sample(x_T, return_x0=True)  # the eager loop with x̂₀ out; the history beside it
+    assert max_err(out.sample, ref) <= 1e-4 * (1 + ref.abs().max().item()) and len(out.x0_preds) == steps
+
+
+def test_dpmpp_2m_in_low_precision_tracks_float64():
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = ReferenceSampler(_smooth_model, SCHEDULE, steps=10, skip="dpm_linspace", solver="dpmpp_2m").sample(x_T.double())
+    for dtype, tol in ((torch.bfloat16, 5e-2), (torch.float16, 1e-2)):
+        got = FastSampler(_smooth_model, SCHEDULE, steps=10, skip="dpm_linspace", solver="dpmpp_2m", dtype=dtype).sample(x_T)
+        assert got.dtype == dtype
+        assert max_err(got, ref) <= tol * (1 + ref.abs().max().item()), (dtype, max_err(got, ref))
+
+
+def test_dpmpp_2m_converges_at_second_order_where_ddim_is_first():
+    """Against the ODE's solution (DDIM at S = 1000 from the same x_T), on a smooth model:
+    halving the step size roughly halves DDIM's error and quarters DPM-Solver++(2M)'s."""
+    x_T = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ode = ReferenceSampler(_smooth_model, SCHEDULE, steps=1000, skip="trailing").sample(x_T)
+
+    def error(solver, steps):
+        return max_err(ReferenceSampler(_smooth_model, SCHEDULE, steps=steps, skip="trailing", solver=solver).sample(x_T), ode)
+
+    ddim_ratio = error("ddim", 20) / error("ddim", 40)
+    dpm_ratio = error("dpmpp_2m", 20) / error("dpmpp_2m", 40)
+    assert 1.5 < ddim_ratio < 2.6, ddim_ratio
+    assert dpm_ratio > 3.0, dpm_ratio
+
+
+def test_encode_stays_ddim_whatever_the_solver():
+    x0 = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    model = tiny_unet()
+    for cls in (ReferenceSampler, FastSampler):
+        via_dpm = cls(model, SCHEDULE, steps=10, solver="dpmpp_2m").encode(x0)
+        via_ddim = cls(model, SCHEDULE, steps=10).encode(x0)
+        assert max_err(via_dpm, via_ddim) == 0
+
+
+@requires_triton_interpreter
+@pytest.mark.parametrize("graph_mode", ["step", "loop"])
+def test_emulated_captured_loop_runs_dpmpp_2m_with_its_history(graph_mode):
+    """The captured loop's own code (its static history buffer, zeroed per run) gives the
+    reference's samples, twice in a row (a second run does not read the first's history)."""
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    model = tiny_unet(in_channels=3)
+    ref = ReferenceSampler(model, SCHEDULE, steps=6, skip="dpm_linspace", solver="dpmpp_2m").sample(x_T)
+    fast = FastSampler(model, SCHEDULE, steps=6, skip="dpm_linspace", solver="dpmpp_2m", cuda_graph="emulate", graph_mode=graph_mode)
+    first = fast.sample(x_T)
+    second = fast.sample(x_T)
+    assert max_err(first, ref) <= 1e-4 * (1 + ref.abs().max().item())
+    assert max_err(second, first) == 0
+    (loop,) = fast._graphs._entries.values()
+    assert loop.history is not None and loop.history.dtype == torch.float32 and loop.spec.solver == "dpmpp_2m"
+
+
+def test_the_engine_reads_a_spec_fixed_before_the_loop():
+    fast = FastSampler(tiny_unet(), SCHEDULE, steps=6, solver="dpmpp_2m", clip_x0=True)
+    spec = fast._spec("sampling")
+    assert spec is fast._spec("sampling")  # made once
+    assert spec.history and spec.clip == (-1.0, 1.0) and not spec.draws_noise and spec.solver == "dpmpp_2m"
+    encoding = fast._spec("encoding")
+    assert encoding.clip is None and not encoding.history and encoding.solver == "ddim"
+    with pytest.raises(Exception):  # frozen
+        spec.clip = None
+
+
+def test_ten_dpmpp_2m_steps_land_at_most_half_as_far_from_the_ode_as_ten_ddim_steps():
+    """The embedded digits model: RMS distance to the ODE's solution (DDIM at S = 1000 from the
+    same x_T). The grids start at t = T - 1 as S = 1000 does ("trailing"): a grid starting
+    lower would start the ODE elsewhere."""
+    from ddim_fast.apps.pretrained import load_pretrained, load_schedule
+
+    model, schedule = load_pretrained("digits").eval(), load_schedule("digits")
+    x_T = torch.randn(32, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    ode = FastSampler(model, schedule, steps=1000, skip="trailing").sample(x_T)
+
+    def rms(solver):
+        sample = FastSampler(model, schedule, steps=10, skip="trailing", solver=solver).sample(x_T)
+        return (sample - ode).pow(2).mean().sqrt().item()
+
+    ddim, dpm = rms("ddim"), rms("dpmpp_2m")
+    assert dpm <= 0.5 * ddim, (dpm, ddim)
