@@ -19,13 +19,13 @@ Conditioning (encoder_hidden_states, ...) passes through forward_rows' keyword a
 from __future__ import annotations
 
 import sys
-from collections import OrderedDict
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
 from .diffusers_compat import _fused_resnet_forward
+from .time_tables import TimeTables
 
 
 def _resnets(model):
@@ -92,8 +92,7 @@ class TabledUNet2D(nn.Module):
         dummy = torch.zeros(1, dtype=self.dtype, device=model.conv_in.weight.device)
         model.time_proj, model.time_embedding = _Returns(dummy), _Returns(dummy)
         self.register_buffer("_t0", torch.zeros((), dtype=torch.long, device=dummy.device), persistent=False)
-        self._tables: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-        self._table_cache_size = table_cache_size
+        self._tables = TimeTables(table_cache_size)
 
     def time_rows(self, t: torch.Tensor) -> torch.Tensor:
         """(B, table_width) fp32: every ResNet block's time-embedding bias at timesteps t (B,)."""
@@ -105,17 +104,7 @@ class TabledUNet2D(nn.Module):
 
     def time_table(self, timesteps: Sequence[int]) -> torch.Tensor:
         """(S, table_width): row i for timesteps[i]; made once per plan (a small LRU cache)."""
-        key = tuple(int(t) for t in timesteps)
-        table = self._tables.get(key)
-        if table is None:
-            with torch.no_grad():
-                table = self.time_rows(torch.tensor(key, dtype=torch.long, device=self._t0.device)).contiguous()
-            self._tables[key] = table
-            while len(self._tables) > self._table_cache_size:
-                self._tables.popitem(last=False)
-        else:
-            self._tables.move_to_end(key)
-        return table
+        return self._tables.get(timesteps, self._t0.device, self.time_rows)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
         if t.dim() == 0:

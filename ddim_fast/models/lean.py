@@ -25,7 +25,6 @@ lean model is built: a later change to the UNet's weights does not reach it.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..ops import has_native_kernel
 from .unet import AttnBlock, Downsample, ResnetBlock, UNet, Upsample, get_timestep_embedding
+from .time_tables import TimeTables
 
 # nearest x2 then a 3x3 conv (padding 1) along one axis is a stride-2 transposed conv with
 # 4 taps (padding 1): K = A w, K0 = w2, K1 = w1 + w2, K2 = w0 + w1, K3 = w0
@@ -275,8 +275,7 @@ class LeanUNet(nn.Module):
         self.register_buffer("proj_b", _copy(torch.cat([p.bias for p in projections]), dtype))
         # a conditional model's table holds the time embeddings; the projection runs per step
         self.table_width = self.proj_w.shape[0] if self.num_classes is None else self.temb_w1.shape[0]
-        self._tables: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-        self._table_cache_size = table_cache_size
+        self._tables = TimeTables(table_cache_size)
 
     @classmethod
     def from_unet(cls, unet: UNet, *, dtype: Optional[torch.dtype] = None, channels_last: bool = True) -> "LeanUNet":
@@ -305,18 +304,7 @@ class LeanUNet(nn.Module):
 
     def time_table(self, timesteps: Sequence[int]) -> torch.Tensor:
         """(S, table_width): row i for timesteps[i]; made once per plan (a small LRU cache)."""
-        key = tuple(int(t) for t in timesteps)
-        table = self._tables.get(key)
-        if table is None:
-            with torch.no_grad():
-                t = torch.tensor(key, dtype=torch.long, device=self.conv_in_w.device)
-                table = self.time_rows(t).contiguous()
-            self._tables[key] = table
-            while len(self._tables) > self._table_cache_size:
-                self._tables.popitem(last=False)
-        else:
-            self._tables.move_to_end(key)
-        return table
+        return self._tables.get(timesteps, self.conv_in_w.device, self.time_rows)
 
     # --- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
