@@ -6,7 +6,7 @@
 #   GPU_RUN_DRY=1 bash benchmarks/gpu_run.sh OUTDIR [stages]   # print the plan, run nothing
 #
 # stages (default "build tests kernels profile step sampling guided"; "compile",
-# "guided-compile" and "pipelines" only when named). Each stage has its own time limit, and every limit is
+# "guided-compile", "pipelines" and "solvers" only when named). Each stage has its own time limit, and every limit is
 # cut to what is left before the deadline (GPU_RUN_SECONDS, default 570: one 10-minute
 # device call with time to bring the files back), so that the call always returns with
 # results; a stage with no time left is recorded as skipped. The default stages' limits
@@ -37,6 +37,8 @@
 #   pipelines whole StableDiffusionPipeline calls, pipe(...) against ddim_fast.accelerate(pipe)(...),
 #             the tiny and the SD-1.5-sized pipeline in fp16, S = 10 and 50 (needs the diffusers and
 #             transformers wheels) -> OUTDIR/pipelines.json (only when named; 150 s)
+#   solvers   DDIM at S = 10, 20, 50 and DPM-Solver++(2M) at S = 10, 20, CIFAR-10 UNet, batch 1
+#             and 64 -> OUTDIR/solvers.json (only when named; 60 s)
 # Then benchmarks/report.py writes OUTDIR/report.md (and report.png with matplotlib).
 # A stage that fails or times out is recorded in OUTDIR/status.txt and the next runs.
 set -uo pipefail
@@ -152,13 +154,16 @@ if has pipelines; then
   stage pipelines 150 "$py" -m pytest benchmarks/test_pipelines.py --benchmark-only -q -rs -p no:cacheprovider -k "not compile" \
     --ddim-steps 10,50 --benchmark-json="$out/pipelines.json"
 fi
+if has solvers; then
+  stage solvers 60 "$py" -m pytest benchmarks/test_solvers.py --benchmark-only -q -p no:cacheprovider --benchmark-json="$out/solvers.json"
+fi
 
 if [[ $dry == 1 ]]; then
   echo "planned ${planned}s of ${GPU_RUN_SECONDS:-570}s (20s kept for the report)"
   cat "$status"
   exit 0
 fi
-jsons=$(ls "$out"/step.json "$out"/compile-step.json "$out"/sampling.json "$out"/guided.json "$out"/guided-compile.json "$out"/compile.json "$out"/kernels.json "$out"/pipelines.json 2>/dev/null)
+jsons=$(ls "$out"/step.json "$out"/compile-step.json "$out"/sampling.json "$out"/guided.json "$out"/guided-compile.json "$out"/compile.json "$out"/kernels.json "$out"/pipelines.json "$out"/solvers.json 2>/dev/null)
 if [ -n "$jsons" ]; then
   # shellcheck disable=SC2086
   "$py" benchmarks/report.py $jsons --md "$out/report.md" --png "$out/report.png" && cat "$out/report.md"
