@@ -48,16 +48,19 @@ class _Preparation:
 
 
 class FastSampler:
-    """DDIM sampling with fused kernels and, on CUDA, a captured sampling loop.
+    """DDIM (or DPM-Solver++(2M)) sampling with fused kernels and, on CUDA, a captured loop.
 
-    The first eight arguments are ReferenceSampler's (same meaning, same defaults).
-    Further options, keyword-only:
+    The options, by concern (the first eight positional, as ReferenceSampler's; the rest
+    keyword-only):
 
-    cuda_graph: replay a captured CUDA graph on CUDA (default True; falls back to the
-        eager loop with one warning if the model cannot be captured). "emulate" runs the
-        captured loop's own code (its static buffers, device-side step counter, noise
-        buffers and Triton kernels) without capturing, on any device: a debugging switch,
-        on the CPU with the Triton kernels under TRITON_INTERPRET=1. False: the eager loop.
+    The algorithm (ReferenceSampler's, same meaning and defaults): steps, eta, skip, clip_x0,
+    prediction, steps_offset, use_clipped_model_output, and
+    solver: "ddim" (default) or "dpmpp_2m" (DPM-Solver++(2M), Lu et al. 2022: η = 0, the
+        previous step's x̂₀ kept in a buffer; as diffusers' DPMSolverMultistepScheduler with
+        its defaults, whose config Schedule.from_diffusers_config maps to it). encode() is
+        DDIM's inversion whatever the solver.
+
+    The model as it runs (prepared once per device):
     fuse: True (default) fuses GroupNorm+SiLU in a copy of the model that shares its
         weights; "inplace" fuses the caller's module itself; False runs the model as is.
     lean: with fuse=True, run ddim_fast's UNet as a LeanUNet (default True): copies of its
@@ -68,21 +71,30 @@ class FastSampler:
     channels_last: run the model on channels_last tensors, with a channels_last copy of
         its conv weights (default True: cuDNN and oneDNN convolutions take NHWC without
         transposes, and every kernel of ours reads and writes it).
-    fast_rng: on CUDA, draw the noise inside the step kernel (Philox) instead of
-        torch.randn: one pass less for η > 0, but not the reference's stream (checked by
-        moments, not bit for bit).
-    graph_cache_size: how many captured graphs to keep (LRU), one per
-        (batch, shape, dtype, device, task).
-    graph_mode: "step" (one captured step replayed S times, the default) or "loop"
-        (all S steps captured in one graph: less launch work, more capture time and
-        graph memory; for small S).
-    backend: force the backend of the step op ("cpu", "cuda", "triton", "torch").
     compile: False (default), True or "max-autotune": run the prepared model (lean or
         fused) through torch.compile (Inductor; its C++ backend on a CPU) with
         fullgraph=True and static shapes, in a mode that leaves CUDA graphs to ours
         ("max-autotune" is Inductor's "max-autotune-no-cudagraphs"). One compile per
         shape, dtype and device, on the first sample(); our fused step stays outside it,
         and on CUDA model and step are still captured together in one graph.
+
+    The engine (how the steps run):
+    cuda_graph: replay a captured CUDA graph on CUDA (default True; falls back to the
+        eager loop with one warning if the model cannot be captured). "emulate" runs the
+        captured loop's own code (its static buffers, device-side step counter, noise
+        buffers and Triton kernels) without capturing, on any device: a debugging switch,
+        on the CPU with the Triton kernels under TRITON_INTERPRET=1. False: the eager loop.
+    graph_mode: "step" (one captured step replayed S times, the default) or "loop"
+        (all S steps captured in one graph: less launch work, more capture time and
+        graph memory; for small S).
+    graph_cache_size: how many captured graphs to keep (LRU), one per
+        (batch, shape, dtype, device, step spec, conditioning, noise source).
+    fast_rng: on CUDA, draw the noise inside the step kernel (Philox) instead of
+        torch.randn: one pass less for η > 0, but not the reference's stream (checked by
+        moments, not bit for bit).
+    backend: force the backend of the step op ("cpu", "cuda", "triton", "torch").
+
+    check_finite: raise at the first step that makes NaN or Inf (a host sync per step).
     """
 
     def __init__(
