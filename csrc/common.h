@@ -1,6 +1,7 @@
 // Shared checks and the math of x0/eps from a model output, for every backend.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
@@ -117,6 +118,11 @@ inline StepCoefs check_ddim_step(const at::Tensor& x, const at::Tensor& model_ou
   if (history) {
     TORCH_CHECK(history->scalar_type() == at::kFloat, op, ": history must be float32, got ", history->scalar_type());
     check_like(op, "history", x, *history, /*allow_float32=*/true);
+    // read and rewritten in place: another operand in its memory would be read or written out of order
+    at::assert_no_overlap(*history, x);
+    at::assert_no_overlap(*history, model_output);
+    at::assert_no_overlap(*history, out);
+    if (x0_out) at::assert_no_overlap(*history, *x0_out);
   }
   TORCH_CHECK(!clip || clip_min <= clip_max, op, ": clip range must have clip_min <= clip_max, got [", clip_min,
               ", ", clip_max, "]");

@@ -97,8 +97,9 @@ def _ddim_step_kernel(
     res = c_x0 * x0 + c_eps * eps
     if HAS_XT:
         res += tl.load(c + _C_XT) * x
-    if HISTORY:
-        res += tl.load(c + _C_X0_PREV) * tl.load(hist_ptr + offs, mask=mask, other=0.0)
+    if HISTORY:  # a weight of 0 reads nothing (a NaN left in the buffer stays out), as every backend
+        c_prev = tl.load(c + _C_X0_PREV)
+        res += tl.where(c_prev != 0.0, c_prev * tl.load(hist_ptr + offs, mask=mask, other=0.0), 0.0)
     if NOISE == 1:
         z = tl.load(z_ptr + row.to(tl.int64) * z_row_stride + offs, mask=mask, other=0.0)
         res += sigma * z.to(tl.float32)
@@ -156,6 +157,8 @@ def launch(
     n = x.numel()
     if n == 0:
         return out
+    if coef_table.dim() != 2 or coef_table.shape[1] != NUM_COEFS:
+        raise ValueError(f"ddim_step launch: coef_table must be (rows, {NUM_COEFS}) (core.plan.COEF_COLUMNS), got {tuple(coef_table.shape)}")
     if (cond is None) != (guidance is None):
         raise ValueError("ddim_step launch: cond and guidance go together (a guided step needs both)")
     mode = NOISE_TENSOR if noise is not None else (NOISE_PHILOX if seed is not None else NOISE_NONE)

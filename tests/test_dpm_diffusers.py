@@ -107,9 +107,9 @@ def test_guided_unet2dcondition_matches_diffusers_dpm_solver_loop(cls, engine, s
     ({"solver_type": "heun"}, "solver_type"),
     ({"use_karras_sigmas": True}, "use_karras_sigmas"),
     ({"thresholding": True}, "thresholding"),
-    ({"lower_order_final": False}, "lower_order_final"),
-    ({"euler_at_final": True}, "euler_at_final"),
-    ({"lambda_min_clipped": -5.1}, "lambda_min_clipped"),
+    ({"lower_order_final": False, "final_sigmas_type": "sigma_min"}, "lower_order_final"),
+    ({"euler_at_final": True, "final_sigmas_type": "sigma_min"}, "euler_at_final"),
+    ({"lambda_min_clipped": -4.0}, "lambda_min_clipped"),
     ({"variance_type": "learned_range"}, "variance_type"),
 ])
 def test_dpm_solver_variants_we_do_not_compute_are_refused_by_name(variant, name):
@@ -117,6 +117,19 @@ def test_dpm_solver_variants_we_do_not_compute_are_refused_by_name(variant, name
     for given in (scheduler, scheduler.config, dict(scheduler.config)):
         with pytest.raises(ValueError, match=name):
             Schedule.from_diffusers_config(given)
+
+
+@pytest.mark.parametrize("same", [
+    {"lower_order_final": False},  # landing on σ = 0 the last step is first order anyway
+    {"euler_at_final": True},
+    {"lambda_min_clipped": -5.1},  # below every λ of the linear schedule (-5.07 at t = T - 1): clips nothing
+])
+def test_dpm_options_that_change_nothing_here_are_taken(same):
+    scheduler = DPMSolverMultistepScheduler(**same)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = _diffusers_loop(_smooth_model, scheduler, x_T.clone(), 10)
+    schedule, options = Schedule.from_diffusers_config(scheduler.config)
+    _close(FastSampler(_smooth_model, schedule, steps=10, **options).sample(x_T), expected)
 
 
 def test_other_schedulers_are_still_refused():

@@ -394,7 +394,8 @@ def test_samplers_accept_return_dict_false_outputs():
 def test_from_diffusers_config_refuses_other_schedulers_by_name():
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
-    for scheduler in (EulerDiscreteScheduler(), DPMSolverMultistepScheduler(), PNDMScheduler(), DDPMScheduler()):
+    # (a DPMSolverMultistepScheduler maps to solver="dpmpp_2m": tests/test_dpm_diffusers.py)
+    for scheduler in (EulerDiscreteScheduler(), PNDMScheduler(), DDPMScheduler()):
         name = type(scheduler).__name__
         with pytest.raises(ValueError, match=name):
             Schedule.from_diffusers_config(scheduler)

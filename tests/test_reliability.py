@@ -41,7 +41,7 @@ BAD_CONSTRUCTION = [
     ("clip order", dict(clip_x0=(1.0, -1.0)), ValueError, "clip_x0 range must have lo < hi"),
     ("clip kind", dict(clip_x0="yes"), TypeError, "clip_x0 must be False, True, a float r"),
     ("check_finite", dict(check_finite=1), TypeError, "check_finite must be True or False"),
-    ("offset w/o leading", dict(steps_offset=1), ValueError, "steps_offset applies to skip='leading' only"),
+    ("offset w/o leading", dict(steps_offset=1), ValueError, "steps_offset applies to skip='leading'"),
 ]
 
 

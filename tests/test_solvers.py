@@ -262,3 +262,67 @@ def test_ten_dpmpp_2m_steps_land_at_most_half_as_far_from_the_ode_as_ten_ddim_st
 
     ddim, dpm = rms("ddim"), rms("dpmpp_2m")
     assert dpm <= 0.5 * ddim, (dpm, ddim)
+
+
+# --- edges --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_a_zero_history_weight_reads_nothing_on_every_backend(backend, device):
+    """At the first step the weight is 0: a NaN left in the buffer must not reach x."""
+    x, m, _ = _inputs((2, 3, 5, 7), torch.float32, device)
+    history = torch.full_like(x, float("nan"))
+    row = [0.0] * P.NUM_COEFS
+    row[P.SQRT_ALPHA_T], row[P.SQRT_ONE_MINUS_ALPHA_T], row[P.C_X0], row[P.C_XT] = math.sqrt(0.3), math.sqrt(0.7), 0.9, 0.4
+    out = _poison(torch.empty_like(x))
+    ops.step(x, m, tuple(row), None, None, 0, False, out, None, backend=backend, history=history)
+    assert torch.isfinite(out).all() and torch.isfinite(history).all()  # and history holds this x̂₀
+
+
+def test_a_history_weight_needs_a_history():
+    x = torch.zeros(4)
+    row = [0.0] * P.NUM_COEFS
+    row[P.SQRT_ALPHA_T], row[P.C_X0_PREV] = 1.0, 0.5
+    with pytest.raises(ValueError, match="no history"):
+        ops.step(x, x, tuple(row), None, None, 0, False, x.clone(), None, backend="torch")
+
+
+def test_native_step_refuses_a_history_that_overlaps_its_output():
+    from ddim_fast.ops.extension import has_native_kernel
+
+    if not has_native_kernel("ddim_step", "cpu"):
+        pytest.skip("the extension's CPU kernels are not built")
+    x = torch.zeros(4)
+    out = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="refer to a single memory location"):
+        torch.ops.ddim_fast.ddim_step(x, x.clone(), 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, None, False, 0.0, 0.0, 0, False, out, None, 0.5, out)
+
+
+def test_a_last_step_that_lands_where_it_starts_is_an_identity_not_an_error():
+    """A grid holding t = 0 with a final ᾱ of ᾱ_0 (set_alpha_to_one=False): h = 0 there."""
+    a0 = float(SCHEDULE.alphas_cumprod64[0])
+    schedule = Schedule.from_betas(SCHEDULE.betas64, final_alpha_cumprod=a0)
+    plan = sampling_plan("dpmpp_2m", schedule, schedule.timesteps(20), 0.0)  # uniform: holds t = 0
+    last = plan.coefs[-1]
+    assert plan.timesteps[-1] == 0 and last[P.C_XT] == 1.0 and last[P.C_X0_PREV] == 0.0
+    assert last[P.C_X0] == pytest.approx(0.0, abs=1e-15)
+    x_T = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = ReferenceSampler(tiny_unet(), schedule, steps=20, solver="dpmpp_2m").sample(x_T)
+    fast = FastSampler(tiny_unet(), schedule, steps=20, solver="dpmpp_2m").sample(x_T)
+    assert max_err(fast, ref) <= 1e-4 * (1 + ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_dpmpp_2m_in_low_precision_on_a_grid_holding_t0(dtype):
+    """ᾱ_0 = 0.9999 is 1 in fp16: the reference's scalars stay float64."""
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    exact = ReferenceSampler(_smooth_model, SCHEDULE, steps=10, solver="dpmpp_2m").sample(x_T.double())
+    low = ReferenceSampler(_smooth_model, SCHEDULE, steps=10, solver="dpmpp_2m").sample(x_T.to(dtype))
+    assert low.dtype == dtype and torch.isfinite(low).all()
+    assert max_err(low, exact) <= 5e-2 * (1 + exact.abs().max().item())
+
+
+def test_the_spec_tells_plans_apart_by_their_coefficients():
+    model = tiny_unet()
+    half, full = (FastSampler(model, SCHEDULE, steps=6, eta=eta)._spec("sampling") for eta in (0.5, 1.0))
+    assert half.noisy == full.noisy and half != full

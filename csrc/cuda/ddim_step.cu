@@ -34,7 +34,8 @@ __device__ __forceinline__ float step_value(float x, float m, float z, float x0_
     x0 = fminf(fmaxf(x0, a.c.lo), a.c.hi);
     if (a.clipped_eps) eps = (x - a.c.sa * x0) / a.c.s1m;
   }
-  float r = a.c.c_x0 * x0 + a.c.c_eps * eps + a.c.c_xt * x + a.c.c_x0_prev * x0_prev;
+  float r = a.c.c_x0 * x0 + a.c.c_eps * eps + a.c.c_xt * x;
+  if (a.c.c_x0_prev != 0.f) r += a.c.c_x0_prev * x0_prev;  // as every backend: a weight of 0 reads nothing
   if (a.has_noise) r += a.c.sigma * z;
   return r;
 }

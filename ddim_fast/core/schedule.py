@@ -122,7 +122,8 @@ class Schedule:
 
     @classmethod
     def from_diffusers_config(cls, config) -> tuple:
-        """(Schedule, sampler options) from a diffusers DDIMScheduler config; see
+        """(Schedule, sampler options) from a diffusers DDIMScheduler or DPMSolverMultistepScheduler
+        (the object or its config); see
         `schedule_from_diffusers_config`. diffusers itself is not needed.
 
             schedule, options = Schedule.from_diffusers_config(scheduler.config)
@@ -300,20 +301,22 @@ def _dpm_options(config) -> tuple:
     its last step's target (final_sigmas_type "zero": ᾱ = 1, "sigma_min": ᾱ_0). Any variant
     solver="dpmpp_2m" does not compute (SDE, third order, Heun, Karras sigmas, thresholding,
     ...) is refused by name."""
+    final_type = _get(config, "final_sigmas_type", "zero")
+    if final_type not in ("zero", "sigma_min"):
+        raise ValueError(f"unknown final_sigmas_type {final_type!r}; expected 'zero' or 'sigma_min'")
     for key, wanted in _DPM_REQUIRED:
         value = _get(config, key, wanted)
-        if value != wanted:
+        # landing on σ = 0, diffusers takes the last step first order whatever these two say
+        same_anyway = key in ("lower_order_final", "euler_at_final") and final_type == "zero"
+        if value != wanted and not same_anyway:
             raise ValueError(
                 f"DPMSolverMultistepScheduler with {key}={value!r} is not what ddim-fast's solver='dpmpp_2m' computes "
                 f"(DPM-Solver++(2M): {key}={wanted!r}); set it, or run the pipeline's own loop"
             )
-    lambda_min = _get(config, "lambda_min_clipped", -math.inf)
-    if lambda_min is not None and math.isfinite(float(lambda_min)):
-        raise ValueError(f"DPMSolverMultistepScheduler with lambda_min_clipped={lambda_min!r} (a clipped grid) is not supported by ddim-fast")
     betas = _diffusers_betas(config)
-    final_type = _get(config, "final_sigmas_type", "zero")
-    if final_type not in ("zero", "sigma_min"):
-        raise ValueError(f"unknown final_sigmas_type {final_type!r}; expected 'zero' or 'sigma_min'")
+    lambda_min = _get(config, "lambda_min_clipped", -math.inf)
+    if lambda_min is not None and _clipped_timesteps(betas, float(lambda_min)) > 0:
+        raise ValueError(f"DPMSolverMultistepScheduler with lambda_min_clipped={lambda_min!r} clips its grid, which ddim-fast does not do")
     final = 1.0 if final_type == "zero" else float(np.cumprod(1.0 - betas)[0])
     spacing = _get(config, "timestep_spacing", "linspace")
     if spacing not in _DPM_SPACING:
@@ -322,6 +325,16 @@ def _dpm_options(config) -> tuple:
     if spacing == "leading":
         options["steps_offset"] = int(_get(config, "steps_offset", 0))
     return Schedule.from_betas(betas, final_alpha_cumprod=final), options
+
+
+def _clipped_timesteps(betas: np.ndarray, lambda_min: float) -> int:
+    """How many of the highest timesteps DPMSolverMultistepScheduler leaves out of its grid for
+    lambda_min_clipped (those with λ below it), with λ in float32 as it computes it."""
+    if not math.isfinite(lambda_min):
+        return 0
+    alphas_cumprod = torch.cumprod(1.0 - torch.from_numpy(betas).float(), dim=0)
+    lam = torch.log(torch.sqrt(alphas_cumprod)) - torch.log(torch.sqrt(1 - alphas_cumprod))
+    return int(torch.searchsorted(torch.flip(lam, [0]), lambda_min))
 
 
 def _diffusers_betas(config) -> np.ndarray:

@@ -255,6 +255,8 @@ def step(x, model_output, coefs, noise, clip, prediction: int, clipped_eps: bool
     then overwritten with this step's x0.
     """
     op = "ddim_step" if cond is None else "guided_step"
+    if coefs[plan.C_X0_PREV] != 0 and history is None:
+        raise ValueError(f"{op}: c_x0_prev is {coefs[plan.C_X0_PREV]} but no history (the previous step's x0) was given")
     be = pick_backend(op, x, backend)
     if be == "torch":
         return fallback.ddim_step(x, model_output, coefs, noise, clip, prediction, clipped_eps, out, x0_out, cond=cond, guidance=guidance, history=history)

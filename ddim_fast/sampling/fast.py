@@ -56,9 +56,10 @@ class FastSampler:
     The algorithm (ReferenceSampler's, same meaning and defaults): steps, eta, skip, clip_x0,
     prediction, steps_offset, use_clipped_model_output, and
     solver: "ddim" (default) or "dpmpp_2m" (DPM-Solver++(2M), Lu et al. 2022: η = 0, the
-        previous step's x̂₀ kept in a buffer; as diffusers' DPMSolverMultistepScheduler with
-        its defaults, whose config Schedule.from_diffusers_config maps to it). encode() is
-        DDIM's inversion whatever the solver.
+        previous step's x̂₀ kept in a buffer; diffusers' DPMSolverMultistepScheduler with
+        its defaults, whose config Schedule.from_diffusers_config maps to it, grid
+        included: give skip="dpm_linspace" or "trailing" yourself, as a grid ending at t = 0
+        ends on a large extrapolation). encode() is DDIM's inversion whatever the solver.
 
     The model as it runs (prepared once per device):
     fuse: True (default) fuses GroupNorm+SiLU in a copy of the model that shares its
@@ -357,7 +358,8 @@ class FastSampler:
         rows = [plan.row(i) for i in range(plan.steps)]
         clip, clipped_eps, prediction = spec.clip, spec.clipped_eps, spec.prediction
         draw = self._noise_drawer(plan, x, stream)
-        history = torch.zeros_like(x, dtype=torch.float32) if spec.history else None
+        # float32, as the kernels read it (float64 for float64 x, on the PyTorch backend)
+        history = torch.zeros_like(x, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32) if spec.history else None
         n = x.shape[0]
 
         def step(i, out, noisy, x0_out):
@@ -419,6 +421,6 @@ class FastSampler:
         o = self.options
         return (
             f"FastSampler(steps={o.steps}, eta={o.eta!r}, skip={o.skip!r}, clip_x0={o.clip}, prediction={o.prediction!r}, "
-            f"dtype={self.dtype}, cuda_graph={self.cuda_graph}, fused_sites={self.fused_sites})"
+            f"solver={o.solver!r}, dtype={self.dtype}, cuda_graph={self.cuda_graph}, fused_sites={self.fused_sites})"
         )
 

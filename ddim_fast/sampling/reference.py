@@ -15,6 +15,8 @@ order. The last step (to x0) has σ = 0 and draws nothing.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..core.options import make_options
@@ -180,36 +182,35 @@ class ReferenceSampler:
             r = (λ_s0 - λ_s1) / h;  D = (1 + 1/(2r)) x̂₀ - 1/(2r) x̂₀_prev
             second order:  x_t = (σ_t / σ_s0) x - α_t (e^{-h} - 1) D
 
-        first order at the first step and at the last when S < 15 or it lands on ᾱ = 1."""
+        first order at the first step and at the last when S < 15 or it lands on ᾱ = 1
+        (dpmpp_2m.second_order: diffusers' rule)."""
         o = self.options
-        ac = self._alphas(x)
         ts = list(reversed(o.grid))
         targets = ts[1:] + [-1]
         steps = len(ts)
-        final_alpha = float(self.schedule.alpha(-1))
         x0_prev = None
         lam_prev = None
         for i, (s0, t_next) in enumerate(zip(ts, targets)):
             t = torch.full((x.shape[0],), s0, dtype=torch.long, device=x.device)
-            a_s0, a_t = ac[s0 + 1], ac[t_next + 1]
-            alpha_s0, sigma_s0 = a_s0.sqrt(), (1 - a_s0).sqrt()
-            alpha_t, sigma_t = a_t.sqrt(), (1 - a_t).sqrt()
-            lam_s0 = alpha_s0.log() - sigma_s0.log()
-            lam_t = alpha_t.log() - sigma_t.log()  # +inf where ᾱ = 1
+            # the scalars in float64: in fp16, ᾱ near 1 rounds to 1 and σ to 0
+            a_s0, a_t = self.schedule.alpha(s0), self.schedule.alpha(t_next)
+            alpha_s0, sigma_s0 = math.sqrt(a_s0), math.sqrt(1 - a_s0)
+            alpha_t, sigma_t = math.sqrt(a_t), math.sqrt(1 - a_t)
+            lam_s0 = math.log(alpha_s0 / sigma_s0)
+            lam_t = math.log(alpha_t / sigma_t) if sigma_t > 0 else math.inf
             h = lam_t - lam_s0
             out = self._model_output(x, t, cond, i, s0)
-            x0_t, _ = self._x0_eps(x, out, a_s0)
+            x0_t, _ = self._x0_eps(x, out, torch.tensor(a_s0, dtype=x.dtype, device=x.device))
             if o.clip is not None:
                 x0_t = x0_t.clamp(*o.clip)
             if x0_preds is not None:
                 x0_preds.append(x0_t)
-            lower_order_final = i == steps - 1 and (steps < dpmpp_2m.LOWER_ORDER_FINAL_BELOW or final_alpha >= 1.0)
-            if x0_prev is None or lower_order_final:
+            if x0_prev is None or not dpmpp_2m.second_order(i, steps, a_s0, a_t):
                 d = x0_t
             else:
                 r = (lam_s0 - lam_prev) / h
                 d = (1 + 1 / (2 * r)) * x0_t - (1 / (2 * r)) * x0_prev
-            x = (sigma_t / sigma_s0) * x - (alpha_t * (torch.exp(-h) - 1)) * d
+            x = (sigma_t / sigma_s0) * x - (alpha_t * math.expm1(-h)) * d  # expm1(-h) = e^{-h} - 1
             x0_prev, lam_prev = x0_t, lam_s0
             if o.check_finite:
                 S.check_finite(x, i, s0)

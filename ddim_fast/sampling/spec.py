@@ -18,14 +18,14 @@ from ..core.plan import StepPlan
 
 @dataclass(frozen=True)
 class StepSpec:
-    """plan: the coefficient rows (not compared: a spec is made once per plan of a sampler,
-    and what tells two plans apart is in the fields below it); encoding: DDIM inversion.
+    """plan: the coefficient rows (compared through `coefs`, their bytes); encoding: DDIM inversion.
     prediction: 0 eps, 1 x0, 2 v. clip: the clamp of x̂₀, (lo, hi) or None. clipped_eps: ε
     recomputed from the clamped x̂₀. has_xt: some step weighs x (c_xt != 0). history: the
     loop keeps the previous x̂₀ (float32, x's layout). noisy: per step, whether it draws
     noise. fast_rng: the step kernel draws it (Philox)."""
 
     plan: StepPlan = field(compare=False, repr=False)
+    coefs: bytes = field(repr=False)  # the plan's rows, compared: another eta or schedule is another spec
     solver: str
     timesteps: tuple
     encoding: bool
@@ -52,6 +52,7 @@ def step_spec(options: SamplerOptions, plan: StepPlan, *, encoding: bool, fast_r
     noisy = tuple(plan.draws_noise(i) for i in range(plan.steps))
     return StepSpec(
         plan=plan,
+        coefs=plan.coefs.tobytes(),
         solver=plan.solver,
         timesteps=plan.timesteps,
         encoding=encoding,

@@ -12,7 +12,11 @@ With α = sqrt(ᾱ), σ = sqrt(1 - ᾱ), λ = log(α / σ) and the step s0 -> t 
 so c_xt = σ_t / σ_s0, c_x0 = A (1 + 1/(2 r0)), c_x0_prev = -A / (2 r0) with
 A = α_t (1 - e^{-h}) = α_t - α_s0 σ_t / σ_s0 (no infinity when the last step lands on
 ᾱ = 1, σ = 0). First order at the first step (no history yet) and at the last when S < 15
-or it lands on σ = 0 (diffusers' lower_order_final and final_sigmas_type="zero").
+or it lands on σ = 0 (diffusers' lower_order_final and final_sigmas_type="zero"), or where
+it starts (a grid holding t = 0 with a final ᾱ of ᾱ_0: an identity step). A grid that ends
+at t = 0 ends with a large jump in λ (r0 near 0.2 on the linear schedule at S = 10: weights
+near 3.3 and -2.3 on the two x̂₀); diffusers' grids (dpm_linspace, dpm_leading, trailing)
+leave t = 0 out.
 """
 
 from __future__ import annotations
@@ -38,11 +42,14 @@ def _lambda(a: float) -> float:
     return math.inf if a >= 1.0 else 0.5 * math.log(a / (1.0 - a))
 
 
-def second_order(i: int, steps: int, final_alpha: float) -> bool:
-    """Whether step i (of `steps`) uses the previous x̂₀."""
+def second_order(i: int, steps: int, alpha_from: float, alpha_to: float) -> bool:
+    """Whether step i (of `steps`), from ᾱ = alpha_from to alpha_to, uses the previous x̂₀:
+    not at the first (no history yet); at the last, not when S < 15 or it lands on ᾱ = 1
+    (diffusers' lower_order_final, final_sigmas_type="zero"), nor when it lands where it
+    starts (a grid holding t = 0 with a final ᾱ of ᾱ_0: h = 0, an identity step)."""
     if i == 0:
         return False
-    if i == steps - 1 and (steps < LOWER_ORDER_FINAL_BELOW or final_alpha >= 1.0):
+    if i == steps - 1 and (steps < LOWER_ORDER_FINAL_BELOW or alpha_to >= 1.0 or alpha_to == alpha_from):
         return False
     return True
 
@@ -64,7 +71,7 @@ def sampling_plan(schedule, grid: list[int], eta=0.0) -> StepPlan:
         row = coefs[i]
         row[SQRT_ALPHA_T], row[SQRT_ONE_MINUS_ALPHA_T] = alpha_s0, sigma_s0
         row[C_XT] = sigma_t / sigma_s0
-        if not second_order(i, steps, schedule.alpha(-1)):
+        if not second_order(i, steps, a_s0, a_t):
             row[C_X0] = first_order_weight
             continue
         h = _lambda(a_t) - _lambda(a_s0)
