@@ -12,6 +12,19 @@ SMALL = dict(ch=32, out_ch=3, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resoluti
 CIFAR10_CH64 = dict(ch=64, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, in_channels=3, resolution=32)
 
 
+def sampling_call(sampler, x_T: torch.Tensor, **sample_kwargs):
+    """run(): sampler.sample(x_T, **sample_kwargs), ending with a device synchronisation on CUDA
+    (a timed call ends when the GPU's work does)."""
+
+    def run():
+        out = sampler.sample(x_T, **sample_kwargs)
+        if x_T.is_cuda:
+            torch.cuda.synchronize()
+        return out
+
+    return run
+
+
 @functools.lru_cache(maxsize=None)
 def get_model(name: str, device: str) -> torch.nn.Module:
     """"digits": the embedded model; "small": a small UNet of the standard architecture;

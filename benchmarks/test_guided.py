@@ -23,7 +23,7 @@ from ddim_fast import FastSampler, ReferenceSampler, Schedule, UNet
 
 from ddim_fast.apps.train import DIGITS_COND_MODEL_CONFIG
 
-from ._models import in_dtype
+from ._models import in_dtype, sampling_call
 
 SCHEDULE = Schedule.linear()
 GUIDANCE = 7.5
@@ -105,12 +105,7 @@ def test_guided_sample(benchmark, bench_config, compile_budget, impl, dtype, mod
     benchmark.group = f"guided-{model}-S{steps}-b{batch}"
     benchmark.extra_info.update(impl=impl, dtype=dtype, steps=steps, batch=batch, model=model, device=device, guidance=GUIDANCE)
 
-    def run():
-        out = sampler.sample(x_T, **kw)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
-
+    run = sampling_call(sampler, x_T, **kw)
     if not benchmark.disabled:
         # warm-up outside the clock: the graph capture (fast on a GPU) or a short run (oneDNN's
         # set-up, the compile) of the same model

@@ -24,7 +24,7 @@ import torch
 
 from ddim_fast import FastSampler, ReferenceSampler, Schedule
 
-from ._models import get_model, in_dtype, sample_shape
+from ._models import get_model, in_dtype, sample_shape, sampling_call
 
 SCHEDULE = Schedule.linear()
 
@@ -75,12 +75,7 @@ def test_sample(benchmark, bench_config, compile_budget, impl, dtype, model, bat
     benchmark.group = f"sample-{model}-S{steps}-b{batch}"
     benchmark.extra_info.update(impl=impl, dtype=dtype, steps=steps, batch=batch, model=model, device=device)
 
-    def run():
-        out = sampler.sample(x_T)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
-
+    run = sampling_call(sampler, x_T)
     if not benchmark.disabled:
         # warm-up outside the clock: the graph capture (fast on GPU) or a short run
         # (oneDNN primitives, torch.compile) of the same model

@@ -13,7 +13,7 @@ import torch
 
 from ddim_fast import FastSampler, Schedule
 
-from ._models import get_model, sample_shape
+from ._models import get_model, sample_shape, sampling_call
 
 SCHEDULE = Schedule.linear()
 RUNS = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("dpmpp_2m", 10), ("dpmpp_2m", 20)]
@@ -38,12 +38,7 @@ def test_solver(benchmark, bench_config, solver, steps, model, batch):
     benchmark.group = f"solvers-{model}-b{batch}"
     benchmark.extra_info.update(solver=solver, steps=steps, batch=batch, model=model, device=device, dtype="fp32")
 
-    def run():
-        out = sampler.sample(x_T)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
-
+    run = sampling_call(sampler, x_T)
     if not benchmark.disabled:
         run()  # outside the clock: the capture on a GPU, oneDNN's set-up on a CPU
     out = benchmark(run)

@@ -15,7 +15,7 @@ from ddim_fast.core import plan as P
 from ddim_fast.core.solvers import SOLVERS, sampling_plan
 
 from .conftest import max_err, requires_triton_interpreter, tiny_unet
-from .test_ops import BACKENDS, DTYPES, _close, _inputs, _poison
+from .test_ops import BACKENDS, DTYPES, _close, _inputs, _poison, native_cpu
 
 SCHEDULE = Schedule.linear()
 
@@ -151,11 +151,8 @@ def test_step_reads_and_rewrites_the_history(backend, device, dtype, atol, rtol,
         assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+@native_cpu
 def test_native_step_refuses_a_weight_without_a_history():
-    from ddim_fast.ops.extension import has_native_kernel
-
-    if not has_native_kernel("ddim_step", "cpu"):
-        pytest.skip("the extension's CPU kernels are not built")
     x = torch.zeros(4)
     with pytest.raises(RuntimeError, match="no history tensor"):
         torch.ops.ddim_fast.ddim_step(x, x, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, None, False, 0.0, 0.0, 0, False, x.clone(), None, 0.5, None)
@@ -287,11 +284,8 @@ def test_a_history_weight_needs_a_history():
         ops.step(x, x, tuple(row), None, None, 0, False, x.clone(), None, backend="torch")
 
 
+@native_cpu
 def test_native_step_refuses_a_history_that_overlaps_its_output():
-    from ddim_fast.ops.extension import has_native_kernel
-
-    if not has_native_kernel("ddim_step", "cpu"):
-        pytest.skip("the extension's CPU kernels are not built")
     x = torch.zeros(4)
     out = torch.zeros(4)
     with pytest.raises(RuntimeError, match="refer to a single memory location"):

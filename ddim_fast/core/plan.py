@@ -13,6 +13,7 @@ one row of these coefficients per step. The samplers and the kernels know nothin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,4 +67,13 @@ class StepPlan:
 
 def empty_coefs(steps: int) -> np.ndarray:
     return np.zeros((steps, NUM_COEFS), dtype=np.float64)
+
+
+def set_prediction_columns(row: np.ndarray, a_t: float, t: int, *, encoding: bool = False) -> None:
+    """The row's sqrt(α_t) and sqrt(1 - α_t) at the model's timestep t: how every step reads x̂₀
+    and ε off the model output. α_t = 0 (a beta of 1) leaves x̂₀ undefined: refused."""
+    if a_t <= 0:
+        what = f"cannot encode to t={t}" if encoding else f"x0 cannot be predicted there; use a grid without t={t}"
+        raise ValueError(f"alpha_t is 0 at timestep {t} (a beta of 1): {what}")
+    row[SQRT_ALPHA_T], row[SQRT_ONE_MINUS_ALPHA_T] = math.sqrt(a_t), math.sqrt(1.0 - a_t)
 

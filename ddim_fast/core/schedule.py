@@ -205,7 +205,6 @@ _OTHER_SCHEDULER_KEYS = (
 _DDIM_OWN_KEYS = ("clip_sample", "set_alpha_to_one")
 DDIM_SCHEDULERS = ("DDIMScheduler",)
 DPM_SCHEDULERS = ("DPMSolverMultistepScheduler",)
-SUPPORTED_SCHEDULERS = DDIM_SCHEDULERS + DPM_SCHEDULERS
 
 
 def _scheduler_config(config) -> tuple:

@@ -35,7 +35,7 @@ from .conditioning import NONE, Conditioning, GuidanceBuffers, cast_kwargs, make
 from .capture import EMULATE, check_emulation
 from .graph import GRAPH_MODES, GraphCache
 from .noise import NoiseStream, initial_noise, philox_seed
-from .spec import StepSpec, step_spec
+from .spec import StepSpec, history_buffer, step_spec
 
 
 class _Preparation:
@@ -358,8 +358,7 @@ class FastSampler:
         rows = [plan.row(i) for i in range(plan.steps)]
         clip, clipped_eps, prediction = spec.clip, spec.clipped_eps, spec.prediction
         draw = self._noise_drawer(plan, x, stream)
-        # float32, as the kernels read it (float64 for float64 x, on the PyTorch backend)
-        history = torch.zeros_like(x, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32) if spec.history else None
+        history = history_buffer(spec, x)
         n = x.shape[0]
 
         def step(i, out, noisy, x0_out):
@@ -387,7 +386,7 @@ class FastSampler:
         philox = spec.fast_rng
         seed = philox_seed(stream.generator_or_default(dev), dev) if philox else None
         draw = None if philox else self._noise_drawer(plan, x, stream)
-        history = torch.zeros_like(x, dtype=torch.float32) if spec.history else None
+        history = history_buffer(spec, x)
         n = x.shape[0]
 
         def step(i, out, noisy, x0_out):  # out: in x's layout (_eager sees to it)

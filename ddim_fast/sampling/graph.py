@@ -62,7 +62,7 @@ from .capture import host_syncs_reported, restore_after_failed_capture
 from .common import call_model, check_model_output, laid_out_like
 from .noise import NoiseStream, philox_seed
 from .conditioning import NONE, Conditioning, GuidanceBuffers, copy_into, signature, static_copy
-from .spec import StepSpec
+from .spec import StepSpec, history_buffer
 
 GRAPH_MODES = ("step", "loop")
 __all__ = ["CapturedLoop", "GraphCache", "GRAPH_MODES", "foreign_noise_device"]
@@ -161,7 +161,7 @@ class CapturedLoop:
             self.z_buf = self.z_draw if same else torch.empty_like(x, dtype=torch.float32)
         self.seed = torch.zeros(1, dtype=torch.int64, device=dev) if self.fast_rng else None
         self.gen = torch.Generator(device=dev) if self.z_buf is not None else None
-        self.history = torch.zeros_like(self.x, dtype=torch.float32) if spec.history else None
+        self.history = history_buffer(spec, self.x)
         self._k = k
         self._model = model
         self.table = model.time_table(plan.timesteps) if runs_from_table(model) else None

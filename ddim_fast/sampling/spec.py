@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 from ..core.checks import PREDICTION_CODE
 from ..core.options import SamplerOptions
 from ..core.plan import StepPlan
@@ -44,6 +46,15 @@ class StepSpec:
     @property
     def draws_noise(self) -> bool:
         return any(self.noisy)
+
+
+def history_buffer(spec: StepSpec, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """A multistep solver's previous x̂₀, zeroed, in x's layout: float32 as every step kernel
+    reads it (float64 for float64 x, which only the PyTorch backend takes); None when the spec
+    needs none. Made once per loop, before its steps."""
+    if not spec.history:
+        return None
+    return torch.zeros_like(x, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 def step_spec(options: SamplerOptions, plan: StepPlan, *, encoding: bool, fast_rng: bool) -> StepSpec:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from ..checks import ETA_DDPM_NOISY, check_eta
-from ..plan import C_EPS, C_X0, C_XT, SIGMA, SQRT_ALPHA_T, SQRT_ONE_MINUS_ALPHA_T, StepPlan, empty_coefs
+from ..plan import C_EPS, C_X0, C_XT, SIGMA, StepPlan, empty_coefs, set_prediction_columns
 
 NAME = "ddim"
 
@@ -29,10 +29,8 @@ def sampling_plan(schedule, grid: list[int], eta) -> StepPlan:
     coefs = empty_coefs(len(ts))
     for i, (t, s) in enumerate(zip(ts, prev)):
         a_t, a_s = schedule.alpha(t), schedule.alpha(s)
-        if a_t <= 0:
-            raise ValueError(f"alpha_t is 0 at timestep {t} (a beta of 1): x0 cannot be predicted there; use a grid without t={t}")
         row = coefs[i]
-        row[SQRT_ALPHA_T], row[SQRT_ONE_MINUS_ALPHA_T] = math.sqrt(a_t), math.sqrt(1.0 - a_t)
+        set_prediction_columns(row, a_t, t)
         if eta == ETA_DDPM_NOISY:
             beta = max(1.0 - a_t / a_s, 0.0)
             row[C_X0] = math.sqrt(a_s) * beta / (1.0 - a_t)
@@ -59,10 +57,8 @@ def encoding_plan(schedule, grid: list[int]) -> StepPlan:
     coefs = empty_coefs(len(ts))
     for i, (s, t) in enumerate(zip(starts, ts)):
         a_t, a_s = schedule.alpha(t), schedule.alpha(s)
-        if a_t <= 0:
-            raise ValueError(f"alpha_t is 0 at timestep {t} (a beta of 1): cannot encode to t={t}")
         row = coefs[i]
-        row[SQRT_ALPHA_T], row[SQRT_ONE_MINUS_ALPHA_T] = math.sqrt(a_t), math.sqrt(1.0 - a_t)
+        set_prediction_columns(row, a_t, t, encoding=True)
         row[C_EPS] = math.sqrt(1.0 - a_t) - math.sqrt(a_t * (1.0 - a_s) / a_s)
         row[C_XT] = math.sqrt(a_t / a_s)
     return StepPlan(tuple(ts), tuple(starts), coefs, NAME)

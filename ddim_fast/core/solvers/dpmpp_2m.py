@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 
 from ..checks import check_eta
-from ..plan import C_X0, C_X0_PREV, C_XT, SQRT_ALPHA_T, SQRT_ONE_MINUS_ALPHA_T, StepPlan, empty_coefs
+from ..plan import C_X0, C_X0_PREV, C_XT, SQRT_ALPHA_T, SQRT_ONE_MINUS_ALPHA_T, StepPlan, empty_coefs, set_prediction_columns
 
 NAME = "dpmpp_2m"
 LOWER_ORDER_FINAL_BELOW = 15  # diffusers: first order at the last step when S < 15
@@ -63,13 +63,11 @@ def sampling_plan(schedule, grid: list[int], eta=0.0) -> StepPlan:
     coefs = empty_coefs(steps)
     for i, (s0, t) in enumerate(zip(ts, prev)):
         a_s0, a_t = schedule.alpha(s0), schedule.alpha(t)
-        if a_s0 <= 0:
-            raise ValueError(f"alpha_t is 0 at timestep {s0} (a beta of 1): x0 cannot be predicted there; use a grid without t={s0}")
-        alpha_s0, sigma_s0 = math.sqrt(a_s0), math.sqrt(1.0 - a_s0)
+        row = coefs[i]
+        set_prediction_columns(row, a_s0, s0)
+        alpha_s0, sigma_s0 = row[SQRT_ALPHA_T], row[SQRT_ONE_MINUS_ALPHA_T]
         alpha_t, sigma_t = math.sqrt(a_t), math.sqrt(1.0 - a_t)
         first_order_weight = alpha_t - alpha_s0 * sigma_t / sigma_s0  # α_t (1 - e^{-h})
-        row = coefs[i]
-        row[SQRT_ALPHA_T], row[SQRT_ONE_MINUS_ALPHA_T] = alpha_s0, sigma_s0
         row[C_XT] = sigma_t / sigma_s0
         if not second_order(i, steps, a_s0, a_t):
             row[C_X0] = first_order_weight
