@@ -320,3 +320,33 @@ def test_the_spec_tells_plans_apart_by_their_coefficients():
     model = tiny_unet()
     half, full = (FastSampler(model, SCHEDULE, steps=6, eta=eta)._spec("sampling") for eta in (0.5, 1.0))
     assert half.noisy == full.noisy and half != full
+
+
+
+
+@requires_triton_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_loop_guided_dpmpp_2m_in_the_default_layout_tracks_float64(dtype):
+    """The captured loop's own code with users' defaults: channels_last, 3 channels, guided
+    (class labels), against the float64 reference: fp32 to rounding, bf16 held to PyTorch's
+    own error at that precision (the model cast, in an fp32 loop) plus storing x in bf16."""
+    import copy
+
+    from .conftest import CastModel
+
+    model = tiny_unet(in_channels=3, num_classes=10)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    guided = dict(model_kwargs={"class_labels": torch.tensor([3, 7])}, guidance_scale=3.0, uncond_kwargs={"class_labels": torch.full((2,), model.null_label)})
+    plan = dict(steps=8, skip="dpm_linspace", solver="dpmpp_2m")
+    exact = ReferenceSampler(copy.deepcopy(model).double(), SCHEDULE, **plan).sample(x_T.double(), **guided)
+    fast = FastSampler(model, SCHEDULE, **plan, cuda_graph="emulate", dtype=dtype)
+    got = fast.sample(x_T, **guided)
+    assert got.dtype == dtype
+    scale = exact.abs().max().item()
+    if dtype == torch.float32:
+        assert max_err(got, exact) <= 1e-4 * (1 + scale)
+    else:
+        own = max_err(ReferenceSampler(CastModel(model, dtype), SCHEDULE, **plan).sample(x_T, **guided), exact)
+        assert 0 < own and max_err(got, exact) <= 2 * own + torch.finfo(dtype).eps * scale, (max_err(got, exact), own)
+    (loop,) = fast._graphs._entries.values()
+    assert loop.guide is not None and loop.history is not None and loop.x.is_contiguous(memory_format=torch.channels_last)
