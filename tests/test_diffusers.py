@@ -229,13 +229,17 @@ def test_fusion_pass_on_unet2dcondition():
 
 
 def test_fast_sampler_tables_the_time_embeddings_of_unet2dcondition():
-    """The SD-shaped UNet runs as a TabledUNet2D (its embedding depends on t alone), with the
-    conditioning passed through; per step its time MLP and every ResNet block's time
-    projection are gone (cross-attention's linears stay)."""
+    """An SD-shaped UNet that the lean rewrite (models/sd_lean.py) does not fit (here: a
+    custom attention processor) runs as a TabledUNet2D (its embedding depends on t alone),
+    with the conditioning passed through; per step its time MLP and every ResNet block's
+    time projection are gone (cross-attention's linears stay)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
     from ddim_fast.apps.opcount import ops_per_step
     from ddim_fast.models.diffusers_lean import TabledUNet2D
 
     unet = _unet2d_condition()
+    unet.set_attn_processor(AttnProcessor())
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     kw = dict(model_kwargs={"encoder_hidden_states": torch.randn(2, 5, 16)}, guidance_scale=3.0, uncond_kwargs={"encoder_hidden_states": torch.zeros(2, 5, 16)})
     sampler = FastSampler(unet, Schedule.linear(), steps=4)

@@ -2,7 +2,8 @@
 other module as a copy sharing the caller's weights (cast when the sampling dtype
 differs) with GroupNorm+SiLU fused, no dropout (in eval mode), channels_last conv weights
 when asked and, on CUDA, SDPA attention; a diffusers UNet2DModel then takes its time
-embeddings from a table (models/diffusers_lean.py) where its structure allows."""
+embeddings from a table (models/diffusers_lean.py) where its structure allows, and a
+UNet2DConditionModel becomes a LeanConditionUNet (models/sd_lean.py) where it fits."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from .diffusers_lean import TabledUNet2D, is_tableable
 from .fuse import fuse_groupnorm_silu, share_copy
 from .lean import LeanUNet, is_lean_convertible
+from .sd_lean import LeanConditionUNet, lean_refusal
 from .unet import AttnBlock
 
 
@@ -37,21 +39,31 @@ def model_dtype(model) -> Optional[torch.dtype]:
 
 
 def prepare_model(model, *, device: torch.device, dtype: torch.dtype, fuse, channels_last: bool, lean: bool = True) -> tuple:
-    """(the model to run on `device`, how many GroupNorm+SiLU sites were fused).
+    """(the model to run on `device`, how many GroupNorm+SiLU sites were fused, why a
+    UNet2DConditionModel does not run lean: a one-line note, or None).
 
-    lean (with fuse=True): ddim_fast's UNet becomes a LeanUNet in `dtype` and the layout
-    asked for (copies of the weights, made once), and a UNet2DModel a TabledUNet2D where
-    its structure allows. Otherwise fuse: True fuses a copy that shares the caller's
+    lean (with fuse=True): ddim_fast's UNet becomes a LeanUNet and diffusers'
+    UNet2DConditionModel a LeanConditionUNet where it fits, in `dtype` and the layout
+    asked for (copies of the weights, made once); a UNet2DModel (and a
+    UNet2DConditionModel that does not fit) a TabledUNet2D where its structure allows. Otherwise fuse: True fuses a copy that shares the caller's
     weights (its dropout modules gone when in eval mode), "inplace" fuses the caller's
     module itself, False runs it as is; a module whose dtype differs from `dtype` runs as a
     cast copy; channels_last: 4-d weights get a channels_last copy. A callable that is not
     a module is returned as it is.
     """
     if not isinstance(model, torch.nn.Module):
-        return model, 0
+        return model, 0, None
     if lean and fuse is True and is_lean_convertible(model):
         lean_model = LeanUNet.from_unet(model, dtype=dtype, channels_last=channels_last)
-        return lean_model, lean_model.fused_sites
+        return lean_model, lean_model.fused_sites, None
+    note = None
+    if lean and fuse is True and type(model).__name__ == "UNet2DConditionModel":
+        note = lean_refusal(model)
+        if note is None and model.training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+            note = "it is in training mode, with dropout"
+        if note is None:
+            lean_model = LeanConditionUNet.from_unet(model, dtype=dtype, channels_last=channels_last)
+            return lean_model, lean_model.fused_sites, None
     fused = 0
     mdtype = model_dtype(model)
     if mdtype is not None and mdtype != dtype:
@@ -73,7 +85,7 @@ def prepare_model(model, *, device: torch.device, dtype: torch.dtype, fuse, chan
                 m.use_sdpa = True
     if lean and fuse is True and is_tableable(model):
         model = TabledUNet2D(model)
-    return model, fused
+    return model, fused, note
 
 
 # FastSampler's compile= values, and the torch.compile mode of each: never one that captures
@@ -96,7 +108,7 @@ def compile_model(model, compile):
 def runs_from_table(model) -> bool:
     """Whether a prepared model takes its time embeddings from a table made once per plan:
     `time_table(timesteps)` before the loop, then `forward_rows(x, table[i])` at step i."""
-    return isinstance(model, (LeanUNet, TabledUNet2D))
+    return isinstance(model, (LeanUNet, LeanConditionUNet, TabledUNet2D))
 
 
 def _drop_dropout(model: torch.nn.Module) -> None:

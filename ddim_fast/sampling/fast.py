@@ -16,6 +16,7 @@ for the order), so the two agree to float rounding for any η.
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Optional
 
@@ -45,6 +46,7 @@ class _Preparation:
         self.device: Optional[torch.device] = None
         self.model = None
         self.fused_sites = 0
+        self.lean_note: Optional[str] = None
 
 
 class FastSampler:
@@ -169,7 +171,9 @@ class FastSampler:
         prep = self._preparation
         if prep.model is not None and prep.device == device:
             return prep.model
-        model, prep.fused_sites = prepare_model(self.model, device=device, dtype=self.dtype, fuse=self._fuse, channels_last=self._channels_last(device), lean=self.lean)
+        model, prep.fused_sites, prep.lean_note = prepare_model(self.model, device=device, dtype=self.dtype, fuse=self._fuse, channels_last=self._channels_last(device), lean=self.lean)
+        if prep.lean_note is not None:
+            print(f"ddim_fast: {type(self.model).__name__} runs without the lean rewrite: {prep.lean_note}", file=sys.stderr, flush=True)
         if self.compile is not False:
             model = compile_model(model, self.compile)
         prep.device, prep.model = device, model
@@ -179,6 +183,11 @@ class FastSampler:
     def fused_sites(self) -> int:
         """How many GroupNorm+SiLU sites the prepared model runs fused (0 before the first run)."""
         return self._preparation.fused_sites
+
+    @property
+    def lean_note(self) -> Optional[str]:
+        """Why a UNet2DConditionModel runs without the lean rewrite (None when it runs lean, or before the first run)."""
+        return self._preparation.lean_note
 
     def _sibling(self, schedule: Schedule, **algorithm) -> "FastSampler":
         """A sampler of the same model and engine options with another schedule and algorithm
@@ -283,6 +292,8 @@ class FastSampler:
         kw = cond.kwargs
         if runs_from_table(model):  # the time embeddings of the whole plan, once
             table = model.time_table(plan.timesteps)
+            if hasattr(model, "run_inputs"):  # what depends on the prompt alone, once per run
+                table, kw = model.run_inputs(table, kw)
             return lambda x, i: model.forward_rows(x, table[i], **kw)  # noqa: E731
         t_table = torch.tensor(plan.timesteps, dtype=torch.long, device=device).repeat_interleave(batch).view(plan.steps, batch)
         return lambda x, i: S.call_model(model, x, t_table[i], **kw)  # noqa: E731

@@ -165,6 +165,10 @@ class CapturedLoop:
         self._k = k
         self._model = model
         self.table = model.time_table(plan.timesteps) if runs_from_table(model) else None
+        # what depends on the prompt alone (a model's run_inputs: cross-attention K and V, ...):
+        # once per run before the steps, which read its outputs (in a graph: static buffers)
+        self._run_inputs = getattr(model, "run_inputs", None) if self.table is not None else None
+        self.step_table, self.step_kwargs = self.table, self.kwargs
         self._shape = tuple(x.shape)
         self._output_checked = False
         self.out_buf = None  # the model output in x's layout, made if the model returns another
@@ -181,10 +185,12 @@ class CapturedLoop:
         with torch.cuda.stream(side):
             for noisy in sorted(set(self.noisy)):
                 self._reset()
+                self._prologue()
                 self._one_step(noisy)
             with host_syncs_reported() as syncs:
                 for noisy in sorted(set(self.noisy)):
                     self._reset()
+                    self._prologue()
                     self._one_step(noisy)
         torch.cuda.current_stream(dev).wait_stream(side)
         if syncs:
@@ -204,10 +210,16 @@ class CapturedLoop:
             self._register(g)
             self._reset()
             with torch.cuda.graph(g, pool=pool):
+                self._prologue()
                 for i in range(self.plan.steps):
                     self._one_step(self.noisy[i])
             self.graphs["loop"] = g
         else:
+            if self._run_inputs is not None:  # its outputs, made in the pool, stay the steps' inputs
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    self._prologue()
+                self.graphs["prologue"] = g
             for noisy in sorted(set(self.noisy)):
                 g = torch.cuda.CUDAGraph()
                 self._register(g)
@@ -230,6 +242,10 @@ class CapturedLoop:
         if self.history is not None:
             self.history.zero_()
 
+    def _prologue(self):
+        if self._run_inputs is not None:
+            self.step_table, self.step_kwargs = self._run_inputs(self.table, self.kwargs)
+
     def _load(self, x: torch.Tensor) -> None:
         self.x.copy_(x)
         if self.guide is not None:
@@ -243,7 +259,7 @@ class CapturedLoop:
         one in another layout (a wrapper's .contiguous(), a slice of a 2C output) is copied
         into a buffer laid out like x."""
         if self.table is not None:
-            out = self._model.forward_rows(self.x_buf, self.table.index_select(0, self.step)[0], **self.kwargs)
+            out = self._model.forward_rows(self.x_buf, self.step_table.index_select(0, self.step)[0], **self.step_kwargs)
         else:
             out = call_model(self._model, self.x_buf, self.t_buf, **self.kwargs)
         if not self._output_checked:
@@ -325,11 +341,14 @@ class CapturedLoop:
         if self.seed is not None:
             self.seed.copy_(philox_seed(stream.generator_or_default(dev), dev))
         if not self.graphs:  # not captured (emulated): the same steps, launched one by one
+            self._prologue()
             for i in range(self.plan.steps):
                 self._one_step(self.noisy[i])
         elif self.mode == "loop":
             self.graphs["loop"].replay()
         else:
+            if "prologue" in self.graphs:
+                self.graphs["prologue"].replay()
             for i in range(self.plan.steps):
                 self.graphs[self.noisy[i]].replay()
         if source is not None:
