@@ -126,9 +126,9 @@ def main():
         long_description=open(os.path.join(ROOT, "README.md")).read(),
         long_description_content_type="text/markdown",
         python_requires=">=3.10",
-        packages=find_packages(include=["ddim_fast", "ddim_fast.*"]) + ["ddim_fast.kernels", "ddim_fast._csrc"],
-        # kernels/ installs as ddim_fast.kernels; csrc/ as ddim_fast/_csrc, the sources of a first-use build
-        package_dir={"ddim_fast": "ddim_fast", "ddim_fast.kernels": "kernels", "ddim_fast._csrc": "csrc"},
+        packages=find_packages(include=["ddim_fast", "ddim_fast.*"]) + ["ddim_fast._csrc"],
+        # csrc/ installs as ddim_fast/_csrc, the sources of a first-use build
+        package_dir={"ddim_fast": "ddim_fast", "ddim_fast._csrc": "csrc"},
         package_data={
             "ddim_fast.apps.pretrained": ["*.pt"],
             "ddim_fast.apps.data": ["*.npz", "README.md"],

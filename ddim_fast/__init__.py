@@ -13,7 +13,7 @@ The package is layered; each layer imports only the ones before it (tests/test_l
 checks it):
 
     core      schedules, timestep grids, step plans, argument checks (no torch.nn)
-    kernels   the Triton kernels (the folder kernels/ of the repository)
+    kernels   the Triton kernels, one family per file
     ops       the fused operators: dispatch, the native extension, fake kernels, fallbacks
     models    the UNet, checkpoints, the fusion pass and its rules, diffusers adapters
     sampling  ReferenceSampler, FastSampler and the captured CUDA-graph loop

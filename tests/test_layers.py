@@ -26,9 +26,9 @@ MAX_LINES = 450
 
 
 def _source_files():
-    """{module name: path} of ddim_fast/ and kernels/ (installed as ddim_fast.kernels)."""
+    """{module name: path} of ddim_fast/."""
     found = {}
-    for folder, package in (("ddim_fast", "ddim_fast"), ("kernels", "ddim_fast.kernels")):
+    for folder, package in (("ddim_fast", "ddim_fast"),):
         top = os.path.join(ROOT, folder)
         for dirpath, dirnames, filenames in os.walk(top):
             dirnames[:] = [d for d in dirnames if d != "__pycache__"]

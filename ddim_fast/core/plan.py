@@ -1,7 +1,7 @@
 """Step plans: what every step of a solver does, its coefficients computed once in float64.
 
 Every step of every solver is the one fused update the step kernels compute (ops.step,
-kernels/ddim_step.py, csrc/*/ddim_step.*):
+ddim_fast/kernels/ddim_step.py, csrc/*/ddim_step.*):
 
     x̂₀, ε  from (x, model output) with sqrt(α_t), sqrt(1 - α_t)   (x̂₀ clamped if asked)
     x_next = c_x0·x̂₀ + c_eps·ε + c_xt·x + c_x0_prev·x̂₀_prev + sigma·z

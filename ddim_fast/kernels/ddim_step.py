@@ -152,7 +152,7 @@ def launch(
     row's c_x0_prev), overwritten with this step's. out may be x (the step in place).
     Allocates nothing (but a placeholder per device and dtype, once): safe inside a CUDA
     graph capture. traceable: the launch through torch.library.wrap_triton
-    (kernels/_wrap.py; inside the triton_ops below, for torch.compile).
+    (_wrap.py; inside the triton_ops below, for torch.compile).
     """
     n = x.numel()
     if n == 0:

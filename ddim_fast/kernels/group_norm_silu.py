@@ -290,7 +290,7 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight, bias, eps: float, a
     b = bias.to(**f32).contiguous() if bias is not None else torch.zeros(C, **f32)
     ab_stride_n = C if add_bias is not None and add_bias.dim() == 2 else 0
     has_add, has_res = add_bias is not None, residual is not None
-    # pointers whose flag is off get placeholders, never another argument (kernels/_wrap.py)
+    # pointers whose flag is off get placeholders, never another argument (_wrap.py)
     ab = add_bias.to(**f32).contiguous() if has_add else _placeholder(x.device, torch.float32, traceable)
     r = residual if has_res else _placeholder(x.device, x.dtype, traceable)
     s_out = s if has_res else _placeholder(x.device, x.dtype, traceable)
