@@ -48,6 +48,14 @@ TORCH_LIBRARY(ddim_fast, m) {
   m.def(
       "add_group_norm_act(Tensor x, Tensor residual, int num_groups, Tensor? weight, Tensor? bias, "
       "Tensor? add_bias, float eps, bool silu) -> (Tensor, Tensor)");
+  // A transformer layer's residual add and the LayerNorm after it, over the last dimension:
+  // s = x + residual (written, rounded to x's dtype: the next residual), y = layer_norm(s,
+  // weight, bias, eps), statistics in fp32. Returns (s, y); x and residual contiguous, of one
+  // shape and dtype; weight and bias (D,) in x's dtype or float32, or absent (1 and 0).
+  m.def("add_layer_norm(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor)");
+  // GEGLU after its projection: h = [a, gate] along the last dimension (contiguous), out =
+  // a * gelu(gate) with the exact (erf) GELU, in fp32 and rounded once.
+  m.def("geglu(Tensor h) -> Tensor");
 }
 
 // `import ddim_fast._C` loads this library, and with it the registrations above.

@@ -61,7 +61,9 @@ def test_every_ops_entry_point_compiles_without_a_graph_break():
         h = ops.group_norm_silu(x, 4, w, b, 1e-6)
         g = ops.group_norm_act(h, 4, w, b, 1e-6, silu=False)
         s, y = ops.group_norm_act(g, 4, w, b, 1e-6, silu=True, residual=r)
-        x0 = ops.predict_x0(y, eps, 0.6, clip=(-1.0, 1.0))
+        t, n = ops.add_layer_norm(s, y, eps=1e-5)  # over the last dimension
+        gated = ops.geglu(torch.cat([t, n], dim=-1))
+        x0 = ops.predict_x0(gated, eps, 0.6, clip=(-1.0, 1.0))
         return ops.ddim_step(s, eps, 0.6, 0.8, 0.1, noise=x0) + x0
 
     args = [torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(i)) for i in range(2)] + [torch.randn(8), torch.randn(8), torch.randn(2, 8, 5, 5)]
@@ -81,7 +83,9 @@ def test_every_ops_entry_point_compiles_on_cuda_and_inductor_sees_the_triton_ker
         h = ops.group_norm_silu(x, 4, w, b, 1e-6, add_bias=w, backend=backend)
         g = ops.group_norm_act(h, 4, w, b, 1e-6, silu=False, backend=backend)
         s, y = ops.group_norm_act(g, 4, w, b, 1e-6, silu=True, residual=r, backend=backend)
-        x0 = ops.predict_x0(y, eps, 0.6, clip=(-1.0, 1.0), backend=backend)
+        t, n = ops.add_layer_norm(s, y, eps=1e-5, backend=backend)
+        gated = ops.geglu(torch.cat([t, n], dim=-1), backend=backend)
+        x0 = ops.predict_x0(gated, eps, 0.6, clip=(-1.0, 1.0), backend=backend)
         return ops.ddim_step(s, eps, 0.6, 0.8, 0.1, noise=x0, backend=backend) + x0
 
     gen = torch.Generator().manual_seed(3)
@@ -90,7 +94,7 @@ def test_every_ops_entry_point_compiles_on_cuda_and_inductor_sees_the_triton_ker
     out, code = run_and_get_code(compiled, *args)
     torch.testing.assert_close(out, every_op(*args), rtol=1e-5, atol=1e-5)
     if backend == "triton":
-        for kernel in ("_gn_one_pass_kernel", "_predict_x0_kernel", "_ddim_step_kernel"):
+        for kernel in ("_gn_one_pass_kernel", "_add_layer_norm_rows_kernel", "_geglu_kernel", "_predict_x0_kernel", "_ddim_step_kernel"):
             assert kernel in "\n".join(code), f"{kernel} is not in Inductor's generated code"
 
 

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.skipif(not _load_extension()[0], reason="the native ext
 
 
 def test_operators_are_registered():
-    for op in ("ddim_step", "predict_x0", "group_norm_silu", "group_norm_act", "add_group_norm_act"):
+    for op in ("ddim_step", "guided_step", "predict_x0", "group_norm_silu", "group_norm_act", "add_group_norm_act", "add_layer_norm", "geglu"):
         assert hasattr(torch.ops.ddim_fast, op)
         assert has_native_kernel(op, "cpu")
     b = backends()
@@ -59,6 +59,15 @@ def test_opcheck_group_norm_act(channels_last, dtype):
     w, b = torch.randn(8), torch.randn(8)
     torch.library.opcheck(torch.ops.ddim_fast.group_norm_act.default, (x, 4, w, b, torch.randn(8), 1e-6, False))
     torch.library.opcheck(torch.ops.ddim_fast.add_group_norm_act.default, (x, r, 4, w, b, torch.randn(2, 8), 1e-6, True))
+
+
+@pytest.mark.parametrize("dtype, param_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
+def test_opcheck_add_layer_norm_and_geglu(dtype, param_dtype):
+    x, r = torch.randn(2, 5, 24).to(dtype), torch.randn(2, 5, 24).to(dtype)
+    w, b = torch.randn(24).to(param_dtype), torch.randn(24).to(param_dtype)
+    torch.library.opcheck(torch.ops.ddim_fast.add_layer_norm.default, (x, r, w, b, 1e-5))
+    torch.library.opcheck(torch.ops.ddim_fast.add_layer_norm.default, (x, r, None, None, 1e-5))
+    torch.library.opcheck(torch.ops.ddim_fast.geglu.default, (x,))
 
 
 def test_native_errors_say_what_was_expected():

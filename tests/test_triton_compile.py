@@ -27,6 +27,8 @@ SCRIPT = textwrap.dedent(
     from ddim_fast.kernels.ddim_step import _ddim_step_kernel, _advance_kernel
     from ddim_fast.kernels.group_norm_silu import _gn_normalize_kernel, _gn_one_pass_kernel, _gn_partial_stats_kernel
     from ddim_fast.kernels.predict_x0 import _predict_x0_kernel
+    from ddim_fast.kernels.layer_norm import _add_layer_norm_rows_kernel, _add_layer_norm_wide_kernel
+    from ddim_fast.kernels.geglu import _geglu_kernel
 
     target = GPUTarget("cuda", 90, 32)
     n = 0
@@ -65,6 +67,14 @@ SCRIPT = textwrap.dedent(
                **gn, "CHUNK": "i32", "SPLIT": "i32", "eps": "fp32"}
         for has_add, silu, bs, bp, bd in ((True, True, 8, 1024, 4), (False, False, 1, 256, 16)):
             build(_gn_normalize_kernel, sig, {"HAS_ADD": has_add, "SILU": silu, "BLOCK_S": bs, "BLOCK_P": bp, "BLOCK_D": bd})
+        for param_dt in ("fp32", dt):
+            sig = {"x_ptr": f"*{dt}", "r_ptr": f"*{dt}", "s_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": f"*{param_dt}", "b_ptr": f"*{param_dt}",
+                   "rows": "i32", "D": "i32", "eps": "fp32"}
+            for has_w, br, bd in ((True, 4, 512), (False, 1, 16384)):
+                build(_add_layer_norm_rows_kernel, sig, {"HAS_W": has_w, "HAS_B": has_w, "BLOCK_R": br, "BLOCK_D": bd})
+            sig = {k: v for k, v in sig.items() if k != "rows"}
+            build(_add_layer_norm_wide_kernel, sig, {"HAS_W": True, "HAS_B": False, "BLOCK_D": 2048})
+        build(_geglu_kernel, {"h_ptr": f"*{dt}", "out_ptr": f"*{dt}", "rows": "i32", "F": "i32"}, {"BLOCK_R": 1, "BLOCK_F": 2048})
     advance = build(_advance_kernel, {"step_ptr": "*i32", "t_table_ptr": "*i64", "t_ptr": "*i64", "B": "i32"}, {"BLOCK": 64}, num_warps=1)
     # the counter is stored after a barrier, so that no thread can read it after the store
     ptx = advance.asm["ptx"]
@@ -98,7 +108,9 @@ TRACE_SCRIPT = textwrap.dedent(
         h = ops.group_norm_silu(x, 4, w, b, 1e-6, add_bias=w, backend="triton")
         g = ops.group_norm_act(h, 4, w, b, 1e-6, silu=False, backend="triton")
         s, y = ops.group_norm_act(g, 4, w, b, 1e-6, silu=True, residual=r, backend="triton")
-        x0 = ops.predict_x0(y, eps, 0.6, clip=(-1.0, 1.0), backend="triton")
+        t, n = ops.add_layer_norm(s, y, eps=1e-5, backend="triton")
+        gated = ops.geglu(torch.cat([t, n], dim=-1), backend="triton")
+        x0 = ops.predict_x0(gated, eps, 0.6, clip=(-1.0, 1.0), backend="triton")
         return ops.ddim_step(s, eps, 0.6, 0.8, 0.1, noise=x0, x0_out=torch.empty_like(x), backend="triton") + x0
 
     with FakeTensorMode():
@@ -147,10 +159,12 @@ def test_triton_ops_decompose_into_their_kernels_for_inductor():
     assert lines["ops"] == str(
         {
             "ddim_fast_triton.add_group_norm_act.default": 1,
+            "ddim_fast_triton.add_layer_norm.default": 1,
             "ddim_fast_triton.ddim_step.default": 1,
+            "ddim_fast_triton.geglu.default": 1,
             "ddim_fast_triton.group_norm_act.default": 2,
             "ddim_fast_triton.predict_x0.default": 1,
         }
     ), res.stdout
     # functionalized: only the kernels are left, where Inductor can schedule them
-    assert lines["kernels"] == str(["_gn_one_pass_kernel"] * 3 + ["_predict_x0_kernel", "_ddim_step_kernel"]) + " left []", res.stdout
+    assert lines["kernels"] == str(["_gn_one_pass_kernel"] * 3 + ["_add_layer_norm_rows_kernel", "_geglu_kernel", "_predict_x0_kernel", "_ddim_step_kernel"]) + " left []", res.stdout

@@ -3,8 +3,9 @@
     ddim_step(x, eps, alpha_t, alpha_prev, sigma, noise=None, clip=None, out=None)
     guided_step(x, uncond, cond, guidance_scale, alpha_t, alpha_prev, sigma, ...)
     predict_x0(x, eps, alpha_t, clip=None, out=None)
-    group_norm_silu(x, num_groups, weight, bias, eps=1e-6)
-    group_norm_act(x, num_groups, weight, bias, eps=1e-6, silu=True, residual=None)
+
+The norm and activation ops (group_norm_silu, group_norm_act, add_layer_norm, geglu) are in
+norms.py, through the same checks and pick_backend.
 
 Backends (`backend=`): "cpu" and "cuda" (the native extension), "triton" (CUDA tensors,
 or CPU tensors under TRITON_INTERPRET=1), "torch" (plain PyTorch, anywhere). By default
@@ -34,15 +35,15 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # --- checks -------------------------------------------------------------------------------
 
 
-def _check_tensor(op: str, name: str, t) -> None:
+def check_tensor(op: str, name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
     if t.dtype not in _FLOATS:
         raise TypeError(f"{op}: {name} must be a floating-point tensor (float32, float16, bfloat16, float64), got {t.dtype}")
 
 
-def _check_like(op: str, name: str, x: torch.Tensor, t, allow_float32: bool = False) -> None:
-    _check_tensor(op, name, t)
+def check_like(op: str, name: str, x: torch.Tensor, t, allow_float32: bool = False) -> None:
+    check_tensor(op, name, t)
     if t.shape != x.shape:
         raise ValueError(f"{op}: {name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
     if t.device != x.device:
@@ -162,8 +163,8 @@ def ddim_step(
     "ddpm_noisy" update; sigma is then the DDPM sigma-hat).
     """
     op = "ddim_step"
-    _check_tensor(op, "x", x)
-    _check_like(op, "eps", x, eps)
+    check_tensor(op, "x", x)
+    check_like(op, "eps", x, eps)
     coefs, code, clip, noise, out = _step_args(op, x, alpha_t, alpha_prev, sigma, noise, clip, out, prediction, ddpm_mean, x0_out, generator)
     return step(x, eps, coefs, noise, clip, code, use_clipped_model_output, out, x0_out, backend=backend)
 
@@ -194,9 +195,9 @@ def guided_step(
     call on the doubled batch). guidance_scale: a finite number. The rest as ddim_step.
     """
     op = "guided_step"
-    _check_tensor(op, "x", x)
-    _check_like(op, "uncond", x, uncond)
-    _check_like(op, "cond", x, cond)
+    check_tensor(op, "x", x)
+    check_like(op, "uncond", x, uncond)
+    check_like(op, "cond", x, cond)
     w = _check_guidance(op, guidance_scale)
     coefs, code, clip, noise, out = _step_args(op, x, alpha_t, alpha_prev, sigma, noise, clip, out, prediction, ddpm_mean, x0_out, generator)
     return step(x, uncond, coefs, noise, clip, code, use_clipped_model_output, out, x0_out, backend=backend, cond=cond, guidance=w)
@@ -234,13 +235,13 @@ def _step_args(op, x, alpha_t, alpha_prev, sigma, noise, clip, out, prediction, 
     if sigma > 0 and noise is None:
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
     if noise is not None:
-        _check_like(op, "noise", x, noise, allow_float32=True)
+        check_like(op, "noise", x, noise, allow_float32=True)
     if out is None:
         out = torch.empty_like(x)
     else:
-        _check_like(op, "out", x, out)
+        check_like(op, "out", x, out)
     if x0_out is not None:
-        _check_like(op, "x0_out", x, x0_out)
+        check_like(op, "x0_out", x, x0_out)
     return coefs, code, clip, noise, out
 
 
@@ -299,8 +300,8 @@ def predict_x0(x, eps, alpha_t, clip=None, out=None, *, prediction: str = "eps",
     Returns `out` (allocated when None).
     """
     op = "predict_x0"
-    _check_tensor(op, "x", x)
-    _check_like(op, "eps", x, eps)
+    check_tensor(op, "x", x)
+    check_like(op, "eps", x, eps)
     a_t = _check_alpha(op, "alpha_t", alpha_t)
     code = PREDICTION_CODE[check_prediction(prediction)]
     clip = check_clip(clip)
@@ -309,9 +310,9 @@ def predict_x0(x, eps, alpha_t, clip=None, out=None, *, prediction: str = "eps",
     if out is None:
         out = torch.empty_like(x)
     else:
-        _check_like(op, "out", x, out)
+        check_like(op, "out", x, out)
     if eps_out is not None:
-        _check_like(op, "eps_out", x, eps_out)
+        check_like(op, "eps_out", x, eps_out)
     sa, s1m = math.sqrt(a_t), math.sqrt(1.0 - a_t)
     be = pick_backend(op, x, backend)
     if be == "torch":
@@ -332,83 +333,3 @@ def predict_x0(x, eps, alpha_t, clip=None, out=None, *, prediction: str = "eps",
     lo, hi = clip if clip is not None else (0.0, 0.0)
     torch.ops.ddim_fast.predict_x0(x, eps, sa, s1m, clip is not None, lo, hi, code, out, eps_out)
     return out
-
-
-# --- group_norm_silu, group_norm_act ---------------------------------------------------------
-
-
-def group_norm_silu(x, num_groups, weight=None, bias=None, eps: float = 1e-6, *, add_bias=None, backend=None):
-    """silu(group_norm(x + add_bias[..., None, None], num_groups, weight, bias, eps)) in one kernel.
-
-    x: (N, C, *spatial), NCHW or channels_last (the output keeps x's layout); C divisible
-    by num_groups; weight, bias: (C,) or None; add_bias: (N, C), (C,) (one row for every
-    sample) or None: the ResNet block's time-embedding projection, added before the norm.
-    Statistics in fp32 (fp64 for fp64). Not differentiable: under autograd use the module
-    path (ddim_fast.models.fuse), which falls back to PyTorch when gradients are needed.
-    """
-    return _group_norm("group_norm_silu", x, num_groups, weight, bias, eps, add_bias, None, True, backend)
-
-
-def group_norm_act(x, num_groups, weight=None, bias=None, eps: float = 1e-6, *, silu: bool = True, add_bias=None, residual=None, backend=None):
-    """act(group_norm(x [+ residual] + add_bias, num_groups, weight, bias, eps)) in one kernel,
-    act = SiLU (silu=True) or the identity (a plain GroupNorm, as in attention blocks).
-
-    With a residual (x's shape, dtype and layout), the kernel first forms s = x + residual,
-    rounded to x's dtype as a separate add would store it, normalises s and returns
-    (s, y): one op where a UNet runs an add and then a norm, with the sum still written
-    because it is the next block's skip. Without one it returns y. Arguments otherwise as
-    group_norm_silu.
-    """
-    if not isinstance(silu, bool):
-        raise TypeError(f"group_norm_act: silu must be True or False, got {type(silu).__name__} {silu!r}")
-    op = "group_norm_act" if residual is None else "add_group_norm_act"
-    return _group_norm(op, x, num_groups, weight, bias, eps, add_bias, residual, silu, backend)
-
-
-def _group_norm(op, x, num_groups, weight, bias, eps, add_bias, residual, silu, backend):
-    _check_tensor(op, "x", x)
-    if x.dim() < 2:
-        raise ValueError(f"{op}: x must be (N, C, *spatial), got shape {tuple(x.shape)}")
-    if type(num_groups) is not int and (isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral)) or num_groups <= 0:
-        raise ValueError(f"{op}: num_groups must be a positive int, got {num_groups!r}")
-    C = x.shape[1]
-    if C % num_groups:
-        raise ValueError(f"{op}: num_groups must divide the number of channels: C = {C}, num_groups = {num_groups}")
-    if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)) or not eps > 0:
-        raise ValueError(f"{op}: eps must be a number > 0, got {eps!r}")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is None:
-            continue
-        _check_tensor(op, name, p)
-        if tuple(p.shape) != (C,):
-            raise ValueError(f"{op}: {name} must have shape ({C},), got {tuple(p.shape)}")
-        if p.device != x.device:
-            raise ValueError(f"{op}: {name} must be on x's device {x.device}, got {p.device}")
-    if add_bias is not None:
-        _check_tensor(op, "add_bias", add_bias)
-        if tuple(add_bias.shape) not in ((x.shape[0], C), (C,)):
-            raise ValueError(f"{op}: add_bias must have shape ({x.shape[0]}, {C}) or ({C},), got {tuple(add_bias.shape)}")
-        if add_bias.device != x.device:
-            raise ValueError(f"{op}: add_bias must be on x's device {x.device}, got {add_bias.device}")
-    if residual is not None:
-        _check_like(op, "residual", x, residual)
-    be = pick_backend(op, x, backend)
-    if be == "torch":
-        return fallback.group_norm_act(x, num_groups, weight, bias, float(eps), add_bias, residual, silu)
-    # the kernels take NCHW or channels_last, and address a residual with x's strides
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = x.contiguous(memory_format=fmt)
-    if residual is not None:
-        residual = residual.contiguous(memory_format=fmt)
-    if be == "triton":
-        from ..kernels import group_norm_silu as tk
-
-        if residual is not None:
-            return tk.add_group_norm_act_op(x, residual, int(num_groups), weight, bias, add_bias, float(eps), silu)
-        return tk.group_norm_act_op(x, int(num_groups), weight, bias, add_bias, float(eps), silu)
-    if residual is not None:
-        return torch.ops.ddim_fast.add_group_norm_act(x, residual, int(num_groups), weight, bias, add_bias, float(eps), silu)
-    if op == "group_norm_silu":
-        return torch.ops.ddim_fast.group_norm_silu(x, int(num_groups), weight, bias, add_bias, float(eps))
-    return torch.ops.ddim_fast.group_norm_act(x, int(num_groups), weight, bias, add_bias, float(eps), silu)

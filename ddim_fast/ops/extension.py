@@ -20,7 +20,7 @@ import torch
 
 from . import fake
 
-_OPS = ("ddim_step", "guided_step", "predict_x0", "group_norm_silu", "group_norm_act", "add_group_norm_act")
+_OPS = ("ddim_step", "guided_step", "predict_x0", "group_norm_silu", "group_norm_act", "add_group_norm_act", "add_layer_norm", "geglu")
 
 
 _loaded = None  # (loaded, reason), once per process

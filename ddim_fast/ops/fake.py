@@ -15,6 +15,8 @@ def register() -> None:
 
     if hasattr(torch.ops.ddim_fast, "guided_step"):  # not in a build older than the op (the ops layer then falls back)
         _register_guided_step()
+    if hasattr(torch.ops.ddim_fast, "add_layer_norm"):
+        _register_transformer_ops()
 
     @torch.library.register_fake("ddim_fast::predict_x0")
     def _predict_x0(x, model_output, sqrt_alpha_t, sqrt_one_minus_alpha_t, clip, clip_min, clip_max, prediction, out, eps_out):
@@ -44,3 +46,15 @@ def _register_guided_step() -> None:
         torch._check(uncond.shape == x.shape and cond.shape == x.shape, lambda: f"guided_step: uncond and cond must have x's shape {tuple(x.shape)}")
         torch._check(out.shape == x.shape, lambda: f"guided_step: out must have x's shape {tuple(x.shape)}")
         return None
+
+
+def _register_transformer_ops() -> None:
+    @torch.library.register_fake("ddim_fast::add_layer_norm")
+    def _add_layer_norm(x, residual, weight, bias, eps):
+        torch._check(residual.shape == x.shape, lambda: f"add_layer_norm: residual must have x's shape {tuple(x.shape)}")
+        return torch.empty_like(x), torch.empty_like(x)
+
+    @torch.library.register_fake("ddim_fast::geglu")
+    def _geglu(h):
+        torch._check(h.dim() >= 1 and h.shape[-1] % 2 == 0, lambda: f"geglu: h's last dimension must be even, got shape {tuple(h.shape)}")
+        return h.new_empty((*h.shape[:-1], h.shape[-1] // 2))

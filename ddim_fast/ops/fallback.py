@@ -96,3 +96,20 @@ def _memory_format(x):
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def add_layer_norm(x, residual, weight, bias, eps):
+    """(s, layer_norm(s)) over the last dimension, s = x + residual rounded to x's dtype as a
+    separate add stores it; the norm of s in fp32 (fp64 for fp64), rounded once."""
+    s = (x + residual).contiguous()  # the fused backends' layout, whatever x's
+    cd = _compute_dtype(x.dtype)
+    w = None if weight is None else weight.to(cd)
+    b = None if bias is None else bias.to(cd)
+    return s, F.layer_norm(s.to(cd), (s.shape[-1],), w, b, eps).to(x.dtype)
+
+
+def geglu(h):
+    """a * gelu(gate) of h = [a, gate] along the last dimension, the exact (erf) GELU, in fp32
+    (fp64 for fp64) and rounded once."""
+    a, gate = h.to(_compute_dtype(h.dtype)).chunk(2, dim=-1)
+    return (a * F.gelu(gate)).to(h.dtype).contiguous()
