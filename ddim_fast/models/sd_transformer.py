@@ -11,9 +11,8 @@ NHWC view. Per transformer layer, what diffusers' forward dispatches that this d
 - cross-attention's K and V: they depend on the prompt alone, so every block's come from
   one GEMM per sample() (`CrossKV`), before the steps;
 - the residual add before norm2 and norm3 (and before the next layer's norm1) and that
-  LayerNorm, and GEGLU's chunk, GELU and product, are each one call (_add_layer_norm,
-  _geglu): one kernel once the extension has ops.add_layer_norm and ops.geglu (not yet:
-  today two, PyTorch's);
+  LayerNorm are one kernel (ops.add_layer_norm, which writes the sum too: the next
+  residual), and GEGLU's chunk, GELU and product one more (ops.geglu);
 - the last feed-forward GEMM and its residual add as one addmm, its bias folded into
   proj_out's (P(h + gW) + (p + P b) is proj_out(h + gW + b));
 - dropout, and the no-op `/ rescale_output_factor` (1.0).
@@ -85,26 +84,6 @@ def _attention_refusal(attn) -> Optional[str]:
     return None
 
 
-def _geglu(h: torch.Tensor) -> torch.Tensor:
-    """a * gelu(gate) of h = [a, gate]: ops.geglu's one kernel where the extension has it,
-    else PyTorch's chunk, GELU and product (two kernels)."""
-    fused = getattr(ops, "geglu", None)
-    if fused is not None:
-        return fused(h)
-    a, gate = h.chunk(2, dim=-1)
-    return a * F.gelu(gate)
-
-
-def _add_layer_norm(x, residual, weight, bias, eps):
-    """(s, layer_norm(s)) of s = x + residual: ops.add_layer_norm's one kernel where the
-    extension has it, else an add and a LayerNorm."""
-    fused = getattr(ops, "add_layer_norm", None)
-    if fused is not None:
-        return fused(x, residual, weight, bias, eps)
-    s = x + residual
-    return s, F.layer_norm(s, weight.shape, weight, bias, eps)
-
-
 class _LayerNorm(nn.Module):
     def __init__(self, norm: nn.LayerNorm, dtype):
         super().__init__()
@@ -116,7 +95,7 @@ class _LayerNorm(nn.Module):
         """(the residual, layer_norm(residual)); h: a tensor, or a pending (x, add) pair
         whose sum the kernel forms and writes."""
         if isinstance(h, tuple):
-            return _add_layer_norm(h[1], h[0], self.weight, self.bias, self.eps)
+            return ops.add_layer_norm(h[1], h[0], self.weight, self.bias, self.eps)
         return h, F.layer_norm(h, self.weight.shape, self.weight, self.bias, self.eps)
 
 
@@ -166,7 +145,7 @@ class _Layer(nn.Module):
         q = _heads(F.linear(y, self.w_q2, self.b_q2), self.heads2)
         attn = F.linear(_merged(F.scaled_dot_product_attention(q, key, value)), self.w_out2, self.b_out2)
         h, y = self.norm3.run((h, attn))
-        gated = _geglu(F.linear(y, self.w_ff1, self.b_ff1))
+        gated = ops.geglu(F.linear(y, self.w_ff1, self.b_ff1))
         if last:  # h + gated W2^T in one addmm; the bias b_ff2 rides in proj_out's
             width = h.shape[-1]
             return torch.addmm(h.view(-1, width), gated.view(-1, gated.shape[-1]), self.w_ff2.t()).view(h.shape)
