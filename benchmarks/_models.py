@@ -5,7 +5,8 @@ import functools
 
 import torch
 
-from ddim_fast import UNet
+from ddim_fast import ReferenceSampler, Schedule, UNet
+from ddim_fast.apps.opcount import census_per_step, census_totals
 
 SMALL = dict(ch=32, out_ch=3, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0, in_channels=3, resolution=32)
 # the CIFAR-10 UNet's layout at half its width: a CPU-sized stand-in for it
@@ -23,6 +24,27 @@ def sampling_call(sampler, x_T: torch.Tensor, **sample_kwargs):
         return out
 
     return run
+
+
+_FLOPS = {}
+
+
+def flops_per_step(model, x_T: torch.Tensor, **sample_kwargs) -> float:
+    """The FLOPs of one step of the reference loop on x_T (its model call, on the doubled
+    batch when guided, and its update), as torch.utils.flop_counter counts them
+    (apps/opcount.census_per_step): the work of the model, the same for every implementation."""
+    census = census_per_step(lambda s: ReferenceSampler(model, Schedule.linear(), steps=s), x_T.float(), **sample_kwargs)
+    return census_totals(census)["flops"]
+
+
+def record_flops_per_step(benchmark, key, model, x_T: torch.Tensor, **sample_kwargs) -> None:
+    """On a GPU, extra_info["flops_per_step"] (flops_per_step), which report.py divides by the
+    time per step; counted once per key (model, batch, guided). CPU rows go without."""
+    if not x_T.is_cuda or benchmark.disabled:
+        return
+    if key not in _FLOPS:
+        _FLOPS[key] = flops_per_step(model, x_T, **sample_kwargs)
+    benchmark.extra_info["flops_per_step"] = _FLOPS[key]
 
 
 @functools.lru_cache(maxsize=None)

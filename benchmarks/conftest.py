@@ -2,9 +2,14 @@
 
     pytest benchmarks/ --benchmark-only [--ddim-model digits|small|cifar10] [--ddim-batch 1,16]
                                         [--ddim-steps 10,20,50,100,1000] [--ddim-compile-budget SECONDS]
+                                        [--ddim-full]
 
 Defaults fit the machine: on a CPU the embedded digits UNet at batch 1 and 16; on a GPU
-the CIFAR-10 UNet at batch 1 and 64.
+the CIFAR-10 UNet at batch 1 and 64. The default run times the reference and ours at every
+S and, of the torch.compile rows, the S-sweep's likeliest best peer (DEFAULT_PEER); it
+finishes within 10 minutes on the 2-core CPU VM. --ddim-full adds every other compiled row
+(FastSampler(compile=True), the lean and accelerate compile rows, the other peer modes, the
+per-step, guided and pipeline peers): the full matrix, half an hour or more there.
 """
 
 import ctypes
@@ -31,6 +36,43 @@ def pytest_addoption(parser):
         default=None,
         help="seconds the torch.compile rows may spend compiling (first calls) in this run; a row that would not fit is skipped, with why (default: no limit)",
     )
+    g.addoption(
+        "--ddim-full",
+        action="store_true",
+        help="the full matrix: every torch.compile row of every suite (default: of those, only the S-sweep's likeliest best peer)",
+    )
+
+
+# The compiled row the default run keeps, in test_sampling.py: the peer a user would pick,
+# the fastest of the H100 run at c872cfc on a GPU and Inductor's default on a CPU
+DEFAULT_PEER = {"cuda": "peer-reduce-overhead", "cpu": "peer-default"}
+
+
+def _full_matrix_only(item, default_peer: str) -> bool:
+    """A torch.compile row of a suite here, other than test_sampling's default peer."""
+    if os.path.dirname(str(item.path)) != HERE:
+        return False
+    impl = getattr(getattr(item, "callspec", None), "params", {}).get("impl")
+    if not isinstance(impl, str) or not ("compile" in impl or impl.startswith("peer-")):
+        return False
+    return not (item.path.name == "test_sampling.py" and impl == default_peer)
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--ddim-full"):
+        return
+    default_peer = DEFAULT_PEER["cuda" if torch.cuda.is_available() else "cpu"]
+    left_out = [item for item in items if _full_matrix_only(item, default_peer)]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        dropped = set(map(id, left_out))
+        items[:] = [item for item in items if id(item) not in dropped]
+
+
+def pytest_report_header(config):
+    if config.getoption("--ddim-full", default=False):
+        return "ddim-fast benchmarks: the full matrix (--ddim-full)"
+    return "ddim-fast benchmarks: the default matrix; of the torch.compile rows only test_sampling's default peer (--ddim-full: all of them)"
 
 
 def _ints(text):

@@ -6,7 +6,7 @@
 #   GPU_RUN_DRY=1 bash benchmarks/gpu_run.sh OUTDIR [stages]   # print the plan, run nothing
 #
 # stages (default "build tests kernels profile step sampling guided"; "compile",
-# "guided-compile", "pipelines" and "solvers" only when named). Each stage has its own time limit, and every limit is
+# "guided-compile", "pipelines", "sd15" and "solvers" only when named). Each stage has its own time limit, and every limit is
 # cut to what is left before the deadline (GPU_RUN_SECONDS, default 570: one 10-minute
 # device call with time to bring the files back), so that the call always returns with
 # results; a stage with no time left is recorded as skipped. The default stages' limits
@@ -37,6 +37,11 @@
 #   pipelines whole StableDiffusionPipeline calls, pipe(...) against ddim_fast.accelerate(pipe)(...),
 #             the tiny and the SD-1.5-sized pipeline in fp16, S = 10 and 50 (needs the diffusers and
 #             transformers wheels) -> OUTDIR/pipelines.json (only when named; 150 s)
+#   sd15      the SD-1.5-sized StableDiffusionPipeline (fp16, 512x512, w = 7.5, batch 1) at S = 50:
+#             pipe(...), pipe with torch.compile(pipe.unet, mode="max-autotune") and with
+#             "reduce-overhead", and ddim_fast.accelerate(pipe), side by side (needs the wheels)
+#             -> OUTDIR/sd15.json (only when named; whatever is left, 500 s at most, a compile
+#             budget of two thirds of it)
 #   solvers   DDIM at S = 10, 20, 50 and DPM-Solver++(2M) at S = 10, 20, CIFAR-10 UNet, batch 1
 #             and 64 -> OUTDIR/solvers.json (only when named; 60 s)
 # Then benchmarks/report.py writes OUTDIR/report.md (and report.png with matplotlib).
@@ -136,9 +141,9 @@ if has compile; then
     left=$(( left - autotune_s ))
     stage compile-tests "$autotune_s" "$py" -m pytest tests -m autotune -q -rfE --timeout 240 -p no:cacheprovider -p no:xdist --junitxml="$out/compile-tests.xml"
     step_s=$(( left * 2 / 3 )); sweep_s=$(( left - step_s ))
-    stage compile-step "$step_s" "$py" -m pytest benchmarks/test_step.py --benchmark-only -q -rs -p no:cacheprovider -k "compile or peer" \
+    stage compile-step "$step_s" "$py" -m pytest benchmarks/test_step.py --benchmark-only -q -rs -p no:cacheprovider -k "compile or peer" --ddim-full \
       --ddim-compile-budget $(( step_s * 3 / 4 )) --benchmark-json="$out/compile-step.json"
-    stage compile "$sweep_s" "$py" -m pytest benchmarks/test_sampling.py --benchmark-only -q -rs -p no:cacheprovider -k "compile or peer or reference" --ddim-batch 1 \
+    stage compile "$sweep_s" "$py" -m pytest benchmarks/test_sampling.py --benchmark-only -q -rs -p no:cacheprovider -k "compile or peer or reference" --ddim-batch 1 --ddim-full \
       --ddim-compile-budget $(( sweep_s * 3 / 4 )) --benchmark-json="$out/compile.json"
   else
     echo "compile skipped: ${left}s left" | tee -a "$status"
@@ -147,12 +152,18 @@ fi
 if has guided-compile; then
   left=$(( deadline - 20 - $(now) ))
   (( left > 300 )) && left=300
-  stage guided-compile "$left" "$py" -m pytest benchmarks/test_guided.py --benchmark-only -q -rs -p no:cacheprovider -k "peer or reference" \
+  stage guided-compile "$left" "$py" -m pytest benchmarks/test_guided.py --benchmark-only -q -rs -p no:cacheprovider -k "peer or reference" --ddim-full \
     --ddim-steps 10,50 --ddim-batch 1 --ddim-compile-budget $(( left * 3 / 4 )) --benchmark-json="$out/guided-compile.json"
 fi
 if has pipelines; then
   stage pipelines 150 "$py" -m pytest benchmarks/test_pipelines.py --benchmark-only -q -rs -p no:cacheprovider -k "not compile" \
     --ddim-steps 10,50 --benchmark-json="$out/pipelines.json"
+fi
+if has sd15; then
+  left=$(( deadline - 20 - $(now) ))
+  (( left > 500 )) && left=500
+  stage sd15 "$left" "$py" -m pytest benchmarks/test_pipelines.py --benchmark-only -q -rs -p no:cacheprovider -k "sd15 and not accelerate-compile" --ddim-full \
+    --ddim-steps 50 --ddim-compile-budget $(( left * 2 / 3 )) --benchmark-json="$out/sd15.json"
 fi
 if has solvers; then
   stage solvers 60 "$py" -m pytest benchmarks/test_solvers.py --benchmark-only -q -p no:cacheprovider --benchmark-json="$out/solvers.json"
@@ -163,7 +174,7 @@ if [[ $dry == 1 ]]; then
   cat "$status"
   exit 0
 fi
-jsons=$(ls "$out"/step.json "$out"/compile-step.json "$out"/sampling.json "$out"/guided.json "$out"/guided-compile.json "$out"/compile.json "$out"/kernels.json "$out"/pipelines.json "$out"/solvers.json 2>/dev/null)
+jsons=$(ls "$out"/step.json "$out"/compile-step.json "$out"/sampling.json "$out"/guided.json "$out"/guided-compile.json "$out"/compile.json "$out"/kernels.json "$out"/pipelines.json "$out"/sd15.json "$out"/solvers.json 2>/dev/null)
 if [ -n "$jsons" ]; then
   # shellcheck disable=SC2086
   "$py" benchmarks/report.py $jsons --md "$out/report.md" --png "$out/report.png" && cat "$out/report.md"

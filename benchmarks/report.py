@@ -6,7 +6,9 @@ Tables, with the machine each file came from: for each (model, batch) of test_sa
 the median milliseconds of one sampling run per implementation and S, and the speed-ups
 of fast over the reference (and over torch.compile when measured); for test_step, ms and
 ops per step of each implementation; for test_kernels, each op's median microseconds and
-bandwidth as a fraction of the copy in its group. The plot needs matplotlib.
+bandwidth as a fraction of the copy in its group; for the GPU rows that carry the FLOPs of
+one step (extra_info["flops_per_step"]), the TFLOP/s they achieve and, on a GPU named in
+GPU_PEAK_TFLOPS, the fraction of its peak in the row's dtype. The plot needs matplotlib.
 """
 
 from __future__ import annotations
@@ -18,24 +20,39 @@ from collections import defaultdict
 
 IMPL_ORDER = ["reference", "compile-fp32", "fast-fp32", "fast-bf16", "fast-compile-fp32", "fast-compile-bf16"]  # then the peers, by name
 
+# Dense peak TFLOP/s per dtype, from NVIDIA's H100 and H200 datasheets: bf16 and fp16 on the
+# tensor cores without sparsity (half the datasheets' "with sparsity" 1,979), fp32 on the CUDA
+# cores. Keyed by the name torch.cuda.get_device_name() reports (machine_info["gpu"]); the
+# H100 PCIe and NVL and the H200 NVL have lower peaks and other names, so they get no fraction.
+# The benchmarks leave cuDNN's TF32 on (PyTorch's default), so an fp32 convolution may run on
+# the tensor cores: an fp32 row above 1.0 of the fp32 peak says that it did.
+H100_SXM_AND_H200 = {"bf16": 989.4, "fp16": 989.4, "fp32": 67.0}
+GPU_PEAK_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": H100_SXM_AND_H200,  # H100 SXM5
+    "NVIDIA H200": H100_SXM_AND_H200,  # H200 SXM
+}
+
 
 def load(paths, best_of: bool = False):
-    """[(machine label, [benchmark dicts])]: files from the same machine and commit are
-    merged. A later file's number for the same benchmark wins, or with best_of the lowest
-    median of all the files (repeated runs on a noisy machine: each benchmark's least
+    """[(machine label, GPU name or None, [benchmark dicts])]: files from the same machine and
+    commit are merged. A later file's number for the same benchmark wins, or with best_of the
+    lowest median of all the files (repeated runs on a noisy machine: each benchmark's least
     disturbed run)."""
     merged = {}
+    gpus = {}
     for path in paths:
         with open(path) as f:
             data = json.load(f)
-        label = machine_label(data.get("machine_info", {}))
+        machine_info = data.get("machine_info", {})
+        label = machine_label(machine_info)
+        gpus[label] = machine_info.get("gpu")
         runs = merged.setdefault(label, {})
         for b in data.get("benchmarks", []):
             key = b.get("fullname") or b.get("name") or id(b)
             if key in runs and best_of and runs[key]["stats"]["median"] <= b["stats"]["median"]:
                 continue
             runs[key] = b
-    return [(label, list(runs.values())) for label, runs in merged.items()]
+    return [(label, gpus[label], list(runs.values())) for label, runs in merged.items()]
 
 
 def write_json(paths, out: str, best_of: bool) -> None:
@@ -43,7 +60,7 @@ def write_json(paths, out: str, best_of: bool) -> None:
     the per-round raw data, for benchmarks/results/."""
     with open(paths[0]) as f:
         first = json.load(f)
-    (label, benchmarks), *others = load(paths, best_of)
+    (label, _gpu, benchmarks), *others = load(paths, best_of)
     if others:
         raise SystemExit(f"report.py: --write-json merges files of one machine and commit; got {len(others) + 1}")
     for b in benchmarks:
@@ -119,11 +136,41 @@ def kernel_markdown(label, benchmarks) -> list:
     return lines
 
 
+def ms_per_step(benchmark) -> float:
+    """Milliseconds of one step: test_step's own ms_per_step, else a sampling run's median over S."""
+    info = benchmark["extra_info"]
+    return info.get("ms_per_step", benchmark["stats"]["median"] * 1e3 / info["steps"])
+
+
+def throughput_markdown(label, gpu, benchmarks) -> list:
+    """One row per GPU benchmark with extra_info["flops_per_step"] (one model call, as
+    torch.utils.flop_counter counts it: the work of the model, the same for every
+    implementation): TFLOP/s = FLOPs per step / time per step, and its fraction of the peak in
+    the row's dtype on a GPU of GPU_PEAK_TFLOPS. CPU rows are left out."""
+    rows = [b for b in benchmarks if "flops_per_step" in b.get("extra_info", {}) and b["extra_info"].get("device") == "cuda"]
+    if not rows:
+        return []
+    peaks = GPU_PEAK_TFLOPS.get(gpu, {})
+    lines = [f"**Achieved TFLOP/s per step** — {label}\n",
+             "| group | implementation | S | ms per step | GFLOP per step | TFLOP/s | peak TFLOP/s | fraction of peak |", "|---|---|---|---|---|---|---|---|"]
+    for b in sorted(rows, key=lambda b: b.get("group") or ""):
+        info = b["extra_info"]
+        ms = ms_per_step(b)
+        tflops = info["flops_per_step"] / (ms * 1e-3) / 1e12
+        peak = peaks.get(info["dtype"])
+        implementation = f"{info.get('impl') or info.get('solver')}-{info['dtype']}"
+        cells = [b.get("group", "-"), implementation, str(info["steps"]), f"{ms:.3f}", f"{info['flops_per_step'] / 1e9:.2f}", f"{tflops:.2f}",
+                 f"{peak:.1f}" if peak else "-", f"{tflops / peak:.3f}" if peak else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
 def markdown(files) -> str:
     lines = []
-    for label, benchmarks in files:
-        lines += step_markdown(label, benchmarks) + kernel_markdown(label, benchmarks)
-    for label, benchmarks in files:
+    for label, gpu, benchmarks in files:
+        lines += step_markdown(label, benchmarks) + kernel_markdown(label, benchmarks) + throughput_markdown(label, gpu, benchmarks)
+    for label, _gpu, benchmarks in files:
         for (model, batch), by_steps in sorted(sampling_rows(benchmarks).items()):
             impls = [i for i in IMPL_ORDER if any(i in row for row in by_steps.values())]
             impls += sorted({i for row in by_steps.values() for i in row} - set(impls))
@@ -171,7 +218,7 @@ def plot(files, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [(label, key, by) for label, bm in files for key, by in sorted(sampling_rows(bm).items())]
+    groups = [(label, key, by) for label, _gpu, bm in files for key, by in sorted(sampling_rows(bm).items())]
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
     for ax, (label, (model, batch), by_steps) in zip(axes[0], groups):
         impls = sorted({i for row in by_steps.values() for i in row}, key=lambda i: IMPL_ORDER.index(i) if i in IMPL_ORDER else 99)

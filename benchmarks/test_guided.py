@@ -9,7 +9,7 @@ Models: "cond-digits" (the embedded digits model's class-conditional twin's arch
 random weights: 1x16x16, class labels; what keeps the CPU suite short); on a GPU also "sd15", a Stable-Diffusion-1.5-sized
 UNet2DConditionModel (random weights, 4x64x64 latents, a 77x768 context), which needs
 diffusers (skipped without it). Implementations as test_sampling's: reference, fast (fp32;
-bf16 on a GPU) and, with --benchmark-only, the compile peers: ReferenceSampler over
+bf16 on a GPU) and, with --benchmark-only --ddim-full, the compile peers: ReferenceSampler over
 torch.compile(model) (each guided step is then one compiled call on the doubled batch and
 the combine in eager PyTorch, as a user's pipeline does it).
 """
@@ -23,7 +23,7 @@ from ddim_fast import FastSampler, ReferenceSampler, Schedule, UNet
 
 from ddim_fast.apps.train import DIGITS_COND_MODEL_CONFIG
 
-from ._models import in_dtype, sampling_call
+from ._models import in_dtype, record_flops_per_step, sampling_call
 
 SCHEDULE = Schedule.linear()
 GUIDANCE = 7.5
@@ -111,6 +111,7 @@ def test_guided_sample(benchmark, bench_config, compile_budget, impl, dtype, mod
         # set-up, the compile) of the same model
         warm_up = run if (impl == "fast" and device == "cuda") else (lambda: make(2).sample(x_T, **kw))
         compile_budget.first_call(benchmark, warm_up, compiled)
+    record_flops_per_step(benchmark, (model, batch, "guided"), net, x_T, **_conditioning(model, batch, device, torch.float32)[0])
     if steps >= 1000 or model == "sd15":
         out = benchmark.pedantic(run, rounds=2, iterations=1)
     else:

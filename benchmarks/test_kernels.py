@@ -115,3 +115,58 @@ def test_add_group_norm_silu(benchmark, shape, dtype, impl):
     else:
         fn = lambda: y.copy_(x)  # noqa: E731
     _timed(benchmark, fn, 2 * n if impl == "copy" else 4 * n, f"add_group_norm_silu-b{b}-c{c}-{h}x{h}-{str(dtype).split('.')[-1]}-cl", impl)
+
+
+# Transformer-layer sites of SD-1.5's UNet (guided: batch 2): (tokens, width) at its first
+# level (64x64 latents, 320 channels) and its third (16x16, 1280); on a CPU the first level
+# of 32x32 latents
+LN_SHAPES = [(2 * 4096, 320), (2 * 256, 1280)] if CUDA else [(2 * 1024, 320), (2 * 256, 1280)]
+TRANSFORMER_IMPLS = ["aten", "fused", "copy"] + (["triton"] if CUDA else [])
+TRANSFORMER_DTYPES = [torch.float32, torch.bfloat16] if not CUDA else [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("shape", LN_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", TRANSFORMER_DTYPES, ids=str)
+@pytest.mark.parametrize("impl", TRANSFORMER_IMPLS)
+def test_add_layer_norm(benchmark, shape, dtype, impl):
+    """A transformer layer's residual add and the LayerNorm after it: aten's add + layer_norm
+    against one add_layer_norm. It must move x, r in and s, y out (4 passes); aten moves 5."""
+    g = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(shape, generator=g).to(DEVICE, dtype) for _ in range(2))
+    w, bias = torch.randn(shape[1], generator=g).to(DEVICE, dtype), torch.randn(shape[1], generator=g).to(DEVICE, dtype)
+    y = torch.empty_like(x)
+    n = x.numel() * x.element_size()
+    if impl == "aten":
+        fn = lambda: F.layer_norm(x + r, (shape[1],), w, bias, 1e-5)  # noqa: E731
+    elif impl in ("fused", "triton"):
+        backend = "triton" if impl == "triton" else None
+        fn = lambda: ops.add_layer_norm(x, r, w, bias, 1e-5, backend=backend)  # noqa: E731
+    else:
+        fn = lambda: y.copy_(x)  # noqa: E731
+    _timed(benchmark, fn, 2 * n if impl == "copy" else 4 * n, f"add_layer_norm-{shape[0]}x{shape[1]}-{str(dtype).split('.')[-1]}", impl)
+
+
+@pytest.mark.parametrize("shape", LN_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", TRANSFORMER_DTYPES, ids=str)
+@pytest.mark.parametrize("impl", TRANSFORMER_IMPLS)
+def test_geglu(benchmark, shape, dtype, impl):
+    """GEGLU after its projection (4x the width: SD's feed-forward): aten's chunk, GELU and
+    product against one geglu. It must read h (2F) and write out (F): 3F per row; aten moves
+    6F (GELU F + F, product 2F + F)."""
+    tokens, width = shape
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(tokens, 8 * width, generator=g).to(DEVICE, dtype)
+    out = torch.empty(tokens, 4 * width, device=DEVICE, dtype=dtype)
+    n = out.numel() * out.element_size()
+    if impl == "aten":
+
+        def fn():
+            a, gate = h.chunk(2, dim=-1)
+            return a * F.gelu(gate)
+
+    elif impl in ("fused", "triton"):
+        backend = "triton" if impl == "triton" else None
+        fn = lambda: ops.geglu(h, backend=backend)  # noqa: E731
+    else:
+        fn = lambda: out.copy_(h[:, : 4 * width])  # noqa: E731
+    _timed(benchmark, fn, 2 * n if impl == "copy" else 3 * n, f"geglu-{tokens}x{4 * width}-{str(dtype).split('.')[-1]}", impl)

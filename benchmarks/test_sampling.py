@@ -11,8 +11,10 @@ Implementations (the benchmark name holds one of them):
              torch.compile(model, mode=<mode>) in the same dtype, for the modes "default",
              "max-autotune-no-cudagraphs" and (GPU) "reduce-overhead"
 
-fast-compile and the peers are timed only with --benchmark-only (a compile takes 10-90 s);
-extra_info["first_call_s"] is the warm-up's wall time (the compile, or oneDNN's set-up).
+fast-compile and the peers are timed only with --benchmark-only (a compile takes 10-90 s), and
+of them only the likeliest best peer ("default" on a CPU, "reduce-overhead" on a GPU) without
+--ddim-full (benchmarks/conftest.py); extra_info["first_call_s"] is the warm-up's wall time
+(the compile, or oneDNN's set-up).
 
 Groups pair the implementations for one (model, S, batch), so the table shows them side
 by side. Every timed call ends with a device synchronisation. S = 1000 runs two rounds.
@@ -24,7 +26,7 @@ import torch
 
 from ddim_fast import FastSampler, ReferenceSampler, Schedule
 
-from ._models import get_model, in_dtype, sample_shape, sampling_call
+from ._models import get_model, in_dtype, record_flops_per_step, sample_shape, sampling_call
 
 SCHEDULE = Schedule.linear()
 
@@ -84,6 +86,7 @@ def test_sample(benchmark, bench_config, compile_budget, impl, dtype, model, bat
         else:
             warm_up = lambda: _sampler(impl, dtype, net, 2, bench_config).sample(x_T)  # noqa: E731
         compile_budget.first_call(benchmark, warm_up, compiled)
+    record_flops_per_step(benchmark, (model, batch), net, x_T)
     if steps >= 1000:
         out = benchmark.pedantic(run, rounds=2, iterations=1)
     else:

@@ -13,7 +13,7 @@ import torch
 
 from ddim_fast import FastSampler, Schedule
 
-from ._models import get_model, sample_shape, sampling_call
+from ._models import get_model, record_flops_per_step, sample_shape, sampling_call
 
 SCHEDULE = Schedule.linear()
 RUNS = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("dpmpp_2m", 10), ("dpmpp_2m", 20)]
@@ -41,5 +41,6 @@ def test_solver(benchmark, bench_config, solver, steps, model, batch):
     run = sampling_call(sampler, x_T)
     if not benchmark.disabled:
         run()  # outside the clock: the capture on a GPU, oneDNN's set-up on a CPU
+    record_flops_per_step(benchmark, (model, batch), net, x_T)
     out = benchmark(run)
     assert out.shape == x_T.shape and torch.isfinite(out).all()

@@ -19,7 +19,7 @@ import torch
 from ddim_fast import FastSampler, ReferenceSampler, Schedule
 from ddim_fast.apps.opcount import ops_per_step
 
-from ._models import get_model, in_dtype, sample_shape
+from ._models import get_model, in_dtype, record_flops_per_step, sample_shape
 
 SCHEDULE = Schedule.linear()
 STEPS = 10
@@ -27,7 +27,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 CASES = [("cifar10", 1), ("cifar10", 64)] if CUDA else [("digits", 1), ("digits", 16), ("cifar10-ch64", 1), ("cifar10-ch64", 8)]
 IMPLS = [("reference", "fp32"), ("fused", "fp32"), ("lean", "fp32"), ("fused", "bf16"), ("lean", "bf16")]
-# torch.compile rows, timed only with --benchmark-only (each compile takes 10-90 s on 2 cores):
+# torch.compile rows, timed only with --benchmark-only --ddim-full (each compile takes 10-90 s on 2 cores):
 # FastSampler(compile=True) and the peers a user would pick instead, the reference loop over
 # torch.compile(model) in the same dtype ("reduce-overhead" captures CUDA graphs: GPU only).
 # In the order a time-limited run (--ddim-compile-budget) should spend its compiles: the
@@ -77,6 +77,7 @@ def test_step(benchmark, compile_budget, model_name, batch, impl, dtype):
         compile_budget.first_call(benchmark, run, compiled)  # preparation (the lean model, tables, oneDNN primitives, a compile, a CUDA graph) off the clock
         if not compiled:  # a compiled model dispatches inside one opaque region: nothing to count
             benchmark.extra_info["ops_per_step"] = _ops(impl, dtype, model_name)
+    record_flops_per_step(benchmark, (model_name, batch), model, x_T)
     out = benchmark(run)
     if benchmark.stats is not None:
         benchmark.extra_info["ms_per_step"] = benchmark.stats.stats.median * 1e3 / STEPS

@@ -63,3 +63,13 @@ def test_the_tier_selection_leaves_the_max_autotune_case_out():
     autotune = subprocess.run(args + ["-m", "autotune"], capture_output=True, text=True, cwd=ROOT, timeout=300).stdout
     assert "[max-autotune]" not in tier and "test_compiled_model_inside_our_cuda_graph_matches_eager[True]" in tier
     assert "test_compiled_model_inside_our_cuda_graph_matches_eager[max-autotune]" in autotune
+
+
+def test_the_sd15_stage_times_pipe_compile_and_ours_in_one_run(tmp_path):
+    limits, commands, planned, status = _dry_run(tmp_path, "build sd15")
+    assert planned <= 570 - 20 and "skipped" not in status
+    command = commands["sd15"]
+    assert "benchmarks/test_pipelines.py" in command and "--ddim-full" in command and "--ddim-steps 50" in command
+    assert '-k sd15 and not accelerate-compile' in command and "--ddim-compile-budget" in command
+    budget = int(re.search(r"--ddim-compile-budget (\d+)", command).group(1))
+    assert budget < limits["sd15"] <= 500

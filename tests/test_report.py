@@ -102,3 +102,45 @@ def test_rows_skipped_for_the_compile_budget_are_listed_with_why(tmp_path):
     out = tmp_path / "r.md"
     assert report.main([str(p), "--md", str(out)]) == 0
     assert "- not run: c (compile budget: 55 s of the 60 s of --ddim-compile-budget spent" in out.read_text()
+
+
+def test_gpu_rows_with_their_flops_show_tflops_and_the_fraction_of_peak(tmp_path):
+    def row(impl, dtype, device, median_s, steps=10, group="sample-sd15-S10-b1"):
+        info = {"impl": impl, "dtype": dtype, "steps": steps, "batch": 1, "model": "sd15", "device": device, "flops_per_step": 1.5e12}
+        return {"group": group, "stats": {"median": median_s}, "extra_info": info}
+
+    mi = {"gpu": "NVIDIA H200", "torch": "2.11.0+cu130", "commit": "abc123"}
+    gpu = {"machine_info": mi, "benchmarks": [row("fast", "bf16", "cuda", 0.030), row("reference", "fp32", "cuda", 0.300)]}
+    cpu_row = row("fast", "fp32", "cpu", 3.0)
+    other = {"machine_info": {"gpu": "NVIDIA A100-SXM4-80GB", "commit": "abc123"}, "benchmarks": [row("fast", "bf16", "cuda", 0.060), cpu_row]}
+    paths = []
+    for name, data in (("h200.json", gpu), ("a100.json", other)):
+        paths.append(str(tmp_path / name))
+        (tmp_path / name).write_text(json.dumps(data))
+    md = report.markdown(report.load(paths))
+    # 1.5 TFLOP per step in 3 ms: 500 TFLOP/s, 0.505 of the H200's dense bf16 989.4
+    assert "| sample-sd15-S10-b1 | fast-bf16 | 10 | 3.000 | 1500.00 | 500.00 | 989.4 | 0.505 |" in md
+    assert "| sample-sd15-S10-b1 | reference-fp32 | 10 | 30.000 | 1500.00 | 50.00 | 67.0 | 0.746 |" in md
+    # a GPU without a known peak: TFLOP/s, no fraction; a CPU row: no line at all
+    assert "| sample-sd15-S10-b1 | fast-bf16 | 10 | 6.000 | 1500.00 | 250.00 | - | - |" in md
+    assert md.count("| sample-sd15-S10-b1 |") == 3
+
+
+def test_flops_per_step_is_the_models_call_doubled_when_guided():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks._models import flops_per_step
+    from ddim_fast import UNet
+    from ddim_fast.apps.train import DIGITS_COND_MODEL_CONFIG
+
+    torch.manual_seed(0)
+    model = UNet(**DIGITS_COND_MODEL_CONFIG).eval()
+    x = torch.randn(3, 1, 16, 16)
+    labels = torch.tensor([1, 2, 3])
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, torch.full((3,), 500), class_labels=labels)
+    one_call = counter.get_total_flops()
+    assert flops_per_step(model, x, model_kwargs={"class_labels": labels}) == one_call
+    guided = flops_per_step(model, x, model_kwargs={"class_labels": labels}, guidance_scale=2.0, uncond_kwargs={"class_labels": torch.full_like(labels, 10)})
+    assert guided == 2 * one_call
