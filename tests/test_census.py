@@ -278,6 +278,22 @@ def test_the_command_runs_guided_digits_and_refuses_a_guided_unconditional_model
         _main("--model", "cifar10", "--guided")
 
 
+def test_the_command_counts_the_reference_loop_too():
+    """--sampler reference: the plain loop over the model as it is, in the sampling dtype: more
+    ops per step than FastSampler's lean step, the same FLOPs within the update's few."""
+    def totals(text):
+        line = next(line for line in text.splitlines() if "ops per step" in line)
+        ops, flops = line.split(" ops per step")[0].split()[-1], line.split(" GFLOP")[0].split()[-1]
+        return float(ops), float(flops)
+
+    reference = _main("--model", "digits", "--sampler", "reference", "--dtype", "bf16", "--top", "1")
+    assert "census of one ReferenceSampler step (bf16" in reference
+    fast = _main("--model", "digits", "--dtype", "bf16", "--top", "1")
+    assert "census of one FastSampler (lean=True) step (bf16" in fast
+    (ref_ops, ref_gflop), (fast_ops, fast_gflop) = totals(reference), totals(fast)
+    assert ref_ops > 1.5 * fast_ops and abs(ref_gflop - fast_gflop) <= 0.01 * ref_gflop, (reference, fast)
+
+
 def test_the_command_runs_as_a_module():
     done = subprocess.run([sys.executable, "-m", "ddim_fast.apps.opcount", "--model", "digits", "--gpu", "h200", "--top", "2"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

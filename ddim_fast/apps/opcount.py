@@ -314,7 +314,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="python -m ddim_fast.apps.opcount",
-        description="Ops, bytes and FLOPs of one FastSampler step of a full-size model, counted on fake tensors "
+        description="Ops, bytes and FLOPs of one sampling step of a full-size model, counted on fake tensors "
         "(nothing computed or allocated), and a roofline MODEL of the step's time on a GPU.",
     )
     parser.add_argument("--model", choices=MODELS, default="sd15", help="sd15: diffusers' UNet2DConditionModel at SD-1.5's config; the others ddim_fast UNets (default sd15)")
@@ -322,6 +322,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="bf16", help="the sampling dtype (default bf16)")
     parser.add_argument("--batch", type=int, default=1, help="samples per call (default 1; guided, the model runs on twice as many)")
     parser.add_argument("--guided", action=argparse.BooleanOptionalAction, default=None, help="classifier-free guidance (default: on for sd15, off for the others)")
+    parser.add_argument("--sampler", choices=("fast", "reference"), default="fast", help="FastSampler, or ReferenceSampler: the plain eager loop over the model as it is, in the sampling dtype (default fast)")
     parser.add_argument("--lean", action=argparse.BooleanOptionalAction, default=True, help="FastSampler's lean=, the lean rewrite of the model (default on)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (default 0: no noise drawn)")
     parser.add_argument("--steps", type=int, nargs=2, default=[2, 5], metavar=("S1", "S2"), help="the two sample() lengths differenced (default 2 5)")
@@ -335,6 +336,7 @@ def main(argv=None) -> int:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from ..sampling.fast import FastSampler
+    from ..sampling.reference import ReferenceSampler
     from .census_models import fake_case
     from .roofline import format_roofline, roofline
 
@@ -350,11 +352,14 @@ def main(argv=None) -> int:
         raise SystemExit(f"opcount: {e}") from None
 
     def sampler_for_steps(steps):
+        if args.sampler == "reference":  # the model in the sampling dtype, the update in x_T's fp32
+            return ReferenceSampler(case.model, case.schedule, steps=steps, eta=args.eta)
         return FastSampler(case.model, case.schedule, steps=steps, eta=args.eta, dtype=dtype, lean=args.lean)
 
     census = census_per_step(sampler_for_steps, case.x_T, steps=args.steps, **case.sample_kwargs)
     totals = census_totals(census)
-    print(f"census of one FastSampler step (lean={args.lean}, {args.dtype}, eta {args.eta:g}), on fake tensors: {case.description}")
+    what = "ReferenceSampler" if args.sampler == "reference" else f"FastSampler (lean={args.lean})"
+    print(f"census of one {what} step ({args.dtype}, eta {args.eta:g}), on fake tensors: {case.description}")
     print("  ops as the CPU dispatches them: a GPU runs the same model code, and may add kernels no census sees (cuDNN's layout transposes)")
     print(f"  {totals['count']:.0f} ops per step, {totals['bytes_read'] / 1e9:.3f} GB read, {totals['bytes_written'] / 1e9:.3f} GB written, {totals['flops'] / 1e9:.1f} GFLOP")
     for gpu in args.gpu:
