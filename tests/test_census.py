@@ -294,6 +294,15 @@ def test_the_command_counts_the_reference_loop_too():
     assert ref_ops > 1.5 * fast_ops and abs(ref_gflop - fast_gflop) <= 0.01 * ref_gflop, (reference, fast)
 
 
+def test_the_command_counts_a_unet_the_lean_rewrite_refuses(capsys):
+    text = _main("--model", "sd15", "--lean-refused", "--gpu", "h200", "--top", "1")
+    assert "runs without the lean rewrite: a replaced block forward" in capsys.readouterr().err
+    ops = float(next(line for line in text.splitlines() if "ops per step" in line).split()[0])
+    assert 377 < ops < 859  # between the lean step and the reference loop (README's table)
+    with pytest.raises(SystemExit, match="lean_refused applies to sd15"):
+        _main("--model", "digits", "--lean-refused")
+
+
 def test_the_command_runs_as_a_module():
     done = subprocess.run([sys.executable, "-m", "ddim_fast.apps.opcount", "--model", "digits", "--gpu", "h200", "--top", "2"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

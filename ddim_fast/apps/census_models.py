@@ -99,17 +99,23 @@ def _conditions(key: str, batch: int) -> tuple:
     return {key: torch.zeros(batch, dtype=torch.long)}, {key: torch.full((batch,), 10, dtype=torch.long)}
 
 
-def fake_case(name: str, *, mode, dtype: torch.dtype, batch: int = 1, guided: bool = True) -> CensusCase:
+def fake_case(name: str, *, mode, dtype: torch.dtype, batch: int = 1, guided: bool = True, lean_refused: bool = False) -> CensusCase:
     """The model `name` and its input built under the FakeTensorMode `mode`, the model's
     parameters in the sampling dtype `dtype` (so that no sampler casts a fake model with
     Module.to, see cast_parameters), in eval mode. guided: classifier-free guidance (sd15:
     scale 7.5 and a 77x768 context; digits: its class-conditional twin, scale 2); refused for
-    the unconditional presets."""
+    the unconditional presets. lean_refused (sd15): a UNet the lean rewrite does not fit,
+    which FastSampler runs as TabledUNet2D (as it runs one with a custom attention processor
+    or LoRA layers), computing the same function."""
     make_model, shape, key, scale = _recipe(name, guided)
     if guided and key is None:
         raise ValueError(f"model {name!r} is unconditional: it cannot be guided (use --no-guided)")
+    if lean_refused and name != "sd15":
+        raise ValueError(f"lean_refused applies to sd15's UNet2DConditionModel, not to {name!r}")
     with mode:
         model = cast_parameters(make_model().eval(), dtype)
+        if lean_refused:  # the rewrite refuses a block whose forward is replaced; this one is its own
+            model.mid_block.forward = model.mid_block.forward
         x_T = torch.randn(batch, *shape)
         sample_kwargs = {}
         if guided:

@@ -324,6 +324,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--guided", action=argparse.BooleanOptionalAction, default=None, help="classifier-free guidance (default: on for sd15, off for the others)")
     parser.add_argument("--sampler", choices=("fast", "reference"), default="fast", help="FastSampler, or ReferenceSampler: the plain eager loop over the model as it is, in the sampling dtype (default fast)")
     parser.add_argument("--lean", action=argparse.BooleanOptionalAction, default=True, help="FastSampler's lean=, the lean rewrite of the model (default on)")
+    parser.add_argument("--lean-refused", action="store_true", help="sd15: a UNet the lean rewrite does not fit (as one with a custom attention processor or LoRA), which runs as TabledUNet2D")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (default 0: no noise drawn)")
     parser.add_argument("--steps", type=int, nargs=2, default=[2, 5], metavar=("S1", "S2"), help="the two sample() lengths differenced (default 2 5)")
     parser.add_argument("--numbers", choices=NUMBERS, default="measured", help="the GPU's peak and bandwidth: measured where we have them, else the datasheet's (default measured)")
@@ -347,7 +348,7 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype]
     mode = FakeTensorMode(allow_non_fake_inputs=True)  # the schedule's tensors are real
     try:
-        case = fake_case(args.model, mode=mode, dtype=dtype, batch=args.batch, guided=guided)
+        case = fake_case(args.model, mode=mode, dtype=dtype, batch=args.batch, guided=guided, lean_refused=args.lean_refused)
     except ValueError as e:
         raise SystemExit(f"opcount: {e}") from None
 
