@@ -13,6 +13,7 @@ from ddim_fast import FastSampler, ReferenceSampler, Schedule
 from ddim_fast.apps.opcount import COPIES, ops_per_step
 
 from .conftest import max_err, requires_triton_interpreter
+from .test_ops import native_cpu
 
 pytest.importorskip("diffusers", reason="diffusers is an optional dependency (pip install ddim-fast[diffusers])")
 from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: E402
@@ -135,6 +136,7 @@ def test_lean_sd_unet_in_low_precision_tracks_the_float64_reference(dtype, shape
     assert max_err(got, ref64) <= 2 * own + torch.finfo(dtype).eps * ref64.abs().max().item()
 
 
+@native_cpu  # the count is of the native ops: without them each fused op is PyTorch's two or more
 def test_census_of_one_step_at_sd15_structure():
     """The issue's count: SD-1.5's structure at a tenth of its width, guided, bf16. The
     fused path as it was (TabledUNet2D, lean=False counted beside it) ran 566 ops per

@@ -3,8 +3,10 @@ against float64 references.
 
 Every output an op allocates starts as NaN (the `poisoned_outputs` fixture: torch's
 deterministic mode fills uninitialised memory, the extension's C++ allocations included), so
-an element a kernel leaves unwritten fails. In low precision the error is held to twice
-PyTorch's own at that dtype (its add, LayerNorm, GELU and product), as STYLE.md asks.
+an element a kernel leaves unwritten fails. In fp32 the largest error is held to 1e-5 of the
+output's scale; in fp16 and bf16 to twice PyTorch's own at that dtype (its add, LayerNorm,
+GELU and product: err(ours, ref64) <= 2 * err(torch, ref64), as STYLE.md asks) plus one
+rounding of the output, which Triton's interpreter truncates where a GPU rounds to nearest.
 """
 
 import pytest
@@ -14,7 +16,9 @@ import torch.nn.functional as F
 from ddim_fast import ops
 
 from .conftest import requires_cuda, requires_triton_interpreter
-from .test_ops import BACKENDS, DTYPES, _close, native_cpu
+from .test_ops import BACKENDS, native_cpu
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture(autouse=True)
@@ -61,18 +65,26 @@ class RowOpTester:
     def inputs(self, shape, dtype, device, seed=0):
         raise NotImplementedError
 
-    def _check(self, got, inputs, dtype, atol, rtol):
+    def _check(self, got, inputs, dtype):
         for out, ref, own in zip(got, self.expected(inputs), self.same_dtype(inputs)):
             assert out.dtype == dtype and out.shape == ref.shape and out.is_contiguous()
-            own_err = (own.double() - ref).abs().max().item() if dtype != torch.float32 and ref.numel() else None
-            _close(out, ref, dtype, atol * 10, rtol, own_err)
+            assert not out.isnan().any(), "unwritten (poisoned) output elements"
+            if not ref.numel():
+                continue
+            err = (out.double() - ref).abs().max().item()
+            scale = ref.abs().max().item()
+            if dtype == torch.float32:
+                bound = 1e-5 * (1 + scale)
+            else:
+                bound = 2 * (own.double() - ref).abs().max().item() + torch.finfo(dtype).eps * scale
+            assert err <= bound, f"max err {err:.3g} > {bound:.3g} ({dtype})"
 
     @pytest.mark.parametrize("backend, device", BACKENDS)
-    @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("shape", SHAPES)
-    def test_against_float64(self, backend, device, dtype, atol, rtol, shape):
+    def test_against_float64(self, backend, device, dtype, shape):
         inputs = self.inputs(shape, dtype, device)
-        self._check(self.run(inputs, backend), inputs, dtype, atol, rtol)
+        self._check(self.run(inputs, backend), inputs, dtype)
 
     @pytest.mark.parametrize("backend, device", BACKENDS)
     def test_non_contiguous_inputs_are_taken(self, backend, device):
@@ -80,7 +92,7 @@ class RowOpTester:
         inputs = self.inputs((6, 4, 10), torch.float32, device, seed=3)
         strided = [t.transpose(0, 1).contiguous().transpose(0, 1) if isinstance(t, torch.Tensor) and t.dim() == 3 else t for t in inputs]
         assert not strided[0].is_contiguous()
-        self._check(self.run(strided, backend), inputs, torch.float32, 1e-5, 1e-5)
+        self._check(self.run(strided, backend), inputs, torch.float32)
 
     @pytest.mark.parametrize("backend, device", BACKENDS)
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -92,7 +104,7 @@ class RowOpTester:
             return buf[1:].view(t.shape).copy_(t)
 
         inputs = [shifted(t) for t in self.inputs((3, 4, 24), dtype, device, seed=4)]
-        self._check(self.run(inputs, backend), inputs, dtype, *{torch.float32: (1e-5, 1e-5), torch.bfloat16: DTYPES[2][1:]}[dtype])
+        self._check(self.run(inputs, backend), inputs, dtype)
 
     @pytest.mark.parametrize("backend, device", BACKENDS)
     def test_empty_inputs(self, backend, device):
@@ -105,14 +117,14 @@ class TestAddLayerNorm(RowOpTester):
     """(s, y) = (x + residual, layer_norm(x + residual)): the sum rounded to x's dtype as an add
     stores it, and the norm of the stored sum."""
 
-    def inputs(self, shape, dtype, device, seed=0, param_dtype=None, affine=True):
+    def inputs(self, shape, dtype, device, seed=0, param_dtype=None, params=("weight", "bias")):
         g = _gen(seed + sum(shape))
         x = (torch.randn(shape, generator=g) * 3 + 5).to(device=device, dtype=dtype)  # a mean far from 0
         residual = (torch.randn(shape, generator=g) * 2 - 1).to(device=device, dtype=dtype)
         width = shape[-1]
-        weight = torch.randn(width, generator=g).to(device=device, dtype=param_dtype or dtype) if affine else None
-        bias = torch.randn(width, generator=g).to(device=device, dtype=param_dtype or dtype) if affine else None
-        return [x, residual, weight, bias, 1e-5]
+        weight = torch.randn(width, generator=g).to(device=device, dtype=param_dtype or dtype)
+        bias = torch.randn(width, generator=g).to(device=device, dtype=param_dtype or dtype)
+        return [x, residual, weight if "weight" in params else None, bias if "bias" in params else None, 1e-5]
 
     def run(self, inputs, backend):
         return ops.add_layer_norm(*inputs[:4], eps=inputs[4], backend=backend)
@@ -130,11 +142,14 @@ class TestAddLayerNorm(RowOpTester):
         return s, F.layer_norm(s, (x.shape[-1],), *cast, eps)
 
     @pytest.mark.parametrize("backend, device", BACKENDS)
-    @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
-    @pytest.mark.parametrize("param_dtype, affine", [(torch.float32, True), (None, False)])
-    def test_float32_parameters_or_none(self, backend, device, dtype, atol, rtol, param_dtype, affine):
-        inputs = self.inputs((2, 7, 48), dtype, device, seed=5, param_dtype=param_dtype, affine=affine)
-        self._check(self.run(inputs, backend), inputs, dtype, atol, rtol)
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("param_dtype", [torch.float32, None], ids=["fp32-params", "x-dtype-params"])
+    @pytest.mark.parametrize("params", [("weight",), ("bias",), ()], ids=["weight-only", "bias-only", "neither"])
+    def test_one_parameter_or_none(self, backend, device, dtype, param_dtype, params):
+        """A weight without a bias, a bias without a weight (each in fp32 or x's dtype: the
+        kernels take the parameters' dtype from whichever is given), or neither."""
+        inputs = self.inputs((2, 7, 48), dtype, device, seed=5, param_dtype=param_dtype, params=params)
+        self._check(self.run(inputs, backend), inputs, dtype)
 
     @pytest.mark.parametrize("backend, device", BACKENDS)
     def test_mean_much_larger_than_spread(self, backend, device):
@@ -147,15 +162,32 @@ class TestAddLayerNorm(RowOpTester):
         assert (y.double() - ref).abs().max().item() < 2e-2  # ~1 fp32 ulp of 1000, over a spread of 0.01
 
     @pytest.mark.parametrize("device", [pytest.param("cpu", marks=requires_triton_interpreter), pytest.param("cuda", marks=requires_cuda)])
-    @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("width", [37, 64, 1])
-    def test_triton_wide_plan(self, device, dtype, atol, rtol, width):
+    def test_triton_wide_plan(self, device, dtype, width):
         """The plan for rows longer than a program holds, reached on short rows with a small step."""
         from ddim_fast.kernels.layer_norm import Plan, add_layer_norm
 
         inputs = self.inputs((3, width), dtype, device, seed=7)
-        got = add_layer_norm(*inputs[:4], inputs[4], launch_plan=Plan("wide", block_d=16))
-        self._check(got, inputs, dtype, atol, rtol)
+        self._check(add_layer_norm(*inputs[:4], inputs[4], launch_plan=Plan("wide", block_d=16)), inputs, dtype)
+
+    @pytest.mark.parametrize("device", [pytest.param("cpu", marks=requires_triton_interpreter), pytest.param("cuda", marks=requires_cuda)])
+    def test_triton_wide_plan_with_an_outlying_first_channel(self, device):
+        """Rows of 20000 values (the wide plan, as plan() picks it) around 1000 with a spread of
+        0.01 and a first value 50 away: moments about that value (or E[s²] - E[s]²) would
+        cancel most of the variance (0.04) away."""
+        from ddim_fast.kernels.layer_norm import add_layer_norm, plan
+
+        width = 20000
+        assert plan(2, width).kind == "wide"
+        g = _gen(8)
+        x = torch.randn(2, width, generator=g) * 0.01 + 1000
+        x[:, 0] += 50
+        x = x.to(device)
+        s, y = add_layer_norm(x, torch.zeros_like(x), None, None, 1e-5)
+        ref = F.layer_norm(x.double(), (width,))
+        # measured 1.7e-6 (PyTorch's own fp32 LayerNorm 2.1e-6); moments about the first value 1.6e-3
+        assert (y.double() - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
 
     def test_triton_plan_choice(self):
         pytest.importorskip("triton")

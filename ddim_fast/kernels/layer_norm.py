@@ -11,9 +11,9 @@ Two plans, picked by `plan()` from D:
   takes each row's mean and then its centred second moment from registers (an exact
   two-pass variance, no cancellation whatever the mean) and writes y;
 - wide, for longer rows: one program per row loops over it twice: the first loop stores s
-  and sums (s - k) and (s - k)² about k, the row's first stored value (so a large mean does
-  not cancel the variance away); the second forms s again from x and residual, the same
-  rounding, and writes y. Reads x and residual twice, never its own stores.
+  and merges each tile's (count, mean, centred M2) into the row's with Chan's formula (no
+  cancellation whatever the mean or an outlier); the second forms s again from x and
+  residual, the same rounding, and writes y. Reads x and residual twice, never its own stores.
 """
 
 from __future__ import annotations
@@ -83,23 +83,27 @@ def _add_layer_norm_wide_kernel(
     BLOCK_D: tl.constexpr,  # values per loop step
 ):
     base = tl.program_id(0).to(tl.int64) * D
-    x0 = tl.load(x_ptr + base)
-    k = (x0.to(tl.float32) + tl.load(r_ptr + base).to(tl.float32)).to(x0.dtype).to(tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # the row's running (count, mean, M2), merged tile by tile (Chan's formula)
+    count = 0.0
+    mean = 0.0
+    m2 = 0.0
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mask = d < D
         xv = tl.load(x_ptr + base + d, mask=mask, other=0.0)
         sv = (xv.to(tl.float32) + tl.load(r_ptr + base + d, mask=mask, other=0.0).to(tl.float32)).to(xv.dtype)
         tl.store(s_ptr + base + d, sv, mask=mask)
-        v = tl.where(mask, sv.to(tl.float32) - k, 0.0)
-        acc += v
-        acc2 += v * v
-    mean_k = tl.sum(acc, axis=0) / D  # mean of s - k
-    var = tl.maximum(tl.sum(acc2, axis=0) / D - mean_k * mean_k, 0.0)
-    mean = k + mean_k
-    rstd = 1.0 / tl.sqrt(var + eps)
+        v = sv.to(tl.float32)
+        tile_count = tl.sum(mask.to(tl.float32), axis=0)
+        tile_mean = tl.sum(tl.where(mask, v, 0.0), axis=0) / tile_count
+        dv = tl.where(mask, v - tile_mean, 0.0)
+        tile_m2 = tl.sum(dv * dv, axis=0)
+        delta = tile_mean - mean
+        total = count + tile_count
+        mean += delta * tile_count / total
+        m2 += tile_m2 + delta * delta * count * tile_count / total
+        count = total
+    rstd = 1.0 / tl.sqrt(m2 / D + eps)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mask = d < D

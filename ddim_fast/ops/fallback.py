@@ -1,7 +1,10 @@
 """The PyTorch backend of the fused ops: plain tensor code, any device.
 
 Arithmetic in fp32 for fp32/fp16/bf16 storage (float64 stays float64), like the fused
-kernels, so every backend gives the same numbers up to rounding.
+kernels, so every backend gives the same numbers up to rounding; add_layer_norm and geglu
+instead run PyTorch's own ops in the storage dtype, as the model they stand in for does
+(where the extension is missing they are what the lean SD UNet runs, so they move no more
+bytes than the unfused model would).
 """
 
 from __future__ import annotations
@@ -100,16 +103,17 @@ def _memory_format(x):
 
 def add_layer_norm(x, residual, weight, bias, eps):
     """(s, layer_norm(s)) over the last dimension, s = x + residual rounded to x's dtype as a
-    separate add stores it; the norm of s in fp32 (fp64 for fp64), rounded once."""
+    separate add stores it: the add and F.layer_norm in x's dtype, as a model runs them
+    (PyTorch's LayerNorm keeps its statistics in fp32 for fp16 and bf16), with fp32 parameters
+    cast to x's dtype."""
     s = (x + residual).contiguous()  # the fused backends' layout, whatever x's
-    cd = _compute_dtype(x.dtype)
-    w = None if weight is None else weight.to(cd)
-    b = None if bias is None else bias.to(cd)
-    return s, F.layer_norm(s.to(cd), (s.shape[-1],), w, b, eps).to(x.dtype)
+    w = None if weight is None else weight.to(x.dtype)
+    b = None if bias is None else bias.to(x.dtype)
+    return s, F.layer_norm(s, (s.shape[-1],), w, b, eps)
 
 
 def geglu(h):
-    """a * gelu(gate) of h = [a, gate] along the last dimension, the exact (erf) GELU, in fp32
-    (fp64 for fp64) and rounded once."""
-    a, gate = h.to(_compute_dtype(h.dtype)).chunk(2, dim=-1)
-    return (a * F.gelu(gate)).to(h.dtype).contiguous()
+    """a * gelu(gate) of h = [a, gate] along the last dimension, the exact (erf) GELU: the
+    chunk, GELU and product in h's dtype, as diffusers' GEGLU runs them."""
+    a, gate = h.chunk(2, dim=-1)
+    return (a * F.gelu(gate)).contiguous()
