@@ -17,6 +17,7 @@
 #include <tuple>
 
 #include "../transformer.h"
+#include "reduce.cuh"
 #include "vec.cuh"
 
 namespace ddim_fast {
@@ -25,24 +26,6 @@ namespace {
 
 constexpr int kMaxRowThreads = 512;
 constexpr int kValuesPerThread = 4;  // a thread's share of a row, when the row is short enough
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Sum of v over the block; every thread gets it. Safe to call several times in a row.
-__device__ __forceinline__ float block_sum(float v) {
-  __shared__ float part[32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_sum(v);
-  __syncthreads();  // an earlier call's readers are done with `part`
-  if (lane == 0) part[warp] = v;
-  __syncthreads();
-  const int warps = (blockDim.x + 31) >> 5;
-  return warp_sum(lane < warps ? part[lane] : 0.f);
-}
 
 // W: the parameters' dtype (x's or float); w and b may be null (1 and 0).
 template <typename T, typename W>

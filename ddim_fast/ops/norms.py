@@ -60,14 +60,7 @@ def _group_norm(op, x, num_groups, weight, bias, eps, add_bias, residual, silu, 
         raise ValueError(f"{op}: num_groups must divide the number of channels: C = {C}, num_groups = {num_groups}")
     if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)) or not eps > 0:
         raise ValueError(f"{op}: eps must be a number > 0, got {eps!r}")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is None:
-            continue
-        check_tensor(op, name, p)
-        if tuple(p.shape) != (C,):
-            raise ValueError(f"{op}: {name} must have shape ({C},), got {tuple(p.shape)}")
-        if p.device != x.device:
-            raise ValueError(f"{op}: {name} must be on x's device {x.device}, got {p.device}")
+    _check_params(op, x, C, weight, bias)
     if add_bias is not None:
         check_tensor(op, "add_bias", add_bias)
         if tuple(add_bias.shape) not in ((x.shape[0], C), (C,)):
@@ -98,6 +91,18 @@ def _group_norm(op, x, num_groups, weight, bias, eps, add_bias, residual, silu, 
     return torch.ops.ddim_fast.group_norm_act(x, int(num_groups), weight, bias, add_bias, float(eps), silu)
 
 
+def _check_params(op: str, x, width: int, weight, bias) -> None:
+    """A norm's weight and bias: each a floating-point (width,) tensor on x's device, or None."""
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        check_tensor(op, name, p)
+        if tuple(p.shape) != (width,):
+            raise ValueError(f"{op}: {name} must have shape ({width},), got {tuple(p.shape)}")
+        if p.device != x.device:
+            raise ValueError(f"{op}: {name} must be on x's device {x.device}, got {p.device}")
+
+
 # --- add_layer_norm, geglu ---------------------------------------------------------------------
 
 
@@ -116,16 +121,9 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps: float = 1e-5, *, ba
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have at least one dimension (the one normalised), got a scalar")
     check_like(op, "residual", x, residual)
-    width = x.shape[-1]
+    _check_params(op, x, x.shape[-1], weight, bias)
     for name, p in (("weight", weight), ("bias", bias)):
-        if p is None:
-            continue
-        check_tensor(op, name, p)
-        if tuple(p.shape) != (width,):
-            raise ValueError(f"{op}: {name} must have shape ({width},), got {tuple(p.shape)}")
-        if p.device != x.device:
-            raise ValueError(f"{op}: {name} must be on x's device {x.device}, got {p.device}")
-        if p.dtype not in (x.dtype, torch.float32):
+        if p is not None and p.dtype not in (x.dtype, torch.float32):
             raise TypeError(f"{op}: {name} must have x's dtype {x.dtype} or float32, got {p.dtype}")
     if weight is not None and bias is not None and weight.dtype != bias.dtype:
         raise TypeError(f"{op}: weight and bias must have one dtype, got {weight.dtype} and {bias.dtype}")
