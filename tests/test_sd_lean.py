@@ -179,6 +179,25 @@ def test_a_new_prompt_replays_the_emulated_loop():
 
 
 @requires_triton_interpreter
+def test_the_emulated_loop_in_bf16_tracks_the_float64_reference():
+    """The captured loop's own code on the CPU in what a user gets: bf16, channels_last,
+    guided, η = 1, the lean transformer layers (ops.add_layer_norm, ops.geglu) in every step;
+    held to PyTorch's own bf16 loop's error, as the eager lean path is."""
+    unet = _unet(SD15_TENTH)
+    x_T = torch.randn(2, 4, 8, 8, generator=_gen(0))
+    cond, uncond = _conditions(SD15_TENTH, 2)
+    kw = dict(model_kwargs=cond, guidance_scale=3.0, uncond_kwargs=uncond)
+    schedule = Schedule.linear()
+    sampler = FastSampler(unet, schedule, steps=4, eta=1.0, dtype="bf16", cuda_graph="emulate")
+    got = sampler.sample(x_T, generator=_gen(5), **kw)
+    assert got.dtype == torch.bfloat16 and isinstance(sampler._prepared_model(x_T.device), LeanConditionUNet)
+    ref64 = ReferenceSampler(copy.deepcopy(unet).double(), schedule, steps=4, eta=1.0).sample(x_T.double(), generator=_gen(5), **kw)
+    own = max_err(ReferenceSampler(copy.deepcopy(unet).to(torch.bfloat16), schedule, steps=4, eta=1.0).sample(x_T, generator=_gen(5), **kw), ref64)
+    assert 0 < own
+    assert max_err(got, ref64) <= 2 * own + torch.finfo(torch.bfloat16).eps * ref64.abs().max().item()
+
+
+@requires_triton_interpreter
 @pytest.mark.parametrize("mode", ["step", "loop"])
 def test_capture_runs_the_prompt_work_once_per_replay_before_the_steps(mode, monkeypatch):
     """What a CUDA graph would hold, traced with stand-ins for torch.cuda.CUDAGraph and
