@@ -37,6 +37,11 @@ def pytest_addoption(parser):
         help="seconds the torch.compile rows may spend compiling (first calls) in this run; a row that would not fit is skipped, with why (default: no limit)",
     )
     g.addoption(
+        "--ddim-scheduler",
+        default="ddim",
+        help="the scheduler of the pipeline rows (test_pipelines.py), made from the pipeline's own config: ddim (default), dpmpp_2m, dpmpp_2m_karras, euler, euler_a, lcm",
+    )
+    g.addoption(
         "--ddim-full",
         action="store_true",
         help="the full matrix: every torch.compile row of every suite (default: of those, only the S-sweep's likeliest best peer)",

@@ -1,7 +1,12 @@
-"""Wall-clock time of a whole diffusers pipeline call (text encoding, the guided DDIM loop at
+"""Wall-clock time of a whole diffusers pipeline call (text encoding, the guided loop at
 w = 7.5, the VAE decode, post-processing): `pipe(...)` against `ddim_fast.accelerate(pipe)(...)`.
 
     pytest benchmarks/test_pipelines.py --benchmark-only
+    pytest benchmarks/test_pipelines.py --benchmark-only --ddim-scheduler dpmpp_2m_karras --ddim-steps 20
+
+The scheduler is the pipeline's DDIMScheduler, or with --ddim-scheduler another made from its
+config as users make one (Scheduler.from_config(pipe.scheduler.config)): dpmpp_2m,
+dpmpp_2m_karras (DPM++ 2M Karras), euler, euler_a, lcm.
 
 (With --benchmark-disable, as the test suite runs it, only the first S runs, once.)
 
@@ -30,22 +35,37 @@ GUIDANCE = 7.5
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
+# --ddim-scheduler: (the diffusers class, the options from_config adds to the pipeline's config)
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+
 @functools.lru_cache(maxsize=None)
-def _pipeline(name: str, device: str):
+def _pipeline(name: str, device: str, scheduler: str = "ddim"):
     pytest.importorskip("diffusers", reason="the pipeline rows need diffusers (pip install ddim-fast[diffusers])")
     pytest.importorskip("transformers", reason="the pipeline rows need transformers (a CLIP text encoder)")
+    import diffusers
+
     from tests.tiny_pipelines import sd_pipeline
 
     pipe = sd_pipeline(tempfile.mkdtemp(prefix="ddim-fast-tokenizer-"), size=name)
+    cls, extra = SCHEDULERS[scheduler]
+    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **extra)
     dtype = torch.float16 if device == "cuda" else torch.float32
     return pipe.to(device=device, dtype=dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def _implementation(impl: str, name: str, device: str):
+def _implementation(impl: str, name: str, device: str, scheduler: str = "ddim"):
     import ddim_fast
 
-    pipe = _pipeline(name, device)
+    pipe = _pipeline(name, device, scheduler)
     if impl == "pipe":
         return pipe
     if impl == "accelerate":
@@ -89,19 +109,23 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("steps", steps, ids=lambda s: f"S{s}")
     max_autotune = ["pipe-compile-max-autotune"] if torch.cuda.is_available() else []
     metafunc.parametrize("impl", ["pipe", "accelerate", "pipe-compile", "accelerate-compile"] + max_autotune)
+    scheduler = opt("--ddim-scheduler")
+    if scheduler not in SCHEDULERS:
+        raise pytest.UsageError(f"--ddim-scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+    metafunc.parametrize("scheduler", [scheduler])
 
 
-def test_pipeline_call(benchmark, bench_config, compile_budget, impl, pipeline, steps):
+def test_pipeline_call(benchmark, bench_config, compile_budget, impl, pipeline, steps, scheduler):
     if steps >= 1000 and pipeline == "sd15":
         pytest.skip("S = 1000 of the SD-1.5-sized pipeline takes minutes a call; its per-step time is the S = 100 row's")
     compiled = impl.endswith("-compile")
     if compiled:
         compile_budget.admit_compiled(benchmark, f"pipeline-{pipeline}-S{steps}: {impl}")
     device = bench_config["device"]
-    off_the_schedule = _grid_error(_pipeline(pipeline, device), steps)
+    off_the_schedule = _grid_error(_pipeline(pipeline, device, scheduler), steps)
     if off_the_schedule:
         pytest.skip(f"S = {steps} is not a grid of this scheduler ({off_the_schedule}); diffusers' own call fails there too")
-    call = _implementation(impl, pipeline, device)
+    call = _implementation(impl, pipeline, device, scheduler)
 
     def run():
         out = call(PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(0), output_type="np")
@@ -109,8 +133,18 @@ def test_pipeline_call(benchmark, bench_config, compile_budget, impl, pipeline, 
             torch.cuda.synchronize()
         return out.images
 
-    benchmark.group = f"pipeline-{pipeline}-S{steps}"
-    benchmark.extra_info.update(impl=impl, steps=steps, model=f"{pipeline} StableDiffusionPipeline", pipeline=pipeline, device=device, guidance=GUIDANCE, dtype="fp16" if device == "cuda" else "fp32", batch=1)
+    benchmark.group = f"pipeline-{pipeline}-S{steps}" + ("" if scheduler == "ddim" else f"-{scheduler}")
+    benchmark.extra_info.update(
+        impl=impl,
+        steps=steps,
+        model=f"{pipeline} StableDiffusionPipeline",
+        pipeline=pipeline,
+        scheduler=SCHEDULERS[scheduler][0] + (" (Karras sigmas)" if scheduler.endswith("karras") else ""),
+        device=device,
+        guidance=GUIDANCE,
+        dtype="fp16" if device == "cuda" else "fp32",
+        batch=1,
+    )
     if not benchmark.disabled:
         compile_budget.first_call(benchmark, run, compiled)
     if steps >= 100 or pipeline == "sd15":

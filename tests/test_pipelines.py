@@ -266,14 +266,18 @@ def test_numpy_arguments_and_a_large_guidance_rescale(sd, fast_sd):
         fast_sd("a cat", num_inference_steps=2, guidance_rescale=1.5, output_type="np")
 
 
-def test_a_scheduler_other_than_ddim_is_refused_with_the_line_that_switches_it(tmp_path):
-    from diffusers import EulerDiscreteScheduler
+def test_a_scheduler_it_does_not_run_is_refused_with_the_line_that_switches_it(tmp_path):
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler
 
     pipe = sd_pipeline(str(tmp_path))
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    with pytest.raises(ValueError, match=r"EulerDiscreteScheduler.*DDIMScheduler\.from_config\(pipe\.scheduler\.config\)"):
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match=r"PNDMScheduler.*DDIMScheduler\.from_config\(pipe\.scheduler\.config\)"):
         ddim_fast.accelerate(pipe)
-    with pytest.raises(TypeError, match="DDIMPipeline, StableDiffusionPipeline, StableDiffusionImg2ImgPipeline"):
+    ddim = ddim_pipeline()
+    ddim.scheduler = EulerDiscreteScheduler.from_config(ddim.scheduler.config)  # DDIMPipeline's call steps as DDIM does
+    with pytest.raises(ValueError, match="EulerDiscreteScheduler; ddim_fast.accelerate runs DDIMScheduler there"):
+        ddim_fast.accelerate(ddim)
+    with pytest.raises(TypeError, match="DDIMPipeline, StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionXLPipeline"):
         ddim_fast.accelerate(pipe.unet)
     with pytest.raises(TypeError, match="not as options: eta, steps"):
         ddim_fast.accelerate(ddim_pipeline(), steps=10, eta=0.5)
@@ -282,12 +286,12 @@ def test_a_scheduler_other_than_ddim_is_refused_with_the_line_that_switches_it(t
 
 
 def test_a_scheduler_switched_after_accelerate_is_refused_at_the_call(tmp_path):
-    from diffusers import DPMSolverMultistepScheduler
+    from diffusers import PNDMScheduler
 
     pipe = sd_pipeline(str(tmp_path))
     fast = ddim_fast.accelerate(pipe)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    with pytest.raises(ValueError, match="DPMSolverMultistepScheduler"):
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match="PNDMScheduler"):
         fast("a cat", num_inference_steps=2)
 
 
@@ -392,10 +396,10 @@ def test_samplers_accept_return_dict_false_outputs():
 
 
 def test_from_diffusers_config_refuses_other_schedulers_by_name():
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, PNDMScheduler
 
-    # (a DPMSolverMultistepScheduler maps to solver="dpmpp_2m": tests/test_dpm_diffusers.py)
-    for scheduler in (EulerDiscreteScheduler(), PNDMScheduler(), DDPMScheduler()):
+    # (DPM-Solver, Euler and LCM map to their solvers: tests/test_dpm_diffusers.py, test_schedulers_diffusers.py)
+    for scheduler in (PNDMScheduler(), DDPMScheduler()):
         name = type(scheduler).__name__
         with pytest.raises(ValueError, match=name):
             Schedule.from_diffusers_config(scheduler)
@@ -404,6 +408,9 @@ def test_from_diffusers_config_refuses_other_schedulers_by_name():
                 Schedule.from_diffusers_config(config)
         with pytest.raises(ValueError, match=name):
             Schedule.from_diffusers_config(dict(scheduler.config, _class_name=name))
+    for config in (EulerAncestralDiscreteScheduler().config, dict(EulerAncestralDiscreteScheduler().config)):  # no key of its own
+        with pytest.raises(ValueError, match="pass the scheduler object itself"):
+            Schedule.from_diffusers_config(config)
     switched = DDIMScheduler.from_config(DPMSolverMultistepScheduler().config)  # carries DPM's keys: still DDIM's
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no deprecation warning for reading a scheduler object

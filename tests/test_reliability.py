@@ -30,7 +30,7 @@ BAD_CONSTRUCTION = [
     ("eta > 1", dict(eta=1.5), ValueError, r"eta must be in \[0, 1\].*got 1.5"),
     ("eta < 0", dict(eta=-0.1), ValueError, r"eta must be in \[0, 1\]"),
     ("eta typo", dict(eta="ddpm"), ValueError, "eta must be a number in \\[0, 1\\] or 'ddpm_noisy', got 'ddpm'"),
-    ("eta None", dict(eta=None), TypeError, "eta must be a number"),
+    ("eta list", dict(eta=[0.5]), TypeError, "eta must be a number"),  # (None: the solver's own eta, test_solvers.py)
     ("skip name", dict(skip="cubic"), ValueError, "unknown skip type 'cubic'; expected one of"),
     ("skip dupes", dict(steps=3, skip=[1, 1, 2]), ValueError, "distinct timesteps; repeated: \\[1\\]"),
     ("skip range", dict(steps=2, skip=[0, 1000]), ValueError, r"timesteps in \[0, 1000\), got 1000"),

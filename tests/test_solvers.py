@@ -1,7 +1,9 @@
 """Solvers (core/solvers/): their step plans, the history column of the fused step on every
-backend, and DPM-Solver++(2M) against its own reference loop and the ODE it solves.
+backend, DPM-Solver++(2M) against its own reference loop and the ODE it solves, and the Euler,
+Euler ancestral and LCM steps against the equations they come from.
 
-Parity with diffusers' DPMSolverMultistepScheduler is in test_dpm_diffusers.py.
+Parity with diffusers' DPMSolverMultistepScheduler is in test_dpm_diffusers.py, with its
+Euler, Euler ancestral, LCM schedulers and Karras sigmas in test_schedulers_diffusers.py.
 """
 
 import math
@@ -28,9 +30,9 @@ def _lam(a: float) -> float:
 
 
 def test_solvers_are_named():
-    assert SOLVERS == ("ddim", "dpmpp_2m")
+    assert SOLVERS == ("ddim", "dpmpp_2m", "euler", "euler_ancestral", "lcm")
     with pytest.raises(ValueError, match="solver must be one of"):
-        FastSampler(tiny_unet(), SCHEDULE, steps=4, solver="euler")
+        FastSampler(tiny_unet(), SCHEDULE, steps=4, solver="heun")
     with pytest.raises(ValueError, match="solver must be one of"):
         ReferenceSampler(tiny_unet(), SCHEDULE, steps=4, solver=None)
 
@@ -326,7 +328,8 @@ def test_the_spec_tells_plans_apart_by_their_coefficients():
 
 @requires_triton_interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_emulated_loop_guided_dpmpp_2m_in_the_default_layout_tracks_float64(dtype):
+@pytest.mark.parametrize("solver, skip", [("dpmpp_2m", "dpm_linspace"), ("euler_ancestral", "euler_linspace"), ("lcm", "lcm")])
+def test_emulated_loop_guided_solvers_in_the_default_layout_track_float64(dtype, solver, skip):
     """The captured loop's own code with users' defaults: channels_last, 3 channels, guided
     (class labels), against the float64 reference: fp32 to rounding, bf16 held to PyTorch's
     own error at that precision (the model cast, in an fp32 loop) plus storing x in bf16."""
@@ -337,16 +340,148 @@ def test_emulated_loop_guided_dpmpp_2m_in_the_default_layout_tracks_float64(dtyp
     model = tiny_unet(in_channels=3, num_classes=10)
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     guided = dict(model_kwargs={"class_labels": torch.tensor([3, 7])}, guidance_scale=3.0, uncond_kwargs={"class_labels": torch.full((2,), model.null_label)})
-    plan = dict(steps=8, skip="dpm_linspace", solver="dpmpp_2m")
-    exact = ReferenceSampler(copy.deepcopy(model).double(), SCHEDULE, **plan).sample(x_T.double(), **guided)
+    plan = dict(steps=8, skip=skip, solver=solver)
+    exact = ReferenceSampler(copy.deepcopy(model).double(), SCHEDULE, **plan).sample(x_T.double(), generator=torch.Generator().manual_seed(1), **guided)
     fast = FastSampler(model, SCHEDULE, **plan, cuda_graph="emulate", dtype=dtype)
-    got = fast.sample(x_T, **guided)
+    got = fast.sample(x_T, generator=torch.Generator().manual_seed(1), **guided)
     assert got.dtype == dtype
     scale = exact.abs().max().item()
     if dtype == torch.float32:
         assert max_err(got, exact) <= 1e-4 * (1 + scale)
     else:
-        own = max_err(ReferenceSampler(CastModel(model, dtype), SCHEDULE, **plan).sample(x_T, **guided), exact)
+        own = max_err(ReferenceSampler(CastModel(model, dtype), SCHEDULE, **plan).sample(x_T, generator=torch.Generator().manual_seed(1), **guided), exact)
         assert 0 < own and max_err(got, exact) <= 2 * own + torch.finfo(dtype).eps * scale, (max_err(got, exact), own)
     (loop,) = fast._graphs._entries.values()
-    assert loop.guide is not None and loop.history is not None and loop.x.is_contiguous(memory_format=torch.channels_last)
+    assert loop.guide is not None and (loop.history is not None) == (solver == "dpmpp_2m") and loop.x.is_contiguous(memory_format=torch.channels_last)
+
+
+# --- Euler, Euler ancestral, LCM ----------------------------------------------------------------
+
+
+def _levels(solver, **options):
+    return ReferenceSampler(_smooth_model, SCHEDULE, steps=10, solver=solver, **options).options.levels
+
+
+def test_euler_is_ddim_on_the_same_levels():
+    """Euler's step in σ is DDIM's η = 0 step (and DPM-Solver++'s first order): for any x and
+    x̂₀, the rows move x alike, here on interpolated (fractional) levels and Karras ones."""
+    from ddim_fast.core.solvers import plan_of_levels
+
+    g = torch.Generator().manual_seed(0)
+    x, x0 = torch.randn(100, generator=g, dtype=torch.float64), torch.randn(100, generator=g, dtype=torch.float64)
+    for options in (dict(skip="euler_linspace"), dict(skip="leading", sigmas="karras")):
+        levels = _levels("euler", **options)
+        euler, ddim = plan_of_levels("euler", levels, 0.0), plan_of_levels("ddim", levels, 0.0)
+        assert euler.timesteps == ddim.timesteps and not euler.noisy_steps
+        for e, d in zip(euler.coefs, ddim.coefs):
+            eps = (x - d[P.SQRT_ALPHA_T] * x0) / d[P.SQRT_ONE_MINUS_ALPHA_T]
+            torch.testing.assert_close(e[P.C_X0] * x0 + e[P.C_XT] * x, d[P.C_X0] * x0 + d[P.C_EPS] * eps, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.4, 1.0])
+def test_euler_ancestral_lands_at_the_next_level_in_distribution(eta):
+    """x = α x̂₀ + s ε: the step gives α' x̂₀ + α' σ_down ε + α' σ_up z, whose noise has the
+    variance 1 - ᾱ' of the next level (σ_down² + σ_up² = σ'²); η = 0 is Euler's step."""
+    from ddim_fast.core.solvers import plan_of_levels
+
+    levels = _levels("euler_ancestral", skip="euler_linspace")
+    plan = plan_of_levels("euler_ancestral", levels, eta)
+    for i, row in enumerate(plan.coefs):
+        a, s = row[P.SQRT_ALPHA_T], row[P.SQRT_ONE_MINUS_ALPHA_T]
+        a_next = levels.alphas[i + 1]
+        assert row[P.C_X0] + row[P.C_XT] * a == pytest.approx(math.sqrt(a_next), rel=1e-12)
+        assert (row[P.C_XT] * s) ** 2 + row[P.SIGMA] ** 2 == pytest.approx(1 - a_next, rel=1e-9, abs=1e-15)
+    assert plan.noisy_steps == (0 if eta == 0 else 9)  # not the last step, to σ = 0
+    if eta == 0:
+        np.testing.assert_allclose(plan.coefs, plan_of_levels("euler", levels, 0.0).coefs, rtol=1e-12, atol=1e-15)
+
+
+def test_lcm_rows_are_the_consistency_function_noised_to_the_next_timestep():
+    from ddim_fast.core.solvers import plan_of_levels
+
+    levels = _levels("lcm", skip="lcm")
+    plan = plan_of_levels("lcm", levels, None)
+    assert levels.timesteps == (999, 899, 799, 699, 599, 499, 399, 299, 199, 99)
+    for i, (t, row) in enumerate(zip(levels.timesteps, plan.coefs)):
+        scaled = 10 * t
+        c_skip, c_out = 0.25 / (scaled**2 + 0.25), scaled / math.sqrt(scaled**2 + 0.25)
+        last = i == len(levels.timesteps) - 1
+        noise_to = 1.0 if last else math.sqrt(SCHEDULE.alpha(levels.timesteps[i + 1]))
+        assert row[P.C_X0] == pytest.approx(noise_to * c_out, rel=1e-12) and row[P.C_XT] == pytest.approx(noise_to * c_skip, rel=1e-12)
+        assert row[P.SIGMA] == (0.0 if last else pytest.approx(math.sqrt(1 - SCHEDULE.alpha(levels.timesteps[i + 1])), rel=1e-12))
+
+
+def test_each_solver_takes_its_own_eta_and_refuses_others():
+    model = tiny_unet()
+    assert FastSampler(model, SCHEDULE, steps=4).options.eta == 0.0
+    assert FastSampler(model, SCHEDULE, steps=4, solver="euler_ancestral").options.eta == 1.0
+    assert ReferenceSampler(model, SCHEDULE, steps=4, solver="euler_ancestral", eta=0.3).options.eta == 0.3
+    assert FastSampler(model, SCHEDULE, steps=4, solver="lcm", skip="lcm").options.eta is None
+    with pytest.raises(ValueError, match="eta does not apply"):
+        FastSampler(model, SCHEDULE, steps=4, solver="lcm", skip="lcm", eta=0.0)
+    with pytest.raises(ValueError, match="eta must be 0"):
+        FastSampler(model, SCHEDULE, steps=4, solver="euler", eta=0.5)
+    with pytest.raises(ValueError, match="not 'ddpm_noisy'"):
+        ReferenceSampler(model, SCHEDULE, steps=4, solver="euler_ancestral", eta="ddpm_noisy")
+    with pytest.raises(ValueError, match="sigmas='karras' does not apply"):
+        FastSampler(model, SCHEDULE, steps=4, sigmas="karras")
+    with pytest.raises(ValueError, match="sigmas must be None"):
+        FastSampler(model, SCHEDULE, steps=4, solver="euler", sigmas="exponential")
+    with pytest.raises(ValueError, match="fractional ones"):
+        ReferenceSampler(model, SCHEDULE, steps=5, skip="euler_linspace")
+    with pytest.raises(ValueError, match="at most 50"):
+        FastSampler(model, SCHEDULE, steps=51, solver="lcm", skip="lcm")
+    with pytest.raises(ValueError, match="use_clipped_model_output"):
+        FastSampler(model, SCHEDULE, steps=4, solver="euler", clip_x0=True, use_clipped_model_output=True)
+
+
+class _RecordingModel:
+    """An analytic ε-model (a callable, not a module: the samplers run it as it is) that
+    records the timesteps it is called with."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t):
+        self.calls.append(t.clone())
+        return _smooth_model(x, t)
+
+
+@pytest.mark.parametrize("cls", [ReferenceSampler, FastSampler])
+def test_fractional_timesteps_reach_the_model_as_float32(cls):
+    """diffusers' Euler schedulers call the model at float32 timesteps; on the integer grid it
+    gets int64 ones, as before."""
+    model = _RecordingModel()
+    sampler = cls(model, SCHEDULE, steps=7, skip="euler_linspace", solver="euler")
+    sampler.sample(torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)))
+    expected = np.linspace(0, 999, 7, dtype=np.float32)[::-1]
+    assert [t.dtype for t in model.calls] == [torch.float32] * 7
+    assert [t[0].item() for t in model.calls] == expected.tolist() == sampler.timesteps
+    assert any(not float(t).is_integer() for t in sampler.timesteps)
+    model.calls.clear()
+    cls(model, SCHEDULE, steps=7, skip="trailing", solver="euler").sample(torch.randn(2, 3, 4, 4))
+    assert {t.dtype for t in model.calls} == {torch.long}
+
+
+@pytest.mark.parametrize("solver, skip, sigmas", [("euler", "euler_linspace", None), ("euler_ancestral", "leading", "karras"), ("lcm", "lcm", None), ("dpmpp_2m", "linspace", "karras")])
+def test_lean_unet_matches_the_reference_on_every_solver(solver, skip, sigmas):
+    """The lean UNet's time table at fractional timesteps, the fused step's rows, the noise order."""
+    model = tiny_unet(in_channels=3)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    options = dict(steps=6, skip=skip, solver=solver, sigmas=sigmas)
+    ref = ReferenceSampler(model, SCHEDULE, **options).sample(x_T, generator=torch.Generator().manual_seed(1))
+    got = FastSampler(model, SCHEDULE, **options).sample(x_T, generator=torch.Generator().manual_seed(1))
+    assert max_err(got, ref) <= 1e-4 * (1 + ref.abs().max().item())
+
+
+@requires_triton_interpreter
+def test_emulated_loop_takes_fractional_timesteps_into_its_timestep_buffer():
+    """A model that does not run from a table reads t_buf, which the advance kernel fills with
+    float32 rows of the timestep table."""
+    model = _RecordingModel()
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    ref = ReferenceSampler(_smooth_model, SCHEDULE, steps=5, skip="euler_linspace", solver="euler_ancestral").sample(x_T, generator=torch.Generator().manual_seed(1))
+    fast = FastSampler(model, SCHEDULE, steps=5, skip="euler_linspace", solver="euler_ancestral", cuda_graph="emulate")
+    got = fast.sample(x_T, generator=torch.Generator().manual_seed(1))
+    assert max_err(got, ref) <= 1e-4 * (1 + ref.abs().max().item())
+    assert [t[0].item() for t in model.calls] == fast.timesteps and model.calls[1].dtype == torch.float32

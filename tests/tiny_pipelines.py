@@ -1,7 +1,7 @@
 """Random-weight diffusers pipelines built from configs (nothing downloaded), as diffusers' own
-tests build theirs: a tiny DDIMPipeline, and a StableDiffusionPipeline (tiny, or with
-SD-1.5's sizes for the GPU benchmark) with a byte-level CLIPTokenizer that has no merges
-(every character is a token) written to a folder."""
+tests build theirs: a tiny DDIMPipeline, a StableDiffusionPipeline (tiny, or with SD-1.5's
+sizes for the GPU benchmark) and a tiny StableDiffusionXLPipeline, with byte-level
+CLIPTokenizers that have no merges (every character is a token) written to a folder."""
 
 import json
 import os
@@ -147,5 +147,72 @@ def img2img_pipeline(text_to_image):
     from diffusers import StableDiffusionImg2ImgPipeline
 
     pipe = StableDiffusionImg2ImgPipeline(**text_to_image.components, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# SDXL's structure at a tiny size (diffusers' own SDXL tests): text and time embeddings added
+# (addition_embed_type="text_time"), two transformer layers in the second block, linear projections
+TINY_SDXL_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    transformer_layers_per_block=(1, 2),
+    projection_class_embeddings_input_dim=80,  # the pooled text embedding (32) and 6 time ids x 8
+    cross_attention_dim=64,  # both text encoders' hidden states, side by side
+    norm_num_groups=8,
+)
+
+
+def sdxl_pipeline(folder: str, seed: int = 0, *, prediction_type: str = "epsilon"):
+    """A tiny StableDiffusionXLPipeline with SDXL's EulerDiscreteScheduler config (scaled-linear
+    betas, leading spacing with offset 1) and its two text encoders (the second with a
+    projection: the pooled embedding)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = byte_tokenizer(os.path.join(folder, "tokenizer"))
+    tokenizer_2 = byte_tokenizer(os.path.join(folder, "tokenizer_2"))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_SDXL_UNET).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, **TINY_VAE).eval()
+    config = CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=32,
+        hidden_act="gelu",
+        **TINY_TEXT,
+    )
+    text_encoder = CLIPTextModel(config).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(config).eval()
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionXLPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -12,19 +12,44 @@ from typing import Optional
 
 import torch
 
+from ..core.diffusers_config import SUPPORTED_SCHEDULERS
 from ..core.schedule import Schedule
 from ..sampling import FastSampler
 from ..sampling.noise import NoiseStream
 
-SUPPORTED_SCHEDULERS = ("DDIMScheduler",)
 SAMPLER_CACHE_SIZE = 8
 SWITCH_LINE = "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)"
+# the solvers whose schedulers keep the latents in the variance-exploding frame x sqrt(1 + σ²)
+SIGMA_FRAME_SOLVERS = ("euler", "euler_ancestral")
 
 
-def check_scheduler(scheduler) -> None:
+def check_scheduler(scheduler, supported: tuple = SUPPORTED_SCHEDULERS) -> None:
     name = type(scheduler).__name__
-    if name not in SUPPORTED_SCHEDULERS:
-        raise ValueError(f"the pipeline's scheduler is a {name}; ddim_fast.accelerate samples with DDIM only. Switch it first: {SWITCH_LINE}")
+    if name not in supported:
+        raise ValueError(f"the pipeline's scheduler is a {name}; ddim_fast.accelerate runs {', '.join(supported)} there. Switch it first: {SWITCH_LINE}")
+
+
+def diffusers_draws(solver: str, eta, steps: int) -> int:
+    """How many step-noise draws diffusers' scheduler.step makes in a run of `steps` steps:
+    DDIMScheduler one per step for η > 0 (at σ = 0 too), EulerAncestralDiscreteScheduler one
+    per step (at σ_up = 0 too), LCMScheduler one per step but the last, the ODE solvers none."""
+    if solver == "ddim":
+        return steps if eta > 0 else 0
+    if solver == "euler_ancestral":
+        return steps
+    if solver == "lcm":
+        return steps - 1
+    return 0
+
+
+def frame_scales(sampler: FastSampler) -> tuple:
+    """(into the sampler's frame, back into the scheduler's): diffusers' Euler schedulers keep
+    x sqrt(1 + σ²) = x / sqrt(ᾱ), so their latents are divided by sqrt(1 + σ_0²) before the loop
+    and multiplied by sqrt(1 + σ_S²) after it (1 when the run ends at σ = 0)."""
+    if sampler.options.solver not in SIGMA_FRAME_SOLVERS:
+        return 1.0, 1.0
+    alphas = sampler.options.levels.alphas
+    return alphas[0] ** 0.5, alphas[-1] ** -0.5
 
 
 # --- what a call may hold -------------------------------------------------------------------
@@ -140,6 +165,7 @@ class FastPipeline:
     the weights watch. Attributes it does not have are pipe's (fast.unet is pipe.unet)."""
 
     covered: tuple = ()
+    schedulers: tuple = SUPPORTED_SCHEDULERS  # the schedulers whose loop this pipeline runs
 
     def __init__(self, pipe, options: dict, check_weights: bool):
         self.pipe = pipe
@@ -156,6 +182,13 @@ class FastPipeline:
         self._template = FastSampler(self.pipe.unet, Schedule.linear(), steps=1, **self.options)
         self._samplers.clear()
 
+    def _weights_changed(self) -> None:
+        """pipe.unet's weights changed (a LoRA switch, fuse_lora, a training step): the prepared
+        model takes the new ones in place where it can (samplers, compiled code and captured
+        graphs kept), else the samplers are made anew."""
+        if not self._template.refresh_weights():
+            self._new_samplers()
+
     def __getattr__(self, name):
         if name == "pipe":  # not yet set (copy, pickle): no recursion through pipe
             raise AttributeError(name)
@@ -168,10 +201,9 @@ class FastPipeline:
         values, given, extra = _bound_arguments(self.pipe, args, kwargs)
         reason = self._uncovered(values, given, extra)
         if reason is None:
-            check_scheduler(self.pipe.scheduler)
-            values["eta"] = float(values["eta"])
+            check_scheduler(self.pipe.scheduler, self.schedulers)
             values["num_inference_steps"] = _as_int(values["num_inference_steps"])
-            sampler, reason = self._sampler(values["num_inference_steps"], values["eta"], bool(values.get("use_clipped_model_output")), self._steps_run(values))
+            sampler, reason = self._sampler(values, self._steps_run(values))
         if reason is not None:
             warnings.warn(f"ddim_fast.accelerate: {reason}; this call runs the original {type(self.pipe).__name__}", UserWarning, stacklevel=2)
             return self.pipe(*args, **kwargs)
@@ -183,12 +215,6 @@ class FastPipeline:
         names = sorted((given - set(self.covered)) | set(extra))
         if names:
             return f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} not covered"
-        eta = values["eta"]
-        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0 <= eta <= 1:
-            return f"eta={eta!r} is outside [0, 1]"
-        generator = values["generator"]
-        if self.options.get("fast_rng") and isinstance(generator, list) and len(generator) > 1 and eta > 0:
-            return "fast_rng draws the step noise from one seed, so a list of generators is not covered"
         return _offload_reason(self.pipe)
 
     def _steps_run(self, values: dict) -> Optional[int]:
@@ -199,46 +225,64 @@ class FastPipeline:
     def _schedule(self) -> tuple:
         """(Schedule, options) of pipe.scheduler's config, made once per config."""
         config = self.pipe.scheduler.config
-        key = repr(sorted((k, repr(v)) for k, v in dict(config).items()))
+        key = type(self.pipe.scheduler).__name__ + repr(sorted((k, repr(v)) for k, v in dict(config).items()))
         if key not in self._schedules:
             self._schedules[key] = Schedule.from_diffusers_config(self.pipe.scheduler)
         return key, *self._schedules[key]
 
-    def _sampler(self, steps, eta, use_clipped_model_output: bool, run: Optional[int] = None) -> tuple:
-        """(the FastSampler of this call, None), or (None, why this call falls back). run: only
-        the grid's last `run` steps (its `run` lowest timesteps), as an image-to-image call."""
+    def _sampler(self, values: dict, run: Optional[int] = None) -> tuple:
+        """(the FastSampler of this call, None), or (None, why this call falls back). The solver
+        and its options come from pipe.scheduler; η from the call for DDIMScheduler alone (the
+        others' step takes none: the pipelines then drop it). run: only the grid's last `run`
+        steps (its `run` lowest timesteps), as an image-to-image call."""
         if self._watch.module is not self.pipe.unet:
             self._watch = WeightsWatch(self.pipe.unet, self.check_weights)
             self._new_samplers()
         elif self._watch.changed():  # the watch holds the new fingerprint already
-            self._new_samplers()
+            self._weights_changed()
         try:
             key, schedule, algorithm = self._schedule()
-        except ValueError as error:  # a DDIMScheduler option the samplers do not implement
+        except ValueError as error:  # a scheduler option the samplers do not implement
             return None, str(error)
-        off_grid = _off_grid_steps(schedule, steps, algorithm)
-        if off_grid is not None:
-            return None, off_grid
+        steps = values["num_inference_steps"]
+        solver = algorithm.get("solver", "ddim")
+        eta = None
+        if solver == "ddim":
+            eta = values.get("eta", 0.0)
+            if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0 <= eta <= 1:
+                return None, f"eta={eta!r} is outside [0, 1]"
+            eta = float(eta)
+            off_grid = _off_grid_steps(schedule, steps, algorithm)
+            if off_grid is not None:
+                return None, off_grid
         if run is not None and run < 1:
             return None, f"this call runs no step of the {steps} (strength too low)"
-        cache_key = (key, steps, float(eta), use_clipped_model_output, run)
+        use_clipped_model_output = bool(values.get("use_clipped_model_output"))
+        cache_key = (key, steps, eta, use_clipped_model_output, run)
         sampler = self._samplers.get(cache_key)
-        if sampler is not None:
+        if sampler is None:
+            sampler = self._new_sampler(schedule, dict(algorithm, steps=steps, eta=eta, use_clipped_model_output=use_clipped_model_output), run)
+            self._samplers[cache_key] = sampler
+            while len(self._samplers) > SAMPLER_CACHE_SIZE:
+                self._samplers.popitem(last=False)
+        else:
             self._samplers.move_to_end(cache_key)
-            return sampler, None
-        algorithm = dict(algorithm, steps=steps, eta=float(eta), use_clipped_model_output=use_clipped_model_output)
+        generator = values.get("generator")
+        if self.options.get("fast_rng") and isinstance(generator, list) and len(generator) > 1 and sampler.plan.noisy_steps:
+            return None, "fast_rng draws the step noise from one seed, so a list of generators is not covered"
+        return sampler, None
+
+    def _new_sampler(self, schedule: Schedule, algorithm: dict, run: Optional[int]) -> FastSampler:
+        steps = algorithm["steps"]
         if run is not None and run < steps:  # the grid's lowest `run` points, as an explicit grid
             grid = schedule.timesteps(steps, algorithm["skip"], steps_offset=algorithm.pop("steps_offset", 0))
             algorithm.update(skip=grid[:run], steps=run)
-        sampler = self._template._sibling(schedule, **algorithm)
-        self._samplers[cache_key] = sampler
-        while len(self._samplers) > SAMPLER_CACHE_SIZE:
-            self._samplers.popitem(last=False)
-        return sampler, None
+        return self._template._sibling(schedule, **algorithm)
 
-    def _sample(self, sampler: FastSampler, latents: torch.Tensor, generator, eta, **conditioning) -> torch.Tensor:
-        """The denoising loop from latents, drawing as DDIMScheduler.step draws, behind the
-        pipeline's progress bar (updated once the loop is done: no host sync inside it)."""
+    def _sample(self, sampler: FastSampler, latents: torch.Tensor, generator, **conditioning) -> torch.Tensor:
+        """The denoising loop from the pipeline's latents (in its scheduler's frame, and back),
+        drawing the step noise as its scheduler.step draws, behind the pipeline's progress bar
+        (updated once the loop is done: no host sync inside it)."""
         steps = sampler.options.steps
         if isinstance(generator, list) and len(generator) == 1:
             generator = generator[0]  # as randn_tensor takes it
@@ -247,14 +291,15 @@ class FastPipeline:
             stream = NoiseStream(generator[0] if isinstance(generator, list) else generator)
         else:
             stream = NoiseStream(generator, self.pipe.unet.dtype)
+        scale_in, scale_out = frame_scales(sampler)
         with self.pipe.progress_bar(total=steps) as bar:
-            sample = sampler.sample(latents, generator=stream, **conditioning)
+            sample = sampler.sample(latents * scale_in if scale_in != 1.0 else latents, generator=stream, **conditioning)
             bar.update(steps)
-        if eta > 0 and not fast_rng:  # diffusers draws at every step; the sampler skips the steps whose σ is 0
-            plan = sampler._plan
-            for _ in range(plan.steps - plan.noisy_steps):
+        if not fast_rng:  # where diffusers draws at a step that adds no noise (σ = 0), the sampler does not
+            plan = sampler.plan
+            for _ in range(diffusers_draws(plan.solver, sampler.options.eta, plan.steps) - plan.noisy_steps):
                 stream.draw(latents.shape, latents.device)
-        return sample
+        return sample * scale_out if scale_out != 1.0 else sample
 
 
 def _as_int(value):

@@ -1,5 +1,7 @@
 """accelerate(StableDiffusionPipeline) and accelerate(StableDiffusionImg2ImgPipeline): the
-pipelines' own calls (SD 1.x / 2.x) with FastSampler's loop, guided inside the step.
+pipelines' own calls (SD 1.x / 2.x) with FastSampler's loop, guided inside the step, with
+the solver of pipe.scheduler (DDIM, DPM-Solver++(2M) with or without Karras sigmas, Euler,
+Euler ancestral, LCM; image to image with DDIM).
 
 Image to image: with strength s the pipeline runs the last min(int(S·s), S) steps of its
 S-step grid from the encoded image noised to the first of them (its prepare_latents: the
@@ -45,8 +47,9 @@ class FastStableDiffusionPipeline(FastPipeline):
         batch_size, conditioning, dtype = self._prompts(values)
         device = pipe._execution_device
         generator = values["generator"]
+        pipe.scheduler.set_timesteps(values["num_inference_steps"], device=device)  # as the pipeline: init_noise_sigma follows it
         latents = pipe.prepare_latents(batch_size, pipe.unet.config.in_channels, height, width, dtype, device, generator, values["latents"])
-        latents = self._sample(sampler, latents, generator, values["eta"], **conditioning).to(dtype)
+        latents = self._sample(sampler, latents, generator, **conditioning).to(dtype)
         return self._output(latents, values, dtype)
 
     # the steps before and after the loop, as the pipelines take them ----------------------------
@@ -110,6 +113,9 @@ class FastStableDiffusionImg2ImgPipeline(FastStableDiffusionPipeline):
     )  # fmt: skip
 
     def _uncovered(self, values: dict, given: set, extra: dict) -> Optional[str]:
+        scheduler = type(self.pipe.scheduler).__name__
+        if scheduler != "DDIMScheduler":
+            return f"image to image with a {scheduler} is not covered (with a DDIMScheduler it is)"
         strength = values["strength"]
         if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 <= strength <= 1:
             return f"strength={strength!r} is outside [0, 1]"  # the pipeline's own call says how
@@ -131,5 +137,5 @@ class FastStableDiffusionImg2ImgPipeline(FastStableDiffusionPipeline):
         image = pipe.image_processor.preprocess(values["image"])
         first = torch.tensor(sampler.timesteps[:1], dtype=torch.long, device=device)
         latents = pipe.prepare_latents(image, first.repeat(batch_size), batch_size // per_prompt, per_prompt, dtype, device, generator)
-        latents = self._sample(sampler, latents, generator, values["eta"], **conditioning).to(dtype)
+        latents = self._sample(sampler, latents, generator, **conditioning).to(dtype)
         return self._output(latents, values, dtype)

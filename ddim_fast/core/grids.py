@@ -8,11 +8,12 @@ import numpy as np
 
 from .checks import check_num_train_timesteps, check_steps
 
-SKIP_TYPES = ("uniform", "quad", "leading", "trailing", "linspace", "dpm_linspace", "dpm_leading")
+SKIP_TYPES = ("uniform", "quad", "leading", "trailing", "linspace", "dpm_linspace", "dpm_leading", "euler_linspace", "lcm")
+LCM_ORIGINAL_STEPS = 50  # diffusers' LCMScheduler original_inference_steps: the distillation's grid
 
 
-def timestep_grid(T: int, steps: int, skip="uniform", steps_offset: int = 0) -> list[int]:
-    """The S training timesteps τ that sampling visits, in increasing order.
+def timestep_grid(T: int, steps: int, skip="uniform", steps_offset: int = 0) -> list:
+    """The S timesteps τ that sampling visits, in increasing order (ints; floats for "euler_linspace").
 
     skip:
       "uniform"  range(0, T, T // S), the official default; its first S points when S does
@@ -28,6 +29,11 @@ def timestep_grid(T: int, steps: int, skip="uniform", steps_offset: int = 0) -> 
                  the lowest, as diffusers' DPMSolverMultistepScheduler spaces them:
                  round(linspace(0, T - 1, S + 1))[1:], i * (T // (S + 1)) + steps_offset for
                  i = 1..S (the last step then lands on t = -1, not on the dropped point).
+      "euler_linspace" linspace(0, T - 1, S) unrounded (float32): diffusers' Euler schedulers'
+                 "linspace" spacing, whose noise levels are σ interpolated at fractional t.
+      "lcm"      S points of LCM's distillation grid (the 50 timesteps (i + 1) (T // 50) - 1),
+                 taken at floor(linspace(0, 50, S, endpoint=False)) from its top, as
+                 diffusers' LCMScheduler spaces them (original_inference_steps=50); S <= 50.
       a sequence of distinct ints in [0, T): that grid (sorted).
     """
     T = check_num_train_timesteps(T)
@@ -56,11 +62,23 @@ def timestep_grid(T: int, steps: int, skip="uniform", steps_offset: int = 0) -> 
         grid = [i * (T // (steps + 1)) + int(steps_offset) for i in range(1, steps + 1)]
         if grid[-1] >= T:
             raise ValueError(f"skip='dpm_leading' with steps_offset={steps_offset} reaches t={grid[-1]} >= T={T}")
+    elif skip == "euler_linspace":
+        grid = [float(v) for v in np.linspace(0, T - 1, steps, dtype=np.float32)]
+    elif skip == "lcm":
+        grid = _lcm_grid(T, steps)
     else:
         raise ValueError(f"unknown skip type {skip!r}; expected one of {SKIP_TYPES} or a list of timesteps")
     if skip.startswith("dpm_") and len(set(grid)) != len(grid):
         raise ValueError(f"skip={skip!r} repeats timesteps at S={steps} with T={T} (a multistep solver needs distinct ones); use fewer steps")
     return grid
+
+
+def _lcm_grid(T: int, steps: int) -> list[int]:
+    if T < LCM_ORIGINAL_STEPS or steps > LCM_ORIGINAL_STEPS:
+        raise ValueError(f"skip='lcm' takes at most {LCM_ORIGINAL_STEPS} of LCM's {LCM_ORIGINAL_STEPS} distillation timesteps (T >= {LCM_ORIGINAL_STEPS}), got steps={steps} with T={T}")
+    origin = np.arange(1, LCM_ORIGINAL_STEPS + 1) * (T // LCM_ORIGINAL_STEPS) - 1
+    picked = origin[::-1][np.floor(np.linspace(0, LCM_ORIGINAL_STEPS, num=steps, endpoint=False)).astype(np.int64)]
+    return sorted(int(v) for v in picked)
 
 
 def _explicit_grid(skip, T: int) -> list[int]:

@@ -302,8 +302,8 @@ def advance(step: torch.Tensor, t_table: torch.Tensor, t_buf: torch.Tensor):
 @triton.jit
 def _advance_kernel(
     step_ptr,  # int32 (1,): incremented in place
-    t_table_ptr,  # int64 (rows, B): the timesteps of each step (one spare row at the end)
-    t_ptr,  # int64 (B,): the model's timestep input, overwritten with the next row
+    t_table_ptr,  # int64 or float32 (rows, B): the timesteps of each step (one spare row at the end)
+    t_ptr,  # like t_table (B,): the model's timestep input, overwritten with the next row
     B,  # batch size
     BLOCK: tl.constexpr,
 ):

@@ -28,15 +28,16 @@ from ..core.checks import check_bool
 from ..core.options import check_dtype, make_options
 from ..core.plan import StepPlan
 from ..core.schedule import Schedule
-from ..core.solvers import sampling_plan
-from ..core.solvers.ddim import encoding_plan
+from ..core.solvers import plan_of_levels
+from ..core.solvers.ddim import inversion_plan
 from ..models.prepare import COMPILE_MODES, compile_model, model_dtype, prepare_model, runs_from_table
 from . import common as S
 from .conditioning import NONE, Conditioning, GuidanceBuffers, cast_kwargs, make_conditioning
 from .capture import EMULATE, check_emulation
 from .graph import GRAPH_MODES, GraphCache
-from .noise import NoiseStream, initial_noise, philox_seed
-from .spec import StepSpec, history_buffer, step_spec
+from .noise import NoiseStream, initial_noise
+from .spec import StepSpec, step_spec, timestep_dtype
+from .steppers import kernel_stepper, op_stepper
 
 
 class _Preparation:
@@ -50,25 +51,38 @@ class _Preparation:
 
 
 class FastSampler:
-    """DDIM (or DPM-Solver++(2M)) sampling with fused kernels and, on CUDA, a captured loop.
+    """DDIM (or DPM-Solver++(2M), Euler, Euler ancestral, LCM) sampling with fused kernels and,
+    on CUDA, a captured loop.
 
     The options, by concern (the first eight positional, as ReferenceSampler's; the rest
     keyword-only):
 
     The algorithm (ReferenceSampler's, same meaning and defaults): steps, eta, skip, clip_x0,
     prediction, steps_offset, use_clipped_model_output, and
-    solver: "ddim" (default) or "dpmpp_2m" (DPM-Solver++(2M), Lu et al. 2022: η = 0, the
-        previous step's x̂₀ kept in a buffer; diffusers' DPMSolverMultistepScheduler with
-        its defaults, whose config Schedule.from_diffusers_config maps to it, grid
-        included: give skip="dpm_linspace" or "trailing" yourself, as a grid ending at t = 0
-        ends on a large extrapolation). encode() is DDIM's inversion whatever the solver.
+    solver: the update each step makes, all of them one fused step in the same loops:
+        "ddim" (default); "dpmpp_2m" (DPM-Solver++(2M), Lu et al. 2022: the previous step's
+        x̂₀ kept in a buffer; give skip="dpm_linspace" or "trailing", as a grid ending at
+        t = 0 ends on a large extrapolation); "euler" (Karras et al. 2022, Algorithm 1;
+        skip="euler_linspace" calls the model at fractional timesteps, σ interpolated);
+        "euler_ancestral" (its ancestral form: fresh noise of σ_up each step, eta its share,
+        1 by default); "lcm" (Luo et al. 2023: the consistency function and fresh noise each
+        step, on skip="lcm"). eta=None takes the solver's own (0; euler_ancestral 1; lcm
+        none). Schedule.from_diffusers_config maps diffusers' DDIM, DPMSolverMultistep,
+        EulerDiscrete, EulerAncestralDiscrete and LCM schedulers to these, grid included.
+        The Euler solvers keep x in the variance-preserving frame (the model's input), where
+        diffusers' Euler schedulers keep x sqrt(1 + σ²): x_T is unit noise at the first level.
+        encode() is DDIM's inversion through the same levels whatever the solver.
+    sigmas: None (the grid's own noise levels) or "karras" (Karras et al. 2022's σ, Eq. 5:
+        diffusers' use_karras_sigmas=True), for dpmpp_2m and the Euler solvers.
 
     The model as it runs (prepared once per device):
     fuse: True (default) fuses GroupNorm+SiLU in a copy of the model that shares its
         weights; "inplace" fuses the caller's module itself; False runs the model as is.
-    lean: with fuse=True, run ddim_fast's UNet as a LeanUNet (default True): copies of its
-        weights in the sampling dtype and layout, made once per device, so later changes
-        to the UNet's weights need a new sampler.
+    lean: with fuse=True, run ddim_fast's UNet as a LeanUNet and diffusers'
+        UNet2DConditionModel as a LeanConditionUNet, its LoRA layers folded (default True):
+        copies of the weights in the sampling dtype and layout, made once per device, so
+        later changes to the UNet's weights need a new sampler, or for a
+        LeanConditionUNet refresh_weights() (in place: compiled code and graphs kept).
     dtype: sampling dtype ("fp32", "fp16", "bf16" or a torch dtype); default the model's.
         A dtype other than the model's runs a cast copy of the model.
     channels_last: run the model on channels_last tensors, with a channels_last copy of
@@ -105,7 +119,7 @@ class FastSampler:
         model,
         schedule: Schedule,
         steps: int = 50,
-        eta=0.0,
+        eta=None,
         skip="uniform",
         clip_x0=False,
         prediction: str = "eps",
@@ -114,6 +128,7 @@ class FastSampler:
         steps_offset: int = 0,
         use_clipped_model_output: bool = False,
         solver: str = "ddim",
+        sigmas=None,
         cuda_graph: bool = True,
         fuse=True,
         lean: bool = True,
@@ -126,7 +141,7 @@ class FastSampler:
         compile=False,
     ):
         S.check_model(model, "FastSampler")
-        self.options = make_options(schedule, steps, eta, skip, clip_x0, prediction, check_finite, steps_offset, use_clipped_model_output, solver)
+        self.options = make_options(schedule, steps, eta, skip, clip_x0, prediction, check_finite, steps_offset, use_clipped_model_output, solver, sigmas)
         self.schedule = schedule
         if not (cuda_graph is True or cuda_graph is False or cuda_graph == EMULATE):
             raise ValueError(f"cuda_graph must be True, False or {EMULATE!r}, got {cuda_graph!r}")
@@ -155,7 +170,7 @@ class FastSampler:
         self._fuse = fuse
         self._engine = dict(cuda_graph=cuda_graph, fuse=fuse, lean=lean, dtype=dtype, channels_last=channels_last, fast_rng=fast_rng, graph_cache_size=graph_cache_size, graph_mode=graph_mode, backend=backend, compile=compile)
         self._preparation = _Preparation()  # the model as run on a device, shared with siblings
-        self._plan = sampling_plan(self.options.solver, schedule, list(self.options.grid), self.options.eta)
+        self._plan = plan_of_levels(self.options.solver, self.options.levels, self.options.eta)
         self._specs: dict = {}  # "sampling" / "encoding" -> StepSpec, made on first use
         self._graphs = None  # graph.GraphCache, made on first CUDA use
         self._graph_cache_size = graph_cache_size
@@ -189,9 +204,27 @@ class FastSampler:
         """Why a UNet2DConditionModel runs without the lean rewrite (None when it runs lean, or before the first run)."""
         return self._preparation.lean_note
 
+    def refresh_weights(self) -> bool:
+        """Bring the prepared model (shared with this sampler's siblings) up to the model's
+        weights now, in place: the same buffers, so compiled code and captured graphs stay
+        valid (LeanConditionUNet.refresh, which folds LoRA layers again). True when done, or
+        when nothing is prepared yet; False when the prepared model cannot take them in place
+        (another kind of model, a change of structure, or of the model's dtype when the
+        sampling dtype follows it): a new sampler is then needed."""
+        model = self._preparation.model
+        if model is None:
+            return True
+        if self._engine["dtype"] is None and (model_dtype(self.model) or torch.float32) != self.dtype:
+            return False  # the sampling dtype follows the model's, which changed
+        refresh = getattr(model, "refresh", None)  # through a torch.compile wrapper too
+        if refresh is None:
+            return False
+        with self._lock:  # not while a sample() of a sibling reads the buffers
+            return bool(refresh(self.model))
+
     def _sibling(self, schedule: Schedule, **algorithm) -> "FastSampler":
         """A sampler of the same model and engine options with another schedule and algorithm
-        options (steps, eta, skip, clip_x0, prediction, steps_offset, use_clipped_model_output, solver),
+        options (steps, eta, skip, clip_x0, prediction, steps_offset, use_clipped_model_output, solver, sigmas),
         sharing this one's prepared model (its weight copies, compiled code) and its lock: a
         pipeline (apps/pipelines.py) makes one per (steps, eta) without preparing the model again."""
         sibling = FastSampler(self.model, schedule, check_finite=self.options.check_finite, **algorithm, **self._engine)
@@ -206,6 +239,11 @@ class FastSampler:
     def timesteps(self) -> list:
         """The model timesteps in sampling order."""
         return list(self._plan.timesteps)
+
+    @property
+    def plan(self) -> StepPlan:
+        """What each step does (core.plan.StepPlan: the solver's coefficient rows, immutable)."""
+        return self._plan
 
     def _format(self, x: torch.Tensor):
         return torch.channels_last if (self._channels_last(x.device) and x.dim() == 4) else torch.contiguous_format
@@ -257,7 +295,7 @@ class FastSampler:
         spec = self._specs.get(what)
         if spec is None:
             encoding = what == "encoding"
-            plan = encoding_plan(self.schedule, list(self.options.grid)) if encoding else self._plan
+            plan = inversion_plan(self.options.levels) if encoding else self._plan
             spec = self._specs[what] = step_spec(self.options, plan, encoding=encoding, fast_rng=self.fast_rng)
         return spec
 
@@ -295,7 +333,7 @@ class FastSampler:
             if hasattr(model, "run_inputs"):  # what depends on the prompt alone, once per run
                 table, kw = model.run_inputs(table, kw)
             return lambda x, i: model.forward_rows(x, table[i], **kw)  # noqa: E731
-        t_table = torch.tensor(plan.timesteps, dtype=torch.long, device=device).repeat_interleave(batch).view(plan.steps, batch)
+        t_table = torch.tensor(plan.timesteps, dtype=timestep_dtype(plan.timesteps), device=device).repeat_interleave(batch).view(plan.steps, batch)
         return lambda x, i: S.call_model(model, x, t_table[i], **kw)  # noqa: E731
 
     def _eager(self, spec: StepSpec, x, stream: NoiseStream, return_x0, return_trajectory, cond: Conditioning = NONE):
@@ -317,8 +355,7 @@ class FastSampler:
         guide = GuidanceBuffers(x, cond) if cond.guided else None
         step_op = "guided_step" if (guide is not None and not guide.rescale) else "ddim_step"
         on_kernel = spec.fast_rng or pick_backend(step_op, x, self.backend) == "triton"
-        stepper = self._kernel_stepper if on_kernel else self._op_stepper
-        step = stepper(spec, x, stream, guide)
+        step = kernel_stepper(spec, x, stream, guide) if on_kernel else op_stepper(spec, x, stream, guide, self.backend)
         what = "encoding" if spec.encoding else "sampling"
         x0_preds = [] if return_x0 else None
         xs = [x.clone()] if return_trajectory else None
@@ -345,87 +382,6 @@ class FastSampler:
         if return_x0 or return_trajectory:
             return S.SamplerOutput(x, x0_preds, xs)
         return x
-
-    def _noise_drawer(self, plan: StepPlan, x, stream: NoiseStream):
-        """draw(): the next draw of the reference's stream, torch.randn(x.shape) from the
-        stream, as float32 in x's layout (what the fused step reads with x's flat offsets);
-        None when the plan draws no noise. Buffers made once: no allocation per step."""
-        if not plan.noisy_steps:
-            return None
-        z = torch.empty_like(x, dtype=torch.float32)
-        draw_device = stream.device or x.device
-        if draw_device == x.device and z.is_contiguous() and stream.dtype == torch.float32:
-            return lambda: stream.draw_into(z)  # noqa: E731
-        # NCHW on the generator's device in the stream's dtype (as ReferenceSampler draws), then
-        # one copy into x's layout as float32
-        z_draw = torch.empty(x.shape, dtype=stream.dtype, device=draw_device)
-        return lambda: z.copy_(stream.draw_into(z_draw))  # noqa: E731
-
-    def _op_stepper(self, spec: StepSpec, x, stream: NoiseStream, guide: Optional[GuidanceBuffers] = None):
-        """step(i, model_output, noisy, x0_out): the fused op, noise from the reference's stream.
-
-        guide: a guided loop's buffers; model_output is then the doubled batch's (uncond, cond)."""
-        plan = spec.plan
-        rows = [plan.row(i) for i in range(plan.steps)]
-        clip, clipped_eps, prediction = spec.clip, spec.clipped_eps, spec.prediction
-        draw = self._noise_drawer(plan, x, stream)
-        history = history_buffer(spec, x)
-        n = x.shape[0]
-
-        def step(i, out, noisy, x0_out):
-            noise = draw() if noisy else None
-            if guide is None:
-                ops.step(x, out, rows[i], noise, clip, prediction, clipped_eps, x, x0_out, backend=self.backend, history=history)
-            elif guide.rescale:  # per-sample statistics first: the combine cannot be fused
-                ops.step(x, guide.rescaled(out), rows[i], noise, clip, prediction, clipped_eps, x, x0_out, backend=self.backend, history=history)
-            else:
-                ops.step(x, out[:n], rows[i], noise, clip, prediction, clipped_eps, x, x0_out, backend=self.backend, cond=out[n:], guidance=guide.guidance, history=history)
-
-        return step
-
-    def _kernel_stepper(self, spec: StepSpec, x, stream: NoiseStream, guide: Optional[GuidanceBuffers] = None):
-        """step(i, ...): the Triton step kernel reading row i of a coefficient table made once on
-        the device (the captured loop's launch, uncaptured), for fast_rng (the kernel draws the
-        noise) and where the step's backend is Triton (CUDA without the native ops): the op's
-        eager entry would copy a new one-row table to the device every step."""
-        from ..kernels import ddim_step as tk
-
-        plan = spec.plan
-        dev = x.device
-        table = torch.tensor(plan.coefs, dtype=torch.float32, device=dev)
-        row = torch.zeros(1, dtype=torch.int32, device=dev)
-        philox = spec.fast_rng
-        seed = philox_seed(stream.generator_or_default(dev), dev) if philox else None
-        draw = None if philox else self._noise_drawer(plan, x, stream)
-        history = history_buffer(spec, x)
-        n = x.shape[0]
-
-        def step(i, out, noisy, x0_out):  # out: in x's layout (_eager sees to it)
-            row.fill_(i)
-            model_output, cond, w = out, None, None
-            if guide is not None and guide.rescale:
-                model_output = guide.rescaled(out)
-            elif guide is not None:
-                model_output, cond, w = out[:n], out[n:], guide.w
-            tk.launch(
-                x,
-                model_output,
-                table,
-                row,
-                x,
-                prediction=spec.prediction,
-                clip=spec.clip,
-                clipped_eps=spec.clipped_eps,
-                noise=draw() if (noisy and draw is not None) else None,
-                seed=seed if (noisy and philox) else None,
-                has_xt=spec.has_xt,
-                x0_out=x0_out,
-                cond=cond,
-                guidance=w,
-                history=history,
-            )
-
-        return step
 
     def __repr__(self) -> str:
         o = self.options

@@ -4,7 +4,7 @@ One step is (model forward; noise draw if σ > 0; fused Triton step; advance), a
 of it reads its inputs from static device buffers:
 
     x_buf      (B, C, H, W)  the sample, updated in place by the step kernel
-    t_buf      (B,) int64    the model's timestep input
+    t_buf      (B,) int64    the model's timestep input (float32 for fractional timesteps)
     t_table    (S + 1, B)    the timesteps of every step (a spare last row)
     coefs      (S, 7) fp32   the coefficients of every step (core.plan.COEF_COLUMNS)
     step       (1,) int32    the device-side step counter that selects both rows
@@ -62,7 +62,7 @@ from .capture import host_syncs_reported, restore_after_failed_capture
 from .common import call_model, check_model_output, laid_out_like
 from .noise import NoiseStream, philox_seed
 from .conditioning import NONE, Conditioning, GuidanceBuffers, copy_into, signature, static_copy
-from .spec import StepSpec, history_buffer
+from .spec import StepSpec, history_buffer, timestep_dtype
 
 GRAPH_MODES = ("step", "loop")
 __all__ = ["CapturedLoop", "GraphCache", "GRAPH_MODES", "foreign_noise_device"]
@@ -138,7 +138,7 @@ class CapturedLoop:
             self.x = self.x_buf
         self._load(x)
         m = self.x_buf.shape[0]
-        rows = torch.tensor(list(plan.timesteps) + [plan.timesteps[-1]], dtype=torch.long, device=dev)
+        rows = torch.tensor(list(plan.timesteps) + [plan.timesteps[-1]], dtype=timestep_dtype(plan.timesteps), device=dev)
         self.t_table = rows.repeat_interleave(m).view(plan.steps + 1, m).contiguous()
         self.t_buf = self.t_table[0].clone()
         self.coefs = torch.tensor(plan.coefs, dtype=torch.float32, device=dev).contiguous()

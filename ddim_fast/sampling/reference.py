@@ -2,15 +2,19 @@
 
 It follows ermongroup/ddim's `generalized_steps` (η in [0, 1]) and `ddpm_steps`
 (η = "ddpm_noisy") step for step, with tensor arithmetic in x's dtype, so that it is what
-users compare against and what the fast sampler must match. solver="dpmpp_2m" runs
-DPM-Solver++(2M) as Lu et al. (2022) write it (λ, h, r, the multistep D), not from the
-coefficient rows that FastSampler's fused step reads. It is deliberately plain:
-no fused kernels, no preallocation, one model call and a handful of small ops per step.
+users compare against and what the fast sampler must match. The other solvers run as their
+papers write them, not from the coefficient rows that FastSampler's fused step reads:
+DPM-Solver++(2M) as Lu et al. (2022) (λ, h, r, the multistep D); Euler and Euler ancestral
+in the variance-exploding frame of Karras et al. (2022) (the denoised sample, the
+derivative d, σ_up and σ_down), converting to and from it at the ends; LCM as Luo et al.
+(2023) (the consistency function's c_skip and c_out, fresh noise). It is deliberately
+plain: no fused kernels, no preallocation, one model call and a handful of small ops per step.
 
 Noise order (shared with FastSampler, so both agree for any η with the same generator):
 x_T, when not given, is `torch.randn((B, C, H, W), generator=g)` in float32; then each
-step whose σ > 0 draws one `torch.randn(x.shape, generator=g)` in float32, in sampling
-order. The last step (to x0) has σ = 0 and draws nothing.
+step that adds noise (σ > 0; for Euler ancestral σ_up > 0) draws one
+`torch.randn(x.shape, generator=g)` in float32, in sampling order. The last step (to x0)
+adds none and draws nothing.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ import torch
 
 from ..core.options import make_options
 from ..core.schedule import Schedule
-from ..core.solvers import dpmpp_2m, sampling_plan
-from ..core.solvers.ddim import encoding_plan
+from ..core.levels import sigma_of_alpha
+from ..core.solvers import dpmpp_2m, euler, euler_ancestral, lcm, plan_of_levels
+from ..core.solvers.ddim import inversion_plan
 from ..models.prepare import model_dtype
 from . import common as S
 from .conditioning import cast_kwargs, combine, make_conditioning
 from .noise import NoiseStream, initial_noise, noise_like
+from .spec import timestep_dtype
 
 
 class ReferenceSampler:
@@ -41,7 +47,9 @@ class ReferenceSampler:
     check_finite: raise as soon as a step makes NaN or Inf (a host sync per step).
     steps_offset: for skip="leading". use_clipped_model_output: with a clamp, recompute
     eps from the clamped x̂₀ (diffusers' option; the official code does not clamp).
-    solver: "ddim" (default) or "dpmpp_2m" (DPM-Solver++(2M), η = 0; encode() stays DDIM's).
+    solver: "ddim" (default), "dpmpp_2m" (DPM-Solver++(2M)), "euler", "euler_ancestral" or
+    "lcm" (see FastSampler); encode() stays DDIM's. sigmas: None or "karras" (Karras noise
+    levels, for dpmpp_2m and the Euler solvers). eta=None: the solver's own.
     """
 
     def __init__(
@@ -49,7 +57,7 @@ class ReferenceSampler:
         model,
         schedule: Schedule,
         steps: int = 50,
-        eta=0.0,
+        eta=None,
         skip="uniform",
         clip_x0=False,
         prediction: str = "eps",
@@ -58,30 +66,33 @@ class ReferenceSampler:
         steps_offset: int = 0,
         use_clipped_model_output: bool = False,
         solver: str = "ddim",
+        sigmas=None,
     ):
         S.check_model(model, "ReferenceSampler")
         S.warn_if_training(model, "ReferenceSampler")
         self.model = model
         self._model_dtype = model_dtype(model)
         self.schedule = schedule
-        self.options = make_options(schedule, steps, eta, skip, clip_x0, prediction, check_finite, steps_offset, use_clipped_model_output, solver)
+        self.options = make_options(schedule, steps, eta, skip, clip_x0, prediction, check_finite, steps_offset, use_clipped_model_output, solver, sigmas)
         # validates alpha_t > 0 on the grid now, not an hour into a run
-        self._plan = sampling_plan(self.options.solver, schedule, list(self.options.grid), self.options.eta)
+        self._plan = plan_of_levels(self.options.solver, self.options.levels, self.options.eta)
 
     @property
     def timesteps(self) -> list:
         """The model timesteps in sampling order."""
         return list(self._plan.timesteps)
 
-    def _alphas(self, x: torch.Tensor) -> torch.Tensor:
-        # index t + 1 of [α_{-1}, α_0, ..., α_{T-1}], as the official compute_alpha does; the
-        # float32 table (as the official code keeps it), or the float64 one for float64 x
-        if x.dtype == torch.float64:
-            table = torch.from_numpy(self.schedule.alphas_cumprod64)
-        else:
-            table = self.schedule.alphas_cumprod
-        head = torch.tensor([self.schedule.final_alpha_cumprod], dtype=table.dtype)
-        return torch.cat([head, table]).to(device=x.device, dtype=x.dtype)
+    @staticmethod
+    def _level(a: float, x: torch.Tensor) -> torch.Tensor:
+        """ᾱ as the official code holds it: in a float32 table (float64 for float64 x), then in
+        x's dtype."""
+        table_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return torch.tensor(a, dtype=table_dtype, device=x.device).to(x.dtype)
+
+    def _timesteps(self, t_i, n: int, device) -> torch.Tensor:
+        """(n,) timesteps t_i: int64 on the integer grid, float32 where some timestep of the run
+        is fractional (as diffusers' Euler schedulers pass them)."""
+        return torch.full((n,), t_i, dtype=timestep_dtype(self._plan.timesteps), device=device)
 
     def _model_input(self, x):
         # an fp16/bf16 model gets its own dtype; the loop's arithmetic stays in x's
@@ -137,15 +148,14 @@ class ReferenceSampler:
         xs = [x] if return_trajectory else None
         if n == 0:
             return S.SamplerOutput(x, x0_preds, xs) if (return_x0 or return_trajectory) else x
-        if o.solver == dpmpp_2m.NAME:
-            x = self._dpmpp_2m(x, cond, x0_preds, xs)
+        solver_loop = {dpmpp_2m.NAME: self._dpmpp_2m, euler.NAME: self._euler, euler_ancestral.NAME: self._euler, lcm.NAME: self._lcm}.get(o.solver)
+        if solver_loop is not None:
+            x = solver_loop(x, cond, x0_preds, xs, stream)
             return S.SamplerOutput(x, x0_preds, xs) if (return_x0 or return_trajectory) else x
-        ac = self._alphas(x)
-        for i, (t_i, s_i) in enumerate(zip(self._plan.timesteps, self._plan.prev)):
-            t = torch.full((n,), t_i, dtype=torch.long, device=x.device)
-            t_next = torch.full((n,), s_i, dtype=torch.long, device=x.device)
-            at = ac.index_select(0, t + 1).view(-1, *([1] * (x.dim() - 1)))
-            at_next = ac.index_select(0, t_next + 1).view(-1, *([1] * (x.dim() - 1)))
+        levels = o.levels
+        for i, t_i in enumerate(levels.timesteps):
+            t = self._timesteps(t_i, n, x.device)
+            at, at_next = self._level(levels.alphas[i], x), self._level(levels.alphas[i + 1], x)
             et = self._model_output(x, t, cond, i, t_i)
             x0_t, et = self._x0_eps(x, et, at)
             if o.clip is not None:
@@ -174,7 +184,7 @@ class ReferenceSampler:
             return S.SamplerOutput(x, x0_preds, xs)
         return x
 
-    def _dpmpp_2m(self, x, cond, x0_preds, xs):
+    def _dpmpp_2m(self, x, cond, x0_preds, xs, stream):
         """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2, the midpoint form diffusers runs), in
         x's dtype: with α = sqrt(ᾱ), σ = sqrt(1 - ᾱ), λ = log(α / σ), from s0 to t (s1 before s0)
 
@@ -185,15 +195,14 @@ class ReferenceSampler:
         first order at the first step and at the last when S < 15 or it lands on ᾱ = 1
         (dpmpp_2m.second_order: diffusers' rule)."""
         o = self.options
-        ts = list(reversed(o.grid))
-        targets = ts[1:] + [-1]
-        steps = len(ts)
+        levels = o.levels
+        steps = levels.steps
         x0_prev = None
         lam_prev = None
-        for i, (s0, t_next) in enumerate(zip(ts, targets)):
-            t = torch.full((x.shape[0],), s0, dtype=torch.long, device=x.device)
+        for i, s0 in enumerate(levels.timesteps):
+            t = self._timesteps(s0, x.shape[0], x.device)
             # the scalars in float64: in fp16, ᾱ near 1 rounds to 1 and σ to 0
-            a_s0, a_t = self.schedule.alpha(s0), self.schedule.alpha(t_next)
+            a_s0, a_t = levels.alphas[i], levels.alphas[i + 1]
             alpha_s0, sigma_s0 = math.sqrt(a_s0), math.sqrt(1 - a_s0)
             alpha_t, sigma_t = math.sqrt(a_t), math.sqrt(1 - a_t)
             lam_s0 = math.log(alpha_s0 / sigma_s0)
@@ -214,6 +223,80 @@ class ReferenceSampler:
             x0_prev, lam_prev = x0_t, lam_s0
             if o.check_finite:
                 S.check_finite(x, i, s0)
+            if xs is not None:
+                xs.append(x)
+        return x
+
+    def _euler(self, x, cond, x0_preds, xs, stream):
+        """Euler (Karras et al. 2022, Algorithm 1 without churn) or, for euler_ancestral, its
+        ancestral form (k-diffusion's sample_euler_ancestral), in the variance-exploding frame
+        x̃ = x sqrt(1 + σ²), as diffusers' Euler schedulers keep the sample; the model sees
+        x̃ / sqrt(1 + σ²) (their scale_model_input). Per step, from σ to σ':
+
+            x̂₀ from the model output (eps: x̃ - σ ε; v: -σ v / sqrt(1 + σ²) + x̃ / (1 + σ²))
+            d = (x̃ - x̂₀) / σ
+            Euler:     x̃' = x̃ + (σ' - σ) d
+            ancestral: x̃' = x̃ + (σ_down - σ) d + σ_up z
+
+        The result goes back to the variance-preserving frame of the last level (x̃ itself when
+        it is σ = 0). Scalars in float64, tensors in x's dtype."""
+        o = self.options
+        levels = o.levels
+        ancestral = o.solver == euler_ancestral.NAME
+        sigmas = [sigma_of_alpha(a) for a in levels.alphas]
+        x_ve = x * math.sqrt(1 + sigmas[0] ** 2)
+        for i, t_i in enumerate(levels.timesteps):
+            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+            t = self._timesteps(t_i, x.shape[0], x.device)
+            out = self._model_output(x_ve / math.sqrt(1 + sigma**2), t, cond, i, t_i)
+            if o.prediction == "eps":
+                denoised = x_ve - sigma * out
+            elif o.prediction == "v":
+                denoised = out * (-sigma / math.sqrt(sigma**2 + 1)) + x_ve / (sigma**2 + 1)
+            else:
+                denoised = out
+            if o.clip is not None:
+                denoised = denoised.clamp(*o.clip)
+            if x0_preds is not None:
+                x0_preds.append(denoised)
+            derivative = (x_ve - denoised) / sigma
+            if ancestral:
+                sigma_down, sigma_up = euler_ancestral.ancestral_sigmas(sigma, sigma_next, o.eta)
+                x_ve = x_ve + derivative * (sigma_down - sigma)
+                if self._plan.draws_noise(i):
+                    x_ve = x_ve + noise_like(x_ve, stream).to(x.dtype) * sigma_up
+            else:
+                x_ve = x_ve + derivative * (sigma_next - sigma)
+            if o.check_finite:
+                S.check_finite(x_ve, i, t_i)
+            if xs is not None:
+                xs.append(x_ve / math.sqrt(1 + sigma_next**2))
+        return x_ve / math.sqrt(1 + sigmas[-1] ** 2)
+
+    def _lcm(self, x, cond, x0_preds, xs, stream):
+        """LCM's multistep sampling (Luo et al. 2023, Algorithm 1): at each step the consistency
+        function f = c_skip(t) x + c_out(t) x̂₀ (lcm.boundary_scalings), then, but at the last
+        step, f noised to the next timestep s with fresh noise: sqrt(ᾱ_s) f + sqrt(1 - ᾱ_s) z."""
+        o = self.options
+        levels = o.levels
+        steps = levels.steps
+        for i, t_i in enumerate(levels.timesteps):
+            t = self._timesteps(t_i, x.shape[0], x.device)
+            out = self._model_output(x, t, cond, i, t_i)
+            x0_t, _ = self._x0_eps(x, out, self._level(levels.alphas[i], x))
+            if o.clip is not None:
+                x0_t = x0_t.clamp(*o.clip)
+            if x0_preds is not None:
+                x0_preds.append(x0_t)
+            c_skip, c_out = lcm.boundary_scalings(float(t_i))
+            denoised = c_out * x0_t + c_skip * x
+            if i < steps - 1:
+                a_next = levels.alphas[i + 1]
+                x = math.sqrt(a_next) * denoised + math.sqrt(1 - a_next) * noise_like(x, stream).to(x.dtype)
+            else:
+                x = denoised
+            if o.check_finite:
+                S.check_finite(x, i, t_i)
             if xs is not None:
                 xs.append(x)
         return x
@@ -247,15 +330,14 @@ class ReferenceSampler:
         """
         x = S.check_input(self.model, x0, "x0")
         cond = self._conditioning(x, model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale)
-        plan = encoding_plan(self.schedule, list(self.options.grid))  # DDIM's, whatever the solver
+        plan = inversion_plan(self.options.levels)  # DDIM's, whatever the solver
+        levels = list(reversed(self.options.levels.alphas))  # where sampling ends, then at each t of the plan
         xs = [x] if return_trajectory else None
         n = x.shape[0]
         if n > 0:
-            ac = self._alphas(x)
-            for i, (t_i, s_i) in enumerate(zip(plan.timesteps, plan.prev)):
-                t = torch.full((n,), t_i, dtype=torch.long, device=x.device)
-                a_t = ac[t_i + 1]
-                a_s = ac[s_i + 1]
+            for i, t_i in enumerate(plan.timesteps):
+                t = self._timesteps(t_i, n, x.device)
+                a_s, a_t = self._level(levels[i], x), self._level(levels[i + 1], x)
                 out = self._model_output(x, t, cond, i, t_i)
                 _, et = self._x0_eps(x, out, a_t)  # eps at the model's timestep
                 x0_t = (x - (1 - a_s).sqrt() * et) / a_s.sqrt()

@@ -48,6 +48,13 @@ class StepSpec:
         return any(self.noisy)
 
 
+def timestep_dtype(timesteps) -> torch.dtype:
+    """What a model's t is made of: int64 on the integer grid (as the official code and
+    diffusers' DDIM pass it), float32 where some timestep is fractional (diffusers' Euler
+    schedulers pass their float32 timesteps)."""
+    return torch.long if all(float(t).is_integer() for t in timesteps) else torch.float32
+
+
 def history_buffer(spec: StepSpec, x: torch.Tensor) -> Optional[torch.Tensor]:
     """A multistep solver's previous x̂₀, zeroed, in x's layout: float32 as every step kernel
     reads it (float64 for float64 x, which only the PyTorch backend takes); None when the spec

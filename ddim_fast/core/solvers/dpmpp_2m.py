@@ -24,17 +24,22 @@ from __future__ import annotations
 import math
 
 from ..checks import check_eta
+from ..levels import Levels
 from ..plan import C_X0, C_X0_PREV, C_XT, SQRT_ALPHA_T, SQRT_ONE_MINUS_ALPHA_T, StepPlan, empty_coefs, set_prediction_columns
 
 NAME = "dpmpp_2m"
+LEVELS = "grid"
+KARRAS_TIMESTEPS = "round"  # diffusers' DPMSolverMultistepScheduler calls its model at integer timesteps
+KARRAS_RANGE = "training"  # diffusers: from σ at t = T - 1 to σ at t = 0, whatever its spacing
 LOWER_ORDER_FINAL_BELOW = 15  # diffusers: first order at the last step when S < 15
 
 
-def check(eta, use_clipped_model_output: bool) -> None:
-    if check_eta(eta) != 0:
+def check(eta, use_clipped_model_output: bool) -> float:
+    if eta is not None and check_eta(eta) != 0:
         raise ValueError(f"solver {NAME!r} (DPM-Solver++(2M)) solves the probability-flow ODE and adds no noise: eta must be 0, got {eta!r}")
     if use_clipped_model_output:
         raise ValueError(f"solver {NAME!r} updates from x and x̂₀ alone, so use_clipped_model_output (eps from the clamped x̂₀) has no meaning there")
+    return 0.0
 
 
 def _lambda(a: float) -> float:
@@ -54,15 +59,14 @@ def second_order(i: int, steps: int, alpha_from: float, alpha_to: float) -> bool
     return True
 
 
-def sampling_plan(schedule, grid: list[int], eta=0.0) -> StepPlan:
-    """Steps τ_{S-1} -> ... -> τ_0 -> -1 (ᾱ at -1: the schedule's final_alpha_cumprod)."""
+def plan(levels: Levels, eta=0.0) -> StepPlan:
+    """Step i from ᾱ_s0 = alphas[i] to ᾱ_t = alphas[i + 1] (the last: the run's final level)."""
     check(eta, False)
-    ts = list(reversed(grid))
-    prev = ts[1:] + [-1]
-    steps = len(ts)
+    ts = levels.timesteps
+    steps = levels.steps
     coefs = empty_coefs(steps)
-    for i, (s0, t) in enumerate(zip(ts, prev)):
-        a_s0, a_t = schedule.alpha(s0), schedule.alpha(t)
+    for i, s0 in enumerate(ts):
+        a_s0, a_t = levels.alphas[i], levels.alphas[i + 1]
         row = coefs[i]
         set_prediction_columns(row, a_s0, s0)
         alpha_s0, sigma_s0 = row[SQRT_ALPHA_T], row[SQRT_ONE_MINUS_ALPHA_T]
@@ -73,10 +77,10 @@ def sampling_plan(schedule, grid: list[int], eta=0.0) -> StepPlan:
             row[C_X0] = first_order_weight
             continue
         h = _lambda(a_t) - _lambda(a_s0)
-        h_prev = _lambda(a_s0) - _lambda(schedule.alpha(ts[i - 1]))
+        h_prev = _lambda(a_s0) - _lambda(levels.alphas[i - 1])
         if not (h > 0 and h_prev > 0):
-            raise ValueError(f"{NAME}: the grid must be strictly increasing in t (steps {ts[i - 1]} -> {s0} -> {t})")
+            raise ValueError(f"{NAME}: the grid must be strictly increasing in t (steps {ts[i - 1]} -> {s0} -> {levels.prev[i]})")
         r0 = h_prev / h
         row[C_X0] = first_order_weight * (1.0 + 0.5 / r0)
         row[C_X0_PREV] = -first_order_weight * 0.5 / r0
-    return StepPlan(tuple(ts), tuple(prev), coefs, NAME)
+    return StepPlan(ts, levels.prev, coefs, NAME)
