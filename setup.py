@@ -138,7 +138,9 @@ def main():
         cmdclass=cmdclass,
         install_requires=["torch>=2.4", "numpy", "pillow", "tqdm", "ninja"],  # ninja: torch.utils.cpp_extension's first-use build
         extras_require={
-            "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.9", "diffusers", "transformers", "scipy"],  # Triton < 3.9: its interpreter fails with NumPy >= 2.4; transformers: the test pipelines' text encoder
+            # Triton < 3.9: its interpreter fails with NumPy >= 2.4; transformers: the test pipelines'
+            # text encoder; peft: the LoRA adapters diffusers adds (tests/test_lora.py)
+            "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.9", "diffusers", "transformers", "scipy", "peft"],
             "triton": ["triton"],
             "diffusers": ["diffusers"],
         },

@@ -6,7 +6,7 @@
 #   GPU_RUN_DRY=1 bash benchmarks/gpu_run.sh OUTDIR [stages]   # print the plan, run nothing
 #
 # stages (default "build tests kernels profile step sampling guided"; "compile",
-# "guided-compile", "pipelines", "sd15" and "solvers" only when named). Each stage has its own time limit, and every limit is
+# "guided-compile", "pipelines", "sd15", "sd15-dpm", "lora" and "solvers" only when named). Each stage has its own time limit, and every limit is
 # cut to what is left before the deadline (GPU_RUN_SECONDS, default 570: one 10-minute
 # device call with time to bring the files back), so that the call always returns with
 # results; a stage with no time left is recorded as skipped. The default stages' limits
@@ -43,6 +43,11 @@
 #             then with mode="max-autotune", whose compile may outlast what is left, in a pytest
 #             of its own so that the first file survives -> OUTDIR/sd15-autotune.json (the rest,
 #             300 s at most)
+#   sd15-dpm  the same pipeline with DPM++ 2M Karras (DPMSolverMultistepScheduler, use_karras_sigmas,
+#             from its config) at S = 20: pipe(...) and ddim_fast.accelerate(pipe) -> OUTDIR/sd15-dpm.json
+#             (only when named; 150 s)
+#   lora      benchmarks/lora_switch.py on the GPU: the first call after a LoRA switch against a
+#             steady call, the tiny SD pipeline in fp16, captured (no compile) -> OUTDIR/lora.json (only when named; 90 s)
 #   solvers   DDIM at S = 10, 20, 50 and DPM-Solver++(2M) at S = 10, 20, CIFAR-10 UNet, batch 1
 #             and 64 -> OUTDIR/solvers.json (only when named; 60 s)
 # Then benchmarks/report.py writes OUTDIR/report.md (and report.png with matplotlib).
@@ -168,6 +173,13 @@ if has sd15; then
   stage sd15-autotune "$left" "$py" -m pytest benchmarks/test_pipelines.py --benchmark-only -q -rs -p no:cacheprovider -k "sd15 and max-autotune" \
     --ddim-full --ddim-steps 50 --benchmark-json="$out/sd15-autotune.json"
 fi
+if has sd15-dpm; then
+  stage sd15-dpm 150 "$py" -m pytest benchmarks/test_pipelines.py --benchmark-only -q -rs -p no:cacheprovider -k "sd15 and not compile" \
+    --ddim-scheduler dpmpp_2m_karras --ddim-steps 20 --benchmark-json="$out/sd15-dpm.json"
+fi
+if has lora; then
+  stage lora 90 "$py" benchmarks/lora_switch.py --device cuda --engines default --out "$out/lora.json"
+fi
 if has solvers; then
   stage solvers 60 "$py" -m pytest benchmarks/test_solvers.py --benchmark-only -q -p no:cacheprovider --benchmark-json="$out/solvers.json"
 fi
@@ -177,7 +189,7 @@ if [[ $dry == 1 ]]; then
   cat "$status"
   exit 0
 fi
-jsons=$(ls "$out"/step.json "$out"/compile-step.json "$out"/sampling.json "$out"/guided.json "$out"/guided-compile.json "$out"/compile.json "$out"/kernels.json "$out"/pipelines.json "$out"/sd15.json "$out"/sd15-autotune.json "$out"/solvers.json 2>/dev/null)
+jsons=$(ls "$out"/step.json "$out"/compile-step.json "$out"/sampling.json "$out"/guided.json "$out"/guided-compile.json "$out"/compile.json "$out"/kernels.json "$out"/pipelines.json "$out"/sd15.json "$out"/sd15-autotune.json "$out"/sd15-dpm.json "$out"/solvers.json 2>/dev/null)
 if [ -n "$jsons" ]; then
   # shellcheck disable=SC2086
   "$py" benchmarks/report.py $jsons --md "$out/report.md" --png "$out/report.png" && cat "$out/report.md"

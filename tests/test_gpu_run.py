@@ -76,3 +76,13 @@ def test_the_sd15_stages_time_pipe_compile_and_ours_in_one_call(tmp_path):
     assert "-k sd15 and not accelerate-compile and not max-autotune" in first and "sd15.json" in first
     assert "-k sd15 and max-autotune" in autotune and "sd15-autotune.json" in autotune
     assert list(limits).index("sd15") < list(limits).index("sd15-autotune") and limits["sd15-autotune"] <= 300
+
+
+def test_the_dpm_karras_stage_times_pipe_and_ours_at_s20(tmp_path):
+    """DPM++ 2M Karras, the scheduler most SD users run, on the SD-1.5-sized pipeline in fp16."""
+    limits, commands, planned, status = _dry_run(tmp_path, "build sd15-dpm lora")
+    assert planned <= 570 - 20 and "skipped" not in status
+    command = commands["sd15-dpm"]
+    assert "benchmarks/test_pipelines.py" in command and "--ddim-scheduler dpmpp_2m_karras" in command and "--ddim-steps 20" in command
+    assert "-k sd15 and not compile" in command and "sd15-dpm.json" in command
+    assert "benchmarks/lora_switch.py --device cuda" in commands["lora"]

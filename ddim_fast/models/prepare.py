@@ -15,7 +15,8 @@ import torch
 from .diffusers_lean import TabledUNet2D, is_tableable
 from .fuse import fuse_groupnorm_silu, share_copy
 from .lean import LeanUNet, is_lean_convertible
-from .sd_lean import LeanConditionUNet, lean_refusal
+from .lora import adapter_modules
+from .sd_lean import LeanConditionUNet, lean_source
 from .unet import AttnBlock
 
 
@@ -43,8 +44,9 @@ def prepare_model(model, *, device: torch.device, dtype: torch.dtype, fuse, chan
     UNet2DConditionModel does not run lean: a one-line note, or None).
 
     lean (with fuse=True): ddim_fast's UNet becomes a LeanUNet and diffusers'
-    UNet2DConditionModel a LeanConditionUNet where it fits, in `dtype` and the layout
-    asked for (copies of the weights, made once); a UNet2DModel (and a
+    UNet2DConditionModel a LeanConditionUNet where it fits (its PEFT LoRA layers folded), in
+    `dtype` and the layout asked for (copies of the weights; LeanConditionUNet.refresh takes
+    new ones in place); a UNet2DModel (and a
     UNet2DConditionModel that does not fit) a TabledUNet2D where its structure allows. Otherwise fuse: True fuses a copy that shares the caller's
     weights (its dropout modules gone when in eval mode), "inplace" fuses the caller's
     module itself, False runs it as is; a module whose dtype differs from `dtype` runs as a
@@ -58,11 +60,9 @@ def prepare_model(model, *, device: torch.device, dtype: torch.dtype, fuse, chan
         return lean_model, lean_model.fused_sites, None
     note = None
     if lean and fuse is True and type(model).__name__ == "UNet2DConditionModel":
-        note = lean_refusal(model)
-        if note is None and model.training and any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
-            note = "it is in training mode, with dropout"
+        source, note = lean_source(model)  # its PEFT LoRA layers folded (models/lora.py)
         if note is None:
-            lean_model = LeanConditionUNet.from_unet(model, dtype=dtype, channels_last=channels_last)
+            lean_model = LeanConditionUNet.from_unet(source, dtype=dtype, channels_last=channels_last)
             return lean_model, lean_model.fused_sites, None
     fused = 0
     mdtype = model_dtype(model)
@@ -75,9 +75,12 @@ def prepare_model(model, *, device: torch.device, dtype: torch.dtype, fuse, chan
     if fuse is True and not model.training:  # a private copy: eval-mode dropout is a no-op call
         _drop_dropout(model)
     if channels_last:
+        adapters = {id(m) for m in adapter_modules(model)}  # PEFT's LoRA factors keep their layout
         for m in model.modules():
-            w = getattr(m, "weight", None)
-            if isinstance(w, torch.nn.Parameter) and w.dim() == 4:
+            # a registered parameter only: a PEFT LoRA layer's `weight` is a property that reads
+            # its base layer's, which modules() visits too
+            w = m._parameters.get("weight")
+            if id(m) not in adapters and isinstance(w, torch.nn.Parameter) and w.dim() == 4:
                 m.weight = torch.nn.Parameter(w.detach().contiguous(memory_format=torch.channels_last), requires_grad=False)
     if device.type == "cuda":
         for m in model.modules():

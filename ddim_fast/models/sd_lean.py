@@ -15,10 +15,13 @@ fewer, fatter ops and one layout.
   residual add as one addmm; nearest upsampling and its 3x3 conv as one 4x4 stride-2
   transposed conv.
 
-`lean_refusal(unet)` says why a UNet2DConditionModel does not fit (a custom attention
-processor, LoRA layers, FreeU, ControlNet-style block types, ...); it then runs as
-TabledUNet2D (models/diffusers_lean.py), with the note. The weights are copies in the
-sampling dtype and layout, made once: a later change to the UNet's weights does not reach it.
+PEFT LoRA layers (load_lora_weights, add_adapter) are folded into plain layers first
+(models/lora.py `merged_view`), so a UNet with LoRA adapters runs lean too. `lean_source(unet)`
+gives that view, or says why the UNet does not fit (a custom attention processor, a LoRA
+variant such as DoRA, FreeU, ControlNet-style block types, ...); it then runs as TabledUNet2D
+(models/diffusers_lean.py), with the note. The weights are copies in the sampling dtype and
+layout: a later change to the UNet's weights (a LoRA switch, fuse_lora, a training step)
+reaches them through `refresh(unet)`, which copies the new ones into the same storages.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .lean import _Norm, _ResBlock, _Up, _arithmetic_dtype, _copy, _formed
+from .lora import merged_view
 from .sd_transformer import CrossKV, _Transformer, transformer_refusal
 from .time_tables import TimeTables
 
@@ -81,6 +85,17 @@ def lean_refusal(unet) -> Optional[str]:
     if len(widths) > 1:
         return f"cross-attention over contexts of different widths {sorted(widths)}"
     return None
+
+
+def lean_source(unet) -> tuple:
+    """(what a LeanConditionUNet of `unet` is built from: unet with its LoRA layers folded, why
+    unet does not run lean or None)."""
+    source, note = merged_view(unet)
+    if note is None:
+        note = lean_refusal(source)
+    if note is None and unet.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in unet.modules()):
+        note = "it is in training mode, with dropout"
+    return source, note
 
 
 def _resnet_refusal(resnet) -> Optional[str]:
@@ -216,6 +231,28 @@ class LeanConditionUNet(nn.Module):
     def from_unet(cls, unet, *, dtype: Optional[torch.dtype] = None, channels_last: bool = True) -> "LeanConditionUNet":
         return cls(unet, dtype or unet.conv_in.weight.dtype, channels_last)
 
+    def refresh(self, unet) -> bool:
+        """Take `unet`'s weights now (its LoRA layers folded: lean_source) in place: each buffer
+        copied into its own storage and each cached time table made again into its own tensor,
+        so captured CUDA graphs and compiled code that read them stay valid. False, with
+        nothing changed, when unet no longer runs lean or its lean form differs from this one
+        in more than the values (a buffer's name, shape, dtype or device, a module's type or
+        plain attributes): a new LeanConditionUNet is then needed."""
+        source, note = lean_source(unet)
+        if note is not None:
+            return False
+        channels_last = self.memory_format == torch.channels_last
+        # inference mode: the sampler made these buffers inside it (inference tensors)
+        with torch.inference_mode():
+            fresh = LeanConditionUNet(source, self.dtype, channels_last=channels_last, table_cache_size=self._tables._size)
+            if _structure(fresh) != _structure(self):
+                return False
+            fresh_buffers = dict(fresh.named_buffers(remove_duplicate=False))
+            for name, buffer in self.named_buffers(remove_duplicate=False):
+                buffer.copy_(fresh_buffers[name])
+            self._tables.recompute(self.conv_in_w.device, self.time_rows)
+        return True
+
     # --- what depends on t alone, or on the prompt alone ----------------------------------------
     def time_rows(self, t: torch.Tensor) -> torch.Tensor:
         """(B, table_width) at timesteps t (B,): every ResNet block's time bias in fp32 (fp64
@@ -305,4 +342,28 @@ class LeanConditionUNet(nn.Module):
         return f"dtype={self.dtype}, memory_format={self.memory_format}, table_width={self.table_width}, text_time={self.text_time}"
 
 
-__all__ = ["LeanConditionUNet", "lean_refusal"]
+# what a module's plain attributes may hold that a refresh compares (heads, eps, padding, slices)
+_PLAIN_TYPES = (type(None), bool, int, float, str, slice, torch.dtype, torch.memory_format)
+
+
+def _plain_attributes(module: nn.Module) -> tuple:
+    """The module's public attributes of plain values (tuples and lists of them included)."""
+    plain = []
+    for key, value in vars(module).items():
+        if key.startswith("_") or key == "training":
+            continue
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        if all(isinstance(item, _PLAIN_TYPES) for item in items):
+            plain.append((key, tuple(value) if isinstance(value, list) else value))
+    return tuple(plain)
+
+
+def _structure(model: nn.Module) -> tuple:
+    """What a copy of buffer values cannot change: every module's name, type and plain
+    attributes, and every buffer's name, shape, dtype and device."""
+    modules = tuple((name, type(m).__qualname__, _plain_attributes(m)) for name, m in model.named_modules(remove_duplicate=False))
+    buffers = tuple((name, tuple(b.shape), b.dtype, b.device) for name, b in model.named_buffers(remove_duplicate=False))
+    return modules, buffers
+
+
+__all__ = ["LeanConditionUNet", "lean_refusal", "lean_source"]
