@@ -6,7 +6,7 @@ import functools
 import torch
 
 from ddim_fast import ReferenceSampler, Schedule, UNet
-from ddim_fast.apps.opcount import census_per_step, census_totals
+from ddim_fast.apps.census.opcount import census_per_step, census_totals
 
 SMALL = dict(ch=32, out_ch=3, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0, in_channels=3, resolution=32)
 # the CIFAR-10 UNet's layout at half its width: a CPU-sized stand-in for it

@@ -20,7 +20,7 @@ import time
 import pytest
 import torch
 
-from ddim_fast.apps.machine import cpu_name, git_commit
+from ddim_fast.apps.census.machine import cpu_name, git_commit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

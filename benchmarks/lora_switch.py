@@ -118,10 +118,10 @@ def measure(engine: str, steps: int, batch: int, repeats: int, device: str = "cp
     for _ in range(repeats):
         steady.time(pipe, fast, steps, batch)
         pipe.unet.set_adapters("b")
-        prepared = fast._template._preparation.model
+        prepared = fast.sampler.prepared_model(pipe.unet.device)
         in_place.time(pipe, fast, steps, batch)
-        kept.append(fast._template._preparation.model is prepared)
-        lean.append(fast._template.lean_note is None)
+        kept.append(fast.sampler.prepared_model(pipe.unet.device) is prepared)
+        lean.append(fast.sampler.lean_note is None)
         fast._weights_changed = fast._new_samplers  # the behaviour before the in-place refresh
         pipe.unet.set_adapters("a")
         new_samplers.time(pipe, fast, steps, batch)
@@ -139,7 +139,7 @@ def measure(engine: str, steps: int, batch: int, repeats: int, device: str = "cp
 
 
 def main(argv=None) -> int:
-    from ddim_fast.apps.machine import cpu_name, git_commit
+    from ddim_fast.apps.census.machine import cpu_name, git_commit
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="the JSON file to write")

@@ -31,12 +31,12 @@ def _fake_images(rng, count: int, size: int) -> np.ndarray:
 
 
 def write_shards(folder: str, shards: int, per_shard: int, size: int) -> None:
-    from ddim_fast.apps import distributed
+    from ddim_fast.apps.runs import distributed
 
     rng = np.random.default_rng(0)
     num_samples = shards * per_shard
     if hasattr(distributed, "RunFolder"):
-        from ddim_fast.apps.run_folder import RunFolder, batches
+        from ddim_fast.apps.runs.run_folder import RunFolder, batches
 
         run = RunFolder(folder, {"what": "merge benchmark"}, num_samples=num_samples, batch_size=per_shard, image_shape=(3, size, size)).open()
         for _, start, count in batches(num_samples, per_shard):
@@ -49,12 +49,12 @@ def write_shards(folder: str, shards: int, per_shard: int, size: int) -> None:
 
 
 def merge(folder: str, shards: int, per_shard: int, size: int) -> dict:
-    from ddim_fast.apps import distributed
+    from ddim_fast.apps.runs import distributed
 
     num_samples = shards * per_shard
     world = distributed.World(0, 1, 0, False)
     if hasattr(distributed, "RunFolder"):
-        from ddim_fast.apps.run_folder import RunFolder
+        from ddim_fast.apps.runs.run_folder import RunFolder
 
         run = RunFolder(folder, {"what": "merge benchmark"}, num_samples=num_samples, batch_size=per_shard, image_shape=(3, size, size)).open()
         before = _resident_kib()

@@ -93,12 +93,9 @@ def main(argv=None) -> int:
         res["kernels_unet_fused"] = _kernels_in(lambda: fused_model(x, t))
 
         # a replayed step against a graph of the UNet alone
-        from ddim_fast.sampling.graph import CapturedLoop
-
         sampler = FastSampler(model, schedule, steps=2, eta=0.5, dtype=args.dtype)
-        xs = sampler._layout(x)
-        loop = CapturedLoop(sampler._spec("sampling"), sampler._prepared_model(x.device), xs)
-        fmodel = sampler._prepared_model(x.device)
+        loop = sampler.step_loop(x)
+        fmodel = sampler.prepared_model(x.device)
 
         def unet_only():  # what the step graph runs of the model: from the table row, or from t
             if loop.table is not None:
@@ -109,7 +106,7 @@ def main(argv=None) -> int:
 
         def one_step():
             loop.step.zero_()
-            loop._one_step(True)
+            loop.one_step(True)
 
         # the loop draws its noise from its own generator: the graph must know it
         res["us_step_graph"] = _graph_time_us(one_step, generators=[loop.gen] if loop.gen is not None else [])

@@ -35,10 +35,10 @@ import time
 import torch
 
 from ddim_fast import FastSampler
-from ddim_fast.apps.machine import cpu_name
-from ddim_fast.apps.metrics import DigitMetric, jackknife_se
+from ddim_fast.apps.census.machine import cpu_name
+from ddim_fast.apps.quality.metrics import DigitMetric, jackknife_se
 from ddim_fast.apps.pretrained import load_pretrained, load_schedule
-from ddim_fast.apps.quality import QUICK, QualitySettings, cell_samples
+from ddim_fast.apps.quality.tables import QUICK, QualitySettings, cell_samples
 from ddim_fast.core.grids import timestep_grid
 from ddim_fast.sampling.noise import indexed_noise
 

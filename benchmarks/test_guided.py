@@ -21,7 +21,7 @@ import torch
 
 from ddim_fast import FastSampler, ReferenceSampler, Schedule, UNet
 
-from ddim_fast.apps.train import DIGITS_COND_MODEL_CONFIG
+from ddim_fast.apps.quality.train import DIGITS_COND_MODEL_CONFIG
 
 from ._models import in_dtype, record_flops_per_step, sampling_call
 

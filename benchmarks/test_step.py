@@ -6,7 +6,7 @@ lean model (models/lean.py), in fp32 and bf16.
 
 Each benchmark times sample() with S = 10; extra_info holds ms_per_step (the median over
 10) and ops_per_step (non-view ops one step dispatches, counted once per implementation
-with ddim_fast.apps.opcount at batch 1: each is a kernel launch on a GPU). Cases: on a CPU
+with ddim_fast.apps.census.opcount at batch 1: each is a kernel launch on a GPU). Cases: on a CPU
 the embedded digits UNet (batch 1, 16) and the CIFAR-10 layout at ch=64 (batch 1, 8); on
 a GPU the CIFAR-10 UNet (batch 1, 64).
 """
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ddim_fast import FastSampler, ReferenceSampler, Schedule
-from ddim_fast.apps.opcount import ops_per_step
+from ddim_fast.apps.census.opcount import ops_per_step
 
 from ._models import get_model, in_dtype, record_flops_per_step, sample_shape
 

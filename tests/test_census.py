@@ -1,5 +1,5 @@
 """The bytes-and-FLOPs census (apps/opcount.OpCensus, census_per_step) and the roofline model
-(apps/roofline.py): counts equal ops_per_step's, FLOPs and bytes equal the hand formulas, a
+(apps/census/roofline.py): counts equal ops_per_step's, FLOPs and bytes equal the hand formulas, a
 fake-tensor census equals the real one, the model's arithmetic, the command, and a full-size
 SD-1.5 UNet counted on fake tensors."""
 
@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from ddim_fast import FastSampler, Schedule, UNet
-from ddim_fast.apps import opcount
-from ddim_fast.apps.census_models import SD15_UNET, cast_parameters, fake_case
-from ddim_fast.apps.opcount import OpCensus, census_per_step, ops_per_step
-from ddim_fast.apps.roofline import GPUS, format_roofline, gpu_numbers, roofline
+from ddim_fast.apps.census import opcount
+from ddim_fast.apps.census.models import SD15_UNET, cast_parameters, fake_case
+from ddim_fast.apps.census.opcount import OpCensus, census_per_step, ops_per_step
+from ddim_fast.apps.census.roofline import GPUS, format_roofline, gpu_numbers, roofline
 
 SCHEDULE = Schedule.linear()
 TINY_UNET = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, in_channels=1, out_ch=1, resolution=8)
@@ -304,7 +304,7 @@ def test_the_command_counts_a_unet_the_lean_rewrite_refuses(capsys):
 
 
 def test_the_command_runs_as_a_module():
-    done = subprocess.run([sys.executable, "-m", "ddim_fast.apps.opcount", "--model", "digits", "--gpu", "h200", "--top", "2"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "ddim_fast.apps.census.opcount", "--model", "digits", "--gpu", "h200", "--top", "2"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "roofline MODEL of one step on the H200, bfloat16" in done.stdout
 

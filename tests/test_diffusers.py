@@ -111,13 +111,13 @@ def test_key_mapping_both_ways_gives_the_same_model():
 def test_fast_sampler_tables_the_time_embeddings_of_unet2d():
     from ddim_fast.models.diffusers_lean import TabledUNet2D
 
-    from ddim_fast.apps.opcount import ops_per_step
+    from ddim_fast.apps.census.opcount import ops_per_step
 
     unet = _unet2d()
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     sampler = FastSampler(unet, Schedule.linear(), steps=4, eta=0.5)
     got = sampler.sample(x_T, generator=torch.Generator().manual_seed(1))
-    assert isinstance(sampler._prepared_model(x_T.device), TabledUNet2D)
+    assert isinstance(sampler.prepared_model(x_T.device), TabledUNet2D)
     assert type(unet.time_proj).__name__ == "Timesteps"  # the caller's model is as it was
     ref = ReferenceSampler(unet, Schedule.linear(), steps=4, eta=0.5).sample(x_T, generator=torch.Generator().manual_seed(1))
     assert max_err(got, ref) <= 1e-4 * (1 + ref.abs().max().item())
@@ -141,7 +141,7 @@ def test_unet2d_that_cannot_be_tabled_runs_as_a_fused_copy():
     x_T = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     sampler = FastSampler(scaled, Schedule.linear(), steps=3)
     out = sampler.sample(x_T)
-    assert not isinstance(sampler._prepared_model(x_T.device), TabledUNet2D)
+    assert not isinstance(sampler.prepared_model(x_T.device), TabledUNet2D)
     torch.testing.assert_close(out, ReferenceSampler(scaled, Schedule.linear(), steps=3).sample(x_T), rtol=1e-4, atol=1e-4)
     from ddim_fast.models.diffusers_lean import is_tableable
     from ddim_fast.models.fuse import fused_copy
@@ -235,7 +235,7 @@ def test_fast_sampler_tables_the_time_embeddings_of_unet2dcondition():
     time projection are gone (cross-attention's linears stay)."""
     from diffusers.models.attention_processor import AttnProcessor
 
-    from ddim_fast.apps.opcount import ops_per_step
+    from ddim_fast.apps.census.opcount import ops_per_step
     from ddim_fast.models.diffusers_lean import TabledUNet2D
 
     unet = _unet2d_condition()
@@ -244,7 +244,7 @@ def test_fast_sampler_tables_the_time_embeddings_of_unet2dcondition():
     kw = dict(model_kwargs={"encoder_hidden_states": torch.randn(2, 5, 16)}, guidance_scale=3.0, uncond_kwargs={"encoder_hidden_states": torch.zeros(2, 5, 16)})
     sampler = FastSampler(unet, Schedule.linear(), steps=4)
     got = sampler.sample(x_T, **kw)
-    assert isinstance(sampler._prepared_model(x_T.device), TabledUNet2D)
+    assert isinstance(sampler.prepared_model(x_T.device), TabledUNet2D)
     ref = ReferenceSampler(unet, Schedule.linear(), steps=4).sample(x_T, **kw)
     assert max_err(got, ref) <= 1e-4 * (1 + ref.abs().max().item())
     tabled, _ = ops_per_step(lambda s: FastSampler(unet, Schedule.linear(), steps=s), x_T, **kw)

@@ -205,7 +205,7 @@ def test_a_model_output_of_another_shape_is_refused_before_any_capture(monkeypat
     def warm_up_here(loop):
         for noisy in sorted(set(loop.noisy)):
             loop._reset()
-            loop._one_step(noisy)
+            loop.one_step(noisy)
 
     monkeypatch.setattr(G.CapturedLoop, "warm_up", warm_up_here)
     monkeypatch.setattr(G.CapturedLoop, "capture", lambda loop, mode, pool: captured.append(mode))
@@ -216,7 +216,7 @@ def test_a_model_output_of_another_shape_is_refused_before_any_capture(monkeypat
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "could not be captured" fallback
         with pytest.raises(ValueError, match=r"the model output has shape \(2, 6, 8, 8\)"), torch.inference_mode():
-            cache.run(sampler._spec("sampling"), sampler._prepared_model, x, None)
+            cache.run(sampler.spec("sampling"), sampler.prepared_model, x, None)
     assert captured == [] and cache.disabled_reason is None and len(cache) == 0
 
 

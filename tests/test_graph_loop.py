@@ -82,21 +82,21 @@ def test_graph_cache_keys_and_bound(monkeypatch):
     sampler = FastSampler(tiny_unet(), SCHEDULE, steps=2)
     cache = G.GraphCache(2)
     x1, x2, x3 = torch.zeros(1, 1, 8, 8), torch.zeros(2, 1, 8, 8), torch.zeros(3, 1, 8, 8)
-    cache.run(sampler._spec("sampling"), sampler._prepared_model, x1, None)
-    cache.run(sampler._spec("sampling"), sampler._prepared_model, x1, None)
+    cache.run(sampler.spec("sampling"), sampler.prepared_model, x1, None)
+    cache.run(sampler.spec("sampling"), sampler.prepared_model, x1, None)
     assert _FakeLoop.made == 1  # same key: reused
-    cache.run(sampler._spec("encoding"), sampler._prepared_model, x1, None)  # encoding is another key
-    cache.run(sampler._spec("sampling"), sampler._prepared_model, x2, None)  # batch change: recapture, evicts the LRU
+    cache.run(sampler.spec("encoding"), sampler.prepared_model, x1, None)  # encoding is another key
+    cache.run(sampler.spec("sampling"), sampler.prepared_model, x2, None)  # batch change: recapture, evicts the LRU
     assert _FakeLoop.made == 3 and len(cache) == 2
-    cache.run(sampler._spec("sampling"), sampler._prepared_model, x1, None)  # was evicted
+    cache.run(sampler.spec("sampling"), sampler.prepared_model, x1, None)  # was evicted
     assert _FakeLoop.made == 4
-    cache.run(sampler._spec("sampling"), sampler._prepared_model, x3.to(torch.bfloat16), None)
+    cache.run(sampler.spec("sampling"), sampler.prepared_model, x3.to(torch.bfloat16), None)
     assert len(cache) == 2
     x4 = torch.zeros(2, 3, 8, 8)
-    spec = sampler._spec("sampling")
+    spec = sampler.spec("sampling")
     assert cache.key(spec, x4) != cache.key(spec, x4.contiguous(memory_format=torch.channels_last))
     assert cache.key(spec, x4) != cache.key(spec, x4.half())
-    dpm = FastSampler(tiny_unet(), SCHEDULE, steps=2, solver="dpmpp_2m")._spec("sampling")
+    dpm = FastSampler(tiny_unet(), SCHEDULE, steps=2, solver="dpmpp_2m").spec("sampling")
     assert cache.key(spec, x4) != cache.key(dpm, x4)  # another solver: another loop
 
 
@@ -119,11 +119,11 @@ def test_graph_cache_falls_back_once_with_the_reason(monkeypatch):
     sampler = FastSampler(tiny_unet(), SCHEDULE, steps=2)
     cache = G.GraphCache(2)
     with pytest.warns(RuntimeWarning, match="could not be captured in a CUDA graph \\(RuntimeError: operation not permitted"):
-        assert cache.run(sampler._spec("sampling"), sampler._prepared_model, torch.zeros(1, 1, 8, 8), None) is None
+        assert cache.run(sampler.spec("sampling"), sampler.prepared_model, torch.zeros(1, 1, 8, 8), None) is None
     assert restored == [(torch.device("cpu"), "pool", ["the loop's generator"])]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert cache.run(sampler._spec("sampling"), sampler._prepared_model, torch.zeros(1, 1, 8, 8), None) is None  # no second warning
+        assert cache.run(sampler.spec("sampling"), sampler.prepared_model, torch.zeros(1, 1, 8, 8), None) is None  # no second warning
     assert len(restored) == 1
 
 
@@ -140,7 +140,7 @@ def test_a_host_sync_found_in_the_warm_up_falls_back_before_any_capture(monkeypa
     sampler = FastSampler(tiny_unet(), SCHEDULE, steps=2)
     cache = G.GraphCache(2)
     with pytest.warns(RuntimeWarning, match="a step synchronizes with the host"):
-        assert cache.run(sampler._spec("sampling"), sampler._prepared_model, torch.zeros(1, 1, 8, 8), None) is None
+        assert cache.run(sampler.spec("sampling"), sampler.prepared_model, torch.zeros(1, 1, 8, 8), None) is None
 
 
 def test_graph_options_are_validated():

@@ -199,7 +199,7 @@ def test_graph_key_follows_the_conditioning_signature_not_its_values():
 
     x = torch.zeros(2, 1, 8, 8)
     cache = G.GraphCache(4)
-    spec = FastSampler(lambda x, t: x, Schedule.linear(100), steps=4)._spec("sampling")
+    spec = FastSampler(lambda x, t: x, Schedule.linear(100), steps=4).spec("sampling")
     key = lambda **kw: cache.key(spec, x, make_conditioning(x, kw.get("model_kwargs"), kw.get("guidance_scale"), kw.get("uncond_kwargs"), kw.get("guidance_rescale")))  # noqa: E731
     lab = lambda *v: {"class_labels": torch.tensor(v)}  # noqa: E731
     base = key(model_kwargs=lab(1, 2), guidance_scale=2.0, uncond_kwargs=lab(10, 10))
@@ -278,8 +278,8 @@ def test_ops_per_step_of_labels_and_guidance():
     """What conditioning adds to a lean step: the labels' rows (embedding, add, SiLU, one linear
     for every block's projection); guidance then one copy (x into the doubled batch's second
     half), the combine being inside the one fused step op."""
-    from ddim_fast.apps.opcount import ops_per_step
-    from ddim_fast.apps.train import DIGITS_COND_MODEL_CONFIG, DIGITS_MODEL_CONFIG
+    from ddim_fast.apps.census.opcount import ops_per_step
+    from ddim_fast.apps.quality.train import DIGITS_COND_MODEL_CONFIG, DIGITS_MODEL_CONFIG
 
     torch.manual_seed(0)
     cond, plain = UNet(**DIGITS_COND_MODEL_CONFIG).eval(), UNet(**DIGITS_MODEL_CONFIG).eval()

@@ -171,3 +171,55 @@ def test_every_package_says_what_its_layer_is_for():
             with open(path, encoding="utf-8") as f:
                 doc = ast.get_docstring(ast.parse(f.read()))
             assert doc and "import" in doc, f"{path}: the docstring should say what the layer is for and what it may import"
+
+
+def test_every_sub_package_of_apps_says_what_its_concern_is():
+    for module, path in MODULES.items():
+        if path.endswith("__init__.py") and module.startswith("ddim_fast.apps."):
+            with open(path, encoding="utf-8") as f:
+                doc = ast.get_docstring(ast.parse(f.read()))
+            assert doc, f"{path}: a one-line docstring should say what this concern is"
+
+
+def _private_names_of(path: str, class_name: str) -> set:
+    """The private names of a class: its `_` methods and attributes, and what its methods set
+    on self (`self._x = ...`)."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name]
+    names = set()
+    for node in ast.walk(cls):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node in cls.body:
+            names.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self" and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def _python_files_outside_sampling() -> dict:
+    """{path: source} of ddim_fast/ but sampling/, and of benchmarks/."""
+    paths = [p for m, p in MODULES.items() if not m.startswith("ddim_fast.sampling")]
+    benchmarks = os.path.join(ROOT, "benchmarks")
+    paths += [os.path.join(benchmarks, f) for f in sorted(os.listdir(benchmarks)) if f.endswith(".py")]
+    out = {}
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            out[path] = f.read()
+    return out
+
+
+def test_code_outside_sampling_reads_samplers_through_their_public_names():
+    """Pipelines, the command line and the benchmarks use FastSampler's and CapturedLoop's
+    public accessors (plan, spec, prepared_model, sibling, step_loop, one_step, ...), not
+    their private attributes, which sampling/ may change at will. (Tests may look inside.)"""
+    private = _private_names_of(os.path.join(ROOT, "ddim_fast", "sampling", "fast.py"), "FastSampler")
+    private |= _private_names_of(os.path.join(ROOT, "ddim_fast", "sampling", "graph.py"), "CapturedLoop")
+    assert {"_plan", "_preparation", "_layout", "_graphs"} <= private  # a check of the checker
+    reads = []
+    for path, source in _python_files_outside_sampling().items():
+        for node in ast.walk(ast.parse(source)):
+            # x._name with x anything but self: self._name is the module's own class's
+            own = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+            if isinstance(node, ast.Attribute) and node.attr in private and not own:
+                reads.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}: .{node.attr}")
+    assert not reads, "private sampler attributes read outside ddim_fast/sampling/:\n" + "\n".join(reads)

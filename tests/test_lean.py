@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 from ddim_fast import FastSampler, ReferenceSampler, Schedule, UNet
-from ddim_fast.apps.opcount import COPIES, ops_per_step
+from ddim_fast.apps.census.opcount import COPIES, ops_per_step
 from ddim_fast.models.lean import LeanUNet, is_lean_convertible
 from ddim_fast.models.unet import ResnetBlock
 
@@ -110,7 +110,7 @@ def test_what_the_lean_rewrite_leaves_alone():
     x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     sampler = FastSampler(subclassed, SCHEDULE, steps=3)
     out = sampler.sample(x_T)
-    assert not isinstance(sampler._prepared_model(x_T.device), LeanUNet)
+    assert not isinstance(sampler.prepared_model(x_T.device), LeanUNet)
     torch.testing.assert_close(out, ReferenceSampler(subclassed, SCHEDULE, steps=3).sample(x_T), rtol=1e-4, atol=1e-4)
 
 
@@ -121,8 +121,8 @@ def test_fast_sampler_runs_the_lean_model_by_default():
     classic = FastSampler(model, SCHEDULE, steps=4, eta=0.5, lean=False)
     a = lean.sample(x_T, generator=torch.Generator().manual_seed(1))
     b = classic.sample(x_T, generator=torch.Generator().manual_seed(1))
-    assert isinstance(lean._prepared_model(x_T.device), LeanUNet)
-    assert not isinstance(classic._prepared_model(x_T.device), LeanUNet)
+    assert isinstance(lean.prepared_model(x_T.device), LeanUNet)
+    assert not isinstance(classic.prepared_model(x_T.device), LeanUNet)
     assert lean.fused_sites == classic.fused_sites == 17
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     with pytest.raises(TypeError, match="lean must be True or False"):

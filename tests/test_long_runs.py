@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ddim_fast.apps import run_folder
+from ddim_fast.apps.runs import run_folder
 from ddim_fast.apps.pretrained import read_pretrained
-from ddim_fast.apps.files import write_npz
-from ddim_fast.apps.run_folder import RunFolder, RunFolderError, batches
+from ddim_fast.apps.runs.files import write_npz
+from ddim_fast.apps.runs.run_folder import RunFolder, RunFolderError, batches
 from ddim_fast.cli import main
 from ddim_fast.sampling import FastSampler
 
@@ -180,7 +180,7 @@ def test_a_manifest_that_is_not_one_is_refused_in_one_line(done, capsys):
 def test_the_digest_of_a_diffusers_model_does_not_depend_on_where_it_was_loaded_from():
     from diffusers import UNet2DModel
 
-    from ddim_fast.apps.run_folder import model_digest
+    from ddim_fast.apps.runs.run_folder import model_digest
 
     torch.manual_seed(0)
     model = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))

@@ -85,9 +85,14 @@ def _check_images(pipe, fast, **kwargs) -> np.ndarray:
     return ref
 
 
+def _prepared_model(fast):
+    """The UNet as the fast pipeline's samplers run it (prepared by the calls before)."""
+    return fast.sampler.prepared_model(torch.device("cpu"))
+
+
 def _prepared(fast) -> tuple:
     """(the prepared model, the storages of its buffers and time tables, the samplers)."""
-    model = fast._template._preparation.model
+    model = _prepared_model(fast)
     storages = [b.data_ptr() for b in model.buffers()] + [t.data_ptr() for t in model._tables._tables.values()]
     return model, storages, list(fast._samplers.values())
 
@@ -95,7 +100,7 @@ def _prepared(fast) -> tuple:
 def _assert_kept_in_place(fast, before: tuple) -> None:
     model, storages, samplers = _prepared(fast)
     assert model is before[0] and isinstance(model, LeanConditionUNet)
-    assert fast._template.lean_note is None
+    assert fast.sampler.lean_note is None
     assert storages == before[1]
     assert len(samplers) == len(before[2]) and all(now is then for now, then in zip(samplers, before[2]))
 
@@ -147,7 +152,7 @@ CHANGES = {
 def test_adapter_changes_are_taken_in_place_and_give_the_pipelines_images(pipe, steps):
     fast = ddim_fast.accelerate(pipe)
     previous = _check_images(pipe, fast)
-    assert fast._template.lean_note is None  # LoRA layers and all: the lean UNet
+    assert fast.sampler.lean_note is None  # LoRA layers and all: the lean UNet
     before = _prepared(fast)
     for change, moves in steps:
         change(pipe.unet)
@@ -182,23 +187,23 @@ def test_adapters_added_after_accelerate_to_a_unet_without_any(tokenizer_folder)
     _check_images(pipe, fast)
     _assert_kept_in_place(fast, before)
     _check_images(pipe, fast, eta=1.0)  # a new sampler (of another η), of the same prepared model
-    assert fast._template._preparation.model is before[0]
+    assert _prepared_model(fast) is before[0]
 
 
 def test_a_dora_adapter_runs_without_the_lean_rewrite_with_a_note(pipe, capsys):
     fast = ddim_fast.accelerate(pipe)
     _check_images(pipe, fast)
-    lean_model = fast._template._preparation.model
+    lean_model = _prepared_model(fast)
     _add_adapter(pipe.unet, "d", seed=4, targets=["to_q", "conv1"], use_dora=True)
     _check_images(pipe, fast)
-    note = fast._template.lean_note
+    note = fast.sampler.lean_note
     assert "adapter 'd' is a LoRA variant" in note and note in capsys.readouterr().err
-    assert not isinstance(fast._template._preparation.model, LeanConditionUNet)
+    assert not isinstance(_prepared_model(fast), LeanConditionUNet)
     pipe.unet.set_adapters("a")  # DoRA no longer active: lean again, in a new prepared model
     _check_images(pipe, fast)
-    assert fast._template.lean_note is None
-    assert isinstance(fast._template._preparation.model, LeanConditionUNet)
-    assert fast._template._preparation.model is not lean_model
+    assert fast.sampler.lean_note is None
+    assert isinstance(_prepared_model(fast), LeanConditionUNet)
+    assert _prepared_model(fast) is not lean_model
 
 
 @requires_triton_interpreter

@@ -93,7 +93,7 @@ def test_accelerate_gives_the_pipelines_images_with_its_scheduler(pipes, model, 
             assert out.shape == ref.shape
             assert np.abs(out - ref).max() < TOL, (kwargs["prompt"], np.abs(out - ref).max())
             assert all(torch.equal(a, b) for a, b in zip(_states(ref_gens), _states(fast_gens)))
-        assert fast._template.lean_note is None  # the lean SD UNet ran
+        assert fast.sampler.lean_note is None  # the lean SD UNet ran
     finally:
         pipe.scheduler = original
 

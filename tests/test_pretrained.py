@@ -19,8 +19,8 @@ from ddim_fast.apps.pretrained import (
     read_pretrained,
     save_pretrained,
 )
-from ddim_fast.apps.classifier import DigitClassifier
-from ddim_fast.apps.train import DIGITS_MODEL_CONFIG, TrainConfig, diffusion_loss, lr_at, train_diffusion
+from ddim_fast.apps.quality.classifier import DigitClassifier
+from ddim_fast.apps.quality.train import DIGITS_MODEL_CONFIG, TrainConfig, diffusion_loss, lr_at, train_diffusion
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from ddim_fast import FastSampler
 from ddim_fast.apps.data import load_digits
 from ddim_fast.apps.pretrained import load_pretrained, load_schedule
-from ddim_fast.apps.quality import (
+from ddim_fast.apps.quality.tables import (
     QUICK,
     DigitMetric,
     KidReference,

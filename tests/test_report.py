@@ -132,7 +132,7 @@ def test_flops_per_step_is_the_models_call_doubled_when_guided():
 
     from benchmarks._models import flops_per_step
     from ddim_fast import UNet
-    from ddim_fast.apps.train import DIGITS_COND_MODEL_CONFIG
+    from ddim_fast.apps.quality.train import DIGITS_COND_MODEL_CONFIG
 
     torch.manual_seed(0)
     model = UNet(**DIGITS_COND_MODEL_CONFIG).eval()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ddim_fast import FastSampler, ReferenceSampler, Schedule
-from ddim_fast.apps.opcount import COPIES, ops_per_step
+from ddim_fast.apps.census.opcount import COPIES, ops_per_step
 
 from .conftest import max_err, requires_triton_interpreter
 from .test_ops import native_cpu
@@ -95,7 +95,7 @@ def test_lean_sd_unet_matches_diffusers_guided_ddim(shape):
     schedule, options = Schedule.from_diffusers_config(scheduler.config)
     sampler = FastSampler(unet, schedule, steps=6, **options)
     got = sampler.sample(x_T, model_kwargs=cond, guidance_scale=7.5, uncond_kwargs=uncond)
-    assert isinstance(sampler._prepared_model(x_T.device), LeanConditionUNet) and sampler.lean_note is None
+    assert isinstance(sampler.prepared_model(x_T.device), LeanConditionUNet) and sampler.lean_note is None
     assert max_err(got, expected) <= 1e-4 * (1 + expected.abs().max().item())
     other = FastSampler(unet, schedule, steps=6, **options).sample(x_T, model_kwargs=uncond, guidance_scale=7.5, uncond_kwargs=cond)
     assert max_err(other, expected) > 1e-2  # the prompt reached the model
@@ -190,7 +190,7 @@ def test_the_emulated_loop_in_bf16_tracks_the_float64_reference():
     schedule = Schedule.linear()
     sampler = FastSampler(unet, schedule, steps=4, eta=1.0, dtype="bf16", cuda_graph="emulate")
     got = sampler.sample(x_T, generator=_gen(5), **kw)
-    assert got.dtype == torch.bfloat16 and isinstance(sampler._prepared_model(x_T.device), LeanConditionUNet)
+    assert got.dtype == torch.bfloat16 and isinstance(sampler.prepared_model(x_T.device), LeanConditionUNet)
     ref64 = ReferenceSampler(copy.deepcopy(unet).double(), schedule, steps=4, eta=1.0).sample(x_T.double(), generator=_gen(5), **kw)
     own = max_err(ReferenceSampler(copy.deepcopy(unet).to(torch.bfloat16), schedule, steps=4, eta=1.0).sample(x_T, generator=_gen(5), **kw), ref64)
     assert 0 < own
@@ -275,7 +275,7 @@ def test_a_unet_the_rewrite_does_not_fit_runs_as_before_with_a_note(change, says
     kw = dict(model_kwargs=cond, guidance_scale=4.0, uncond_kwargs=uncond)
     sampler = FastSampler(unet, Schedule.linear(), steps=3)
     got = sampler.sample(x_T, **kw)
-    assert isinstance(sampler._prepared_model(x_T.device), TabledUNet2D)
+    assert isinstance(sampler.prepared_model(x_T.device), TabledUNet2D)
     assert says in sampler.lean_note and says in capsys.readouterr().err
     ref = ReferenceSampler(unet, Schedule.linear(), steps=3).sample(x_T, **kw)
     assert max_err(got, ref) <= 1e-4 * (1 + ref.abs().max().item())

@@ -236,10 +236,10 @@ def test_emulated_captured_loop_runs_dpmpp_2m_with_its_history(graph_mode):
 
 def test_the_engine_reads_a_spec_fixed_before_the_loop():
     fast = FastSampler(tiny_unet(), SCHEDULE, steps=6, solver="dpmpp_2m", clip_x0=True)
-    spec = fast._spec("sampling")
-    assert spec is fast._spec("sampling")  # made once
+    spec = fast.spec("sampling")
+    assert spec is fast.spec("sampling")  # made once
     assert spec.history and spec.clip == (-1.0, 1.0) and not spec.draws_noise and spec.solver == "dpmpp_2m"
-    encoding = fast._spec("encoding")
+    encoding = fast.spec("encoding")
     assert encoding.clip is None and not encoding.history and encoding.solver == "ddim"
     with pytest.raises(Exception):  # frozen
         spec.clip = None
@@ -320,7 +320,7 @@ def test_reference_dpmpp_2m_in_low_precision_on_a_grid_holding_t0(dtype):
 
 def test_the_spec_tells_plans_apart_by_their_coefficients():
     model = tiny_unet()
-    half, full = (FastSampler(model, SCHEDULE, steps=6, eta=eta)._spec("sampling") for eta in (0.5, 1.0))
+    half, full = (FastSampler(model, SCHEDULE, steps=6, eta=eta).spec("sampling") for eta in (0.5, 1.0))
     assert half.noisy == full.noisy and half != full
 
 

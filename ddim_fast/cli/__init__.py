@@ -16,7 +16,7 @@ checked before any work; progress bars go to stderr and --quiet turns them off.
 
     args      the parser class, value types and option groups
     common    device, progress, --model loading, samplers from the arguments, images out, timing
-    sample    the sample and interpolate commands (--out-dir: apps/run_folder.py, apps/distributed.py)
+    sample    the sample and interpolate commands (--out-dir: apps/runs/run_folder.py, apps/runs/distributed.py)
     encode, quality, bench, train: the command of that name
     main      the parser of every command, and main()
 """

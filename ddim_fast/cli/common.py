@@ -183,7 +183,7 @@ def grid_count(n: int, image_pixels: int, scale: int) -> int:
 def save_grid(images: np.ndarray, path: str, *, ncol: Optional[int] = None, scale: int = 1, pad: int = 2) -> tuple[int, int]:
     """Write uint8 images (N, H, W, C) as one image grid (ncol columns, default ~sqrt(N)) in
     path's format, whole or not at all; returns (width, height)."""
-    from ..apps.files import write_atomic
+    from ..apps.runs.files import write_atomic
 
     n, h, w, c = images.shape
     ncol = ncol or max(1, math.ceil(math.sqrt(n)))

@@ -6,8 +6,8 @@ import os
 
 import torch
 
-from ..apps.machine import cpu_name, git_commit
-from ..apps.quality import FULL, QUICK, QualitySettings, check_trends, format_tables, run_quality
+from ..apps.census.machine import cpu_name, git_commit
+from ..apps.quality.tables import FULL, QUICK, QualitySettings, check_trends, format_tables, run_quality
 from .args import CLIError, common_args, eta_arg, finite_float, nonneg_int, positive_int
 from .common import image_shape, load_model, note, pick_device, set_threads, write_json
 
@@ -42,7 +42,7 @@ def cmd_quality(args) -> int:
 
 
 def cmd_guidance(args) -> int:
-    from ..apps.guidance import GuidanceSettings, format_table, run_guidance
+    from ..apps.quality.guidance import GuidanceSettings, format_table, run_guidance
 
     set_threads(args)
     device = pick_device(args.device)

@@ -13,8 +13,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..apps.distributed import Tally, World, finish, generate, init_world, share_from_main
-from ..apps.run_folder import RunFolder, RunFolderError, batches, disk_estimate, is_run_output, model_digest, schedule_digest
+from ..apps.runs.distributed import Tally, World, finish, generate, init_world, share_from_main
+from ..apps.runs.run_folder import RunFolder, RunFolderError, batches, disk_estimate, is_run_output, model_digest, schedule_digest
 from ..apps.pretrained import COND_MODEL, classify_digits
 from ..core.checks import describe_error
 from ..sampling.noise import derive_seed, indexed_noise, slerp

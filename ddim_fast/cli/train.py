@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ..apps.train import DIGITS_COND_MODEL_CONFIG, ClassifierConfig, TrainConfig, train_classifier, train_diffusion
+from ..apps.quality.train import DIGITS_COND_MODEL_CONFIG, ClassifierConfig, TrainConfig, train_classifier, train_diffusion
 from .args import CLIError, common_args, nonneg_int, positive_float, positive_int
 
 

@@ -34,7 +34,7 @@ from ..models.prepare import COMPILE_MODES, compile_model, model_dtype, prepare_
 from . import common as S
 from .conditioning import NONE, Conditioning, GuidanceBuffers, cast_kwargs, make_conditioning
 from .capture import EMULATE, check_emulation
-from .graph import GRAPH_MODES, GraphCache
+from .graph import GRAPH_MODES, CapturedLoop, GraphCache
 from .noise import NoiseStream, initial_noise
 from .spec import StepSpec, step_spec, timestep_dtype
 from .steppers import kernel_stepper, op_stepper
@@ -177,7 +177,7 @@ class FastSampler:
         self._lock = threading.Lock()  # one sample() at a time per sampler: buffers are shared
 
     # --- set-up ------------------------------------------------------------------------------
-    def _prepared_model(self, device: torch.device):
+    def prepared_model(self, device: torch.device):
         """The model as this sampler runs it on `device`, made once per device.
 
         See models.prepare.prepare_model: a LeanUNet, or a copy that shares the caller's
@@ -222,11 +222,11 @@ class FastSampler:
         with self._lock:  # not while a sample() of a sibling reads the buffers
             return bool(refresh(self.model))
 
-    def _sibling(self, schedule: Schedule, **algorithm) -> "FastSampler":
+    def sibling(self, schedule: Schedule, **algorithm) -> "FastSampler":
         """A sampler of the same model and engine options with another schedule and algorithm
         options (steps, eta, skip, clip_x0, prediction, steps_offset, use_clipped_model_output, solver, sigmas),
         sharing this one's prepared model (its weight copies, compiled code) and its lock: a
-        pipeline (apps/pipelines.py) makes one per (steps, eta) without preparing the model again."""
+        pipeline (apps/pipelines) makes one per (steps, eta) without preparing the model again."""
         sibling = FastSampler(self.model, schedule, check_finite=self.options.check_finite, **algorithm, **self._engine)
         sibling._preparation = self._preparation
         sibling._lock = self._lock
@@ -280,17 +280,22 @@ class FastSampler:
         x = initial_noise(self.model, x_T, batch_size, stream, shape, None, None)
         stream.check_batch(x.shape[0])
         cond = make_conditioning(x, model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale)
-        return self._run(self._spec("sampling"), x, stream, return_x0, return_trajectory, cond)
+        return self._run(self.spec("sampling"), x, stream, return_x0, return_trajectory, cond)
 
     def encode(self, x0, *, return_trajectory: bool = False, model_kwargs=None, guidance_scale=None, uncond_kwargs=None, guidance_rescale=None):
         """DDIM inversion (η = 0) of x0 along the same grid, whatever the solver; see
         ReferenceSampler.encode."""
         x = S.check_input(self.model, x0, "x0")
         cond = make_conditioning(x, model_kwargs, guidance_scale, uncond_kwargs, guidance_rescale)
-        res = self._run(self._spec("encoding"), x, NoiseStream(), False, return_trajectory, cond)
+        res = self._run(self.spec("encoding"), x, NoiseStream(), False, return_trajectory, cond)
         return (res.sample, res.trajectory) if return_trajectory else res
 
-    def _spec(self, what: str) -> StepSpec:
+    def step_loop(self, x: torch.Tensor) -> CapturedLoop:
+        """The captured loop's buffers and steps for a batch like x (sampling, unguided), not
+        captured: what benchmarks/profile_step.py times one step of, with or without a graph."""
+        return CapturedLoop(self.spec("sampling"), self.prepared_model(x.device), self._layout(x))
+
+    def spec(self, what: str) -> StepSpec:
         """The step spec of sampling or encoding with this sampler's options, made once."""
         spec = self._specs.get(what)
         if spec is None:
@@ -320,7 +325,7 @@ class FastSampler:
             if emulate or captured:
                 if self._graphs is None:
                     self._graphs = GraphCache(self._graph_cache_size, self.graph_mode, capture=not emulate)
-                out = self._graphs.run(spec, self._prepared_model, x, stream, cond)
+                out = self._graphs.run(spec, self.prepared_model, x, stream, cond)
                 if out is not None:
                     return out
             return self._eager(spec, x, stream, return_x0, return_trajectory, cond)
@@ -343,7 +348,7 @@ class FastSampler:
         writes x (reading both halves of the output), then x is copied into the second half."""
         plan = spec.plan
         n, dev = x.shape[0], x.device
-        model = self._prepared_model(dev)
+        model = self.prepared_model(dev)
         xx = x
         if cond.guided:
             xx = torch.empty((2 * n, *x.shape[1:]), dtype=x.dtype, device=dev, memory_format=self._format(x))

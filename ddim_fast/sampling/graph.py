@@ -186,12 +186,12 @@ class CapturedLoop:
             for noisy in sorted(set(self.noisy)):
                 self._reset()
                 self._prologue()
-                self._one_step(noisy)
+                self.one_step(noisy)
             with host_syncs_reported() as syncs:
                 for noisy in sorted(set(self.noisy)):
                     self._reset()
                     self._prologue()
-                    self._one_step(noisy)
+                    self.one_step(noisy)
         torch.cuda.current_stream(dev).wait_stream(side)
         if syncs:
             return f"a step synchronizes with the host ({syncs[0]}), which a CUDA graph cannot capture"
@@ -212,7 +212,7 @@ class CapturedLoop:
             with torch.cuda.graph(g, pool=pool):
                 self._prologue()
                 for i in range(self.plan.steps):
-                    self._one_step(self.noisy[i])
+                    self.one_step(self.noisy[i])
             self.graphs["loop"] = g
         else:
             if self._run_inputs is not None:  # its outputs, made in the pool, stay the steps' inputs
@@ -225,7 +225,7 @@ class CapturedLoop:
                 self._register(g)
                 self._reset()
                 with torch.cuda.graph(g, pool=pool):
-                    self._one_step(noisy)
+                    self.one_step(noisy)
                 self.graphs[noisy] = g
         self.mode = mode
 
@@ -270,7 +270,9 @@ class CapturedLoop:
         out, self.out_buf = laid_out_like(self.x_buf, out, self.out_buf)
         return out
 
-    def _one_step(self, noisy: bool):
+    def one_step(self, noisy: bool):
+        """One step at the device counter's step, on the static buffers (what a step graph
+        holds; noisy: whether this step adds noise)."""
         out = self._model_output()
         noise = None
         noise_row_stride = 0
@@ -343,7 +345,7 @@ class CapturedLoop:
         if not self.graphs:  # not captured (emulated): the same steps, launched one by one
             self._prologue()
             for i in range(self.plan.steps):
-                self._one_step(self.noisy[i])
+                self.one_step(self.noisy[i])
         elif self.mode == "loop":
             self.graphs["loop"].replay()
         else:

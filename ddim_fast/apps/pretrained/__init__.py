@@ -8,7 +8,7 @@ Each file here is a plain `torch.save` of a dict that loads with weights_only=Tr
      "state_dict": fp32 EMA weights, "meta": {how it was trained}}
 
 and for the classifier {"format": 1, "kind": "classifier", "config": ..., "state_dict": ...,
-"meta": ...}. digits.pt was made by `ddim-fast train` (apps/train.py), digits_cond.pt by
+"meta": ...}. digits.pt was made by `ddim-fast train` (apps/quality/train.py), digits_cond.pt by
 `ddim-fast train --conditional` (the same recipe with labels, 10% of them dropped to the
 null label 10) and digits_classifier.pt by `ddim-fast train --classifier`, on
 apps/data/digits16.npz.
@@ -26,7 +26,7 @@ import torch
 
 from ...core.schedule import Schedule
 from ...models.unet import UNet, register_pretrained
-from ..classifier import DigitClassifier
+from ..quality.classifier import DigitClassifier
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = {"digits": "digits.pt", "digits-cond": "digits_cond.pt"}  # UNets
@@ -80,7 +80,7 @@ def pretrained_info(name: str = "digits") -> dict:
 
 
 def load_classifier(name: str = "digits") -> DigitClassifier:
-    """The embedded digit classifier (apps.classifier.DigitClassifier), in eval mode."""
+    """The embedded digit classifier (apps.quality.classifier.DigitClassifier), in eval mode."""
     obj = read_pretrained(_path(name, CLASSIFIERS, "classifier"), "classifier")
     model = DigitClassifier(**obj["config"])
     model.load_state_dict(obj["state_dict"], strict=True)

@@ -9,7 +9,7 @@ is what ships. No augmentation: flips do not preserve digits.
 Everything is seeded: the same TrainConfig on the same torch build and thread count
 gives the same weights. Training runs on `num_threads` CPU threads (default 1).
 
-    from ddim_fast.apps.train import TrainConfig, train_diffusion
+    from ddim_fast.apps.quality.train import TrainConfig, train_diffusion
     ema_model, history = train_diffusion(TrainConfig(steps=8000), out="digits.pt")
 """
 
@@ -25,12 +25,12 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..core.checks import check_positive_int, describe_error
-from ..core.schedule import Schedule
-from ..models.unet import UNet
+from ...core.checks import check_positive_int, describe_error
+from ...core.schedule import Schedule
+from ...models.unet import UNet
+from ..data import load_digits
+from ..pretrained import save_classifier, save_pretrained
 from .classifier import DigitClassifier
-from .data import load_digits
-from .pretrained import save_classifier, save_pretrained
 
 # the embedded model: the standard UNet at a small width for 1 x 16 x 16 images. ch_mult
 # (1, 1, 2) keeps 32 channels at 16x16 and 8x8 (where most of the compute is) so that
@@ -303,7 +303,7 @@ def _save_checkpoint(path, cfg, step, model, ema, opt, batches, noise_gen, histo
 
 @dataclass
 class ClassifierConfig:
-    """Training of apps.classifier.DigitClassifier on the 16x16 digits.
+    """Training of apps.quality.classifier.DigitClassifier on the 16x16 digits.
 
     A seeded split keeps `val_fraction` of the images out for the reported accuracy;
     augmentation: random shifts by up to `max_shift` pixels (no flips).

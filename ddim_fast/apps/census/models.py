@@ -1,4 +1,4 @@
-"""The models the op census runs on (python -m ddim_fast.apps.opcount), full size and built
+"""The models the op census runs on (python -m ddim_fast.apps.census.opcount), full size and built
 under a FakeTensorMode: shapes and dtypes, no data, nothing allocated or downloaded.
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -17,9 +17,9 @@ import dataclasses
 
 import torch
 
-from ..core.schedule import Schedule
-from ..models.presets import PRESETS
-from ..models.unet import UNet
+from ...core.schedule import Schedule
+from ...models.presets import PRESETS
+from ...models.unet import UNet
 
 # SD-1.5's UNet (runwayml/stable-diffusion-v1-5's unet/config.json, diffusers' defaults for
 # the rest): tests/tiny_pipelines.SD15_UNET is the same dict
@@ -66,7 +66,7 @@ def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modu
 
 
 def _digits_config(conditional: bool) -> dict:
-    from .pretrained import pretrained_info
+    from ..pretrained import pretrained_info
 
     config = pretrained_info("digits-cond" if conditional else "digits")["config"]
     return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}

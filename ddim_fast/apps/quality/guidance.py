@@ -1,7 +1,7 @@
 """How well guidance steers the class-conditional digits model: for each guidance scale w,
 samples of every digit, read by the embedded digit classifier.
 
-    from ddim_fast.apps.guidance import GuidanceSettings, run_guidance
+    from ddim_fast.apps.quality.guidance import GuidanceSettings, run_guidance
     result = run_guidance(UNet.from_pretrained("digits-cond"), load_schedule("digits-cond"), GuidanceSettings())
 
 Every scale draws sample i of digit d from the same x_T (common random numbers), so the
@@ -18,11 +18,11 @@ from typing import Callable, Optional
 
 import torch
 
-from ..core.checks import check_positive_int
-from ..core.schedule import Schedule
-from ..sampling import FastSampler
-from ..sampling.noise import indexed_noise
-from .pretrained import load_classifier
+from ...core.checks import check_positive_int
+from ...core.schedule import Schedule
+from ...sampling import FastSampler
+from ...sampling.noise import indexed_noise
+from ..pretrained import load_classifier
 
 
 @dataclass

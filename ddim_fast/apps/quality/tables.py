@@ -1,6 +1,6 @@
 """The paper's tables on the embedded digits model, with no download.
 
-- Table 1 of the DDIM paper in shape: FID and KID (apps/metrics.py) for S x η
+- Table 1 of the DDIM paper in shape: FID and KID (apps/quality/metrics.py) for S x η
   (`fid_table`); Table 2: reconstruction error of encode-then-decode
   (`reconstruction_table`); run_quality reports the real-data FID floor beside them.
 - Common random numbers: sample i of every (S, η) cell starts from the same x_T
@@ -18,12 +18,12 @@ from typing import Callable, Optional
 
 import torch
 
-from ..core.checks import ETA_DDPM_NOISY, check_eta
-from ..sampling import FastSampler
-from ..sampling.noise import derive_seed, indexed_noise
-from .data import load_digits
+from ...core.checks import ETA_DDPM_NOISY, check_eta
+from ...sampling import FastSampler
+from ...sampling.noise import derive_seed, indexed_noise
+from ..data import load_digits
+from ..pretrained import load_pretrained, load_schedule
 from .metrics import DigitMetric, KidReference, feature_statistics, fid_from_features, frechet_distance, jackknife_se, kid, polynomial_kernel, to_uint8_levels
-from .pretrained import load_pretrained, load_schedule
 
 FID_STEPS = (10, 20, 50, 100, 1000)
 FID_ETAS = (0.0, 0.2, 0.5, 1.0, ETA_DDPM_NOISY)

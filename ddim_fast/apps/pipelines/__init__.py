@@ -14,7 +14,7 @@ CUDA a captured graph. `pipe` is not changed.
 
 The same images: x_T is the pipeline's own (its randn_tensor times init_noise_sigma; the
 Euler schedulers' latents x sqrt(1 + σ²) are brought into the sampler's frame and back:
-pipeline_core.frame_scales), and the step noise is drawn as the scheduler's step draws it:
+core.frame_scales), and the step noise is drawn as the scheduler's step draws it:
 one torch.randn of the latents' shape per step that draws (DDIM for η > 0, Euler a, LCM but
 at its last step) from the same generator (or, for a list, one per sample from each), in
 the UNet's dtype. Where diffusers draws at a step that adds no noise (the last one), the
@@ -46,9 +46,8 @@ from __future__ import annotations
 
 import sys
 
-from ..sampling import FastSampler
-from ..sampling.noise import NoiseStream
-from .pipeline_core import SUPPORTED_SCHEDULERS, FastPipeline, WeightsWatch, check_scheduler
+from .core import SUPPORTED_SCHEDULERS, WeightsWatch, check_scheduler
+from .ddim import FastDDIMPipeline
 from .stable_diffusion import FastStableDiffusionImg2ImgPipeline, FastStableDiffusionPipeline
 from .stable_diffusion_xl import FastStableDiffusionXLPipeline
 
@@ -83,37 +82,6 @@ def accelerate(pipe, *, check_weights: bool = True, **options):
         raise TypeError(f"accelerate takes the sampling algorithm from the pipeline and each call, not as options: {', '.join(algorithm)}")
     check_scheduler(pipe.scheduler, _PIPELINES[kind].schedulers)
     return _PIPELINES[kind](pipe, options, check_weights)
-
-
-class FastDDIMPipeline(FastPipeline):
-    """accelerate(DDIMPipeline): its call, with FastSampler's loop."""
-
-    covered = ("batch_size", "generator", "eta", "num_inference_steps", "use_clipped_model_output", "output_type", "return_dict")
-    schedulers = ("DDIMScheduler",)  # its own call steps with DDIMScheduler's arguments
-
-    def _generate(self, sampler: FastSampler, values: dict):
-        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-        from diffusers.utils.torch_utils import randn_tensor
-
-        pipe = self.pipe
-        batch_size, generator = values["batch_size"], values["generator"]
-        size = pipe.unet.config.sample_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        shape = (batch_size, pipe.unet.config.in_channels, height, width)
-        if isinstance(generator, list):  # before randn_tensor, which would index past the list
-            NoiseStream(generator).check_batch(batch_size)
-        x_T = randn_tensor(shape, generator=generator, device=pipe._execution_device, dtype=pipe.unet.dtype)
-        image = self._sample(sampler, x_T, generator).to(pipe.unet.dtype)
-        image = (image / 2 + 0.5).clamp(0, 1)
-        output_type = values["output_type"]
-        if output_type != "pt":
-            image = image.cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                image = pipe.numpy_to_pil(image)
-        pipe.maybe_free_model_hooks()
-        if not values["return_dict"]:
-            return (image,)
-        return ImagePipelineOutput(images=image)
 
 
 _PIPELINES = {

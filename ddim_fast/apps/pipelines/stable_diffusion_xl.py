@@ -14,8 +14,8 @@ from typing import Optional
 
 import torch
 
-from ..sampling import FastSampler
-from .pipeline_core import FastPipeline
+from ...sampling import FastSampler
+from .core import FastPipeline
 
 
 class FastStableDiffusionXLPipeline(FastPipeline):

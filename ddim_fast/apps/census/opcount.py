@@ -1,6 +1,6 @@
 """What one sampling step dispatches: aten (and ddim_fast) ops per step, counted on any device.
 
-    from ddim_fast.apps.opcount import ops_per_step
+    from ddim_fast.apps.census.opcount import ops_per_step
     per_step, not_channels_last = ops_per_step(lambda S: FastSampler(model, schedule, steps=S), x_T)
 
 A TorchDispatchMode sees every op that reaches a kernel (views excepted: they launch
@@ -16,10 +16,10 @@ are not counted even when they copy.
 The census (OpCensus, census_per_step) counts the same ops, and those copies, and per op
 the bytes each call reads and writes and its FLOPs, on real tensors or on fake ones
 (FakeTensorMode: a model built under the mode has shapes and no data, so a full-size UNet
-is counted in seconds, nothing computed or allocated); apps/roofline.py turns it into a
+is counted in seconds, nothing computed or allocated); apps/census/roofline.py turns it into a
 modelled step time on a GPU.
 
-    python -m ddim_fast.apps.opcount --model sd15 --gpu h200 --dtype bf16 --batch 1 --guided
+    python -m ddim_fast.apps.census.opcount --model sd15 --gpu h200 --dtype bf16 --batch 1 --guided
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count, shape_wrapper
 
-from ..core.options import DTYPES
+from ...core.options import DTYPES
 
 COPIES = frozenset({"aten::_to_copy", "aten::copy_", "aten::clone", "aten::contiguous"})
 
@@ -274,7 +274,7 @@ def census_per_step(sampler_for_steps: Callable[[int], object], x_T: torch.Tenso
     over two sample() calls of steps[0] and steps[1] steps as ops_per_step does: `count` is
     its count, and the census has the copies it misses besides (see OpCensus); calls:
     [(calls per step, bytes read, bytes written, flops)] per call signature, for the roofline
-    model (apps/roofline.py). A per-sample op whose size grows with S (a table of S rows)
+    model (apps/census/roofline.py). A per-sample op whose size grows with S (a table of S rows)
     leaves its difference: a count of 0 with bytes, the table's cost per step.
 
     A fake x_T (torch._subclasses.fake_tensor.FakeTensor) runs everything under its
@@ -300,7 +300,7 @@ def census_per_step(sampler_for_steps: Callable[[int], object], x_T: torch.Tenso
     return per_step
 
 
-# --- the command: python -m ddim_fast.apps.opcount ---------------------------------------------
+# --- the command: python -m ddim_fast.apps.census.opcount ---------------------------------------------
 
 
 def census_totals(census: dict) -> dict:
@@ -309,11 +309,11 @@ def census_totals(census: dict) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .census_models import MODELS
+    from .models import MODELS
     from .roofline import GPUS, LAUNCH_US, NUMBERS
 
     parser = argparse.ArgumentParser(
-        prog="python -m ddim_fast.apps.opcount",
+        prog="python -m ddim_fast.apps.census.opcount",
         description="Ops, bytes and FLOPs of one sampling step of a full-size model, counted on fake tensors "
         "(nothing computed or allocated), and a roofline MODEL of the step's time on a GPU.",
     )
@@ -336,9 +336,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ..sampling.fast import FastSampler
-    from ..sampling.reference import ReferenceSampler
-    from .census_models import fake_case
+    from ...sampling.fast import FastSampler
+    from ...sampling.reference import ReferenceSampler
+    from .models import fake_case
     from .roofline import format_roofline, roofline
 
     args = _parser().parse_args(argv)

@@ -13,7 +13,7 @@ done, and the merge, so that a run can be killed and rerun and never mixes or lo
     D/samples.npz                  the merge in index order (key arr_0, as FID tools read it)
 
 Every file is written under a temporary name (`<name>.tmp-<pid>`, which no *.png or *.npz
-glob matches), fsynced and renamed into place (apps/files.py), so neither a kill nor a power
+glob matches), fsynced and renamed into place (apps/runs/files.py), so neither a kill nor a power
 loss leaves half a file under a final name; leftover temporary files are removed when a run
 opens the folder. A run whose manifest differs from the folder's is refused, naming the differences
 (overwrite=True first removes what earlier runs wrote: shards, PNGs, samples.npz, the

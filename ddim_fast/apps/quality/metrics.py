@@ -2,7 +2,7 @@
 
 - FID (Heusel et al., 2017) here is the Fréchet distance between Gaussians fitted to the
   penultimate features (64-d) of a small CNN trained on the same 16x16 digits
-  (apps/pretrained/digits_classifier.pt, apps/classifier.py), for real and generated images. It plays
+  (apps/pretrained/digits_classifier.pt, apps/quality/classifier.py), for real and generated images. It plays
   the role of Inception's pool features on CIFAR-10; its values are on another scale
   than published FIDs and are comparable only with each other at the same sample count.
   FID is biased upwards and noisy at small N: with these features, N = 100 real images
@@ -25,9 +25,9 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..data import load_digits
+from ..pretrained import load_classifier
 from .classifier import DigitClassifier
-from .data import load_digits
-from .pretrained import load_classifier
 
 
 # --- the Fréchet distance -----------------------------------------------------------------

@@ -5,7 +5,7 @@
 The K samples are cut into batches of --batch-size in index order; batch b goes to rank
 b % N. Every sample index has its own seed (derived from --seed and the index), and each
 batch's step noise its own seed (from --seed and b), so the same K images come out
-whatever N. Rank 0 opens the run's folder (apps/run_folder.py: the lock, the manifest of
+whatever N. Rank 0 opens the run's folder (apps/runs/run_folder.py: the lock, the manifest of
 what was asked, the clean-up) and tells the other ranks whether it may go on. Each
 finished batch is written as one PNG per sample (named by global index) and then its
 shard D/shards/<start>-<count>.npz, both renamed into place after an fsync; a rerun of
@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..core.checks import describe_error
+from ...core.checks import describe_error
 from .run_folder import DamagedShard, RunFolder, batches
 
 

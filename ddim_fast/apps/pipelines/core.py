@@ -1,4 +1,4 @@
-"""What the fast pipelines (apps/pipelines.py, apps/stable_diffusion.py) share: the call's
+"""What the fast pipelines (ddim, stable_diffusion, stable_diffusion_xl) share: the call's
 arguments bound as the pipeline binds them, the fallback to the pipeline's own call, the
 samplers per (schedule, grid, η) sharing one prepared UNet, and the watch on its weights."""
 
@@ -12,10 +12,10 @@ from typing import Optional
 
 import torch
 
-from ..core.diffusers_config import SUPPORTED_SCHEDULERS
-from ..core.schedule import Schedule
-from ..sampling import FastSampler
-from ..sampling.noise import NoiseStream
+from ...core.diffusers_config import SUPPORTED_SCHEDULERS
+from ...core.schedule import Schedule
+from ...sampling import FastSampler
+from ...sampling.noise import NoiseStream
 
 SAMPLER_CACHE_SIZE = 8
 SWITCH_LINE = "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)"
@@ -182,6 +182,12 @@ class FastPipeline:
         self._template = FastSampler(self.pipe.unet, Schedule.linear(), steps=1, **self.options)
         self._samplers.clear()
 
+    @property
+    def sampler(self) -> FastSampler:
+        """The template sampler: every call's sampler shares its prepared UNet (lean_note,
+        fused_sites, prepared_model(device), refresh_weights())."""
+        return self._template
+
     def _weights_changed(self) -> None:
         """pipe.unet's weights changed (a LoRA switch, fuse_lora, a training step): the prepared
         model takes the new ones in place where it can (samplers, compiled code and captured
@@ -277,7 +283,7 @@ class FastPipeline:
         if run is not None and run < steps:  # the grid's lowest `run` points, as an explicit grid
             grid = schedule.timesteps(steps, algorithm["skip"], steps_offset=algorithm.pop("steps_offset", 0))
             algorithm.update(skip=grid[:run], steps=run)
-        return self._template._sibling(schedule, **algorithm)
+        return self._template.sibling(schedule, **algorithm)
 
     def _sample(self, sampler: FastSampler, latents: torch.Tensor, generator, **conditioning) -> torch.Tensor:
         """The denoising loop from the pipeline's latents (in its scheduler's frame, and back),

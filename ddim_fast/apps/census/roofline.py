@@ -1,7 +1,7 @@
 """A roofline MODEL of one sampling step on a named GPU, from a census of its ops
 (apps/opcount.census_per_step): an estimate to tell which op to fuse next, not a measurement.
 
-    from ddim_fast.apps.roofline import roofline, format_roofline
+    from ddim_fast.apps.census.roofline import roofline, format_roofline
     estimate = roofline(census, gpu="H200", dtype="bf16")
     print(format_roofline(estimate, top=15))
 
@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from ..core.options import check_dtype
+from ...core.options import check_dtype
 
 # Each kernel's fixed cost inside a CUDA graph: on Hopper about 1-2 us per kernel (the
 # graph's launch plus the drain and fill of the GPU between two dependent kernels); an

@@ -1,0 +1,1 @@
+"""Long sampling runs: sharded across processes, restartable, never mixing or losing samples."""
