@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <optional>
+#include <type_traits>
 
 namespace ddim_fast {
 
@@ -80,6 +81,17 @@ struct StepCoefs {
   float lo, hi;  // clamp range of x0
   float c_x0_prev = 0.f;  // weight of the previous step's x0 (a multistep solver's history)
 };
+
+// f(std::integral_constant<int64_t, P>{}) with the parameterisation P as a compile-time
+// constant, so that a vector loop holds one parameterisation's arithmetic and no branch on it.
+template <typename F>
+inline void dispatch_prediction(int64_t prediction, F&& f) {
+  switch (prediction) {
+    case kEps: f(std::integral_constant<int64_t, kEps>{}); break;
+    case kX0: f(std::integral_constant<int64_t, kX0>{}); break;
+    default: f(std::integral_constant<int64_t, kV>{}); break;
+  }
+}
 
 // x0 and eps from the model output `m` at x, for each parameterisation. Works for a
 // scalar float and for a vector type V with the usual arithmetic.
