@@ -29,6 +29,19 @@ def sampling_call(sampler, x_T: torch.Tensor, **sample_kwargs):
 _FLOPS = {}
 
 
+def timed(benchmark, run, steps: int, *, full_matrix: bool, long: bool = False):
+    """benchmark's result of run() for a whole S-step sampling call: pytest-benchmark's own
+    rounds for short calls; for S >= 100 (a call of 0.3-4 s on 2 CPU cores) 3 rounds without
+    its calibration call; for S >= 1000 or a `long` row 2 rounds, 1 in the default CPU run
+    (--ddim-full: 2), which is meant to finish within 8 minutes there."""
+    if steps >= 1000 or long:
+        rounds = 2 if full_matrix or torch.cuda.is_available() else 1
+        return benchmark.pedantic(run, rounds=rounds, iterations=1)
+    if steps >= 100:
+        return benchmark.pedantic(run, rounds=3, iterations=1)
+    return benchmark(run)
+
+
 def flops_per_step(model, x_T: torch.Tensor, **sample_kwargs) -> float:
     """The FLOPs of one step of the reference loop on x_T (its model call, on the doubled
     batch when guided, and its update), as torch.utils.flop_counter counts them

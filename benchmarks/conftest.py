@@ -6,10 +6,14 @@
 
 Defaults fit the machine: on a CPU the embedded digits UNet at batch 1 and 16; on a GPU
 the CIFAR-10 UNet at batch 1 and 64. The default run times the reference and ours at every
-S and, of the torch.compile rows, the S-sweep's likeliest best peer (DEFAULT_PEER); it
-finishes within 10 minutes on the 2-core CPU VM. --ddim-full adds every other compiled row
+S and, of the torch.compile rows, the S-sweep's likeliest best peer (DEFAULT_PEER); on a CPU
+S = 1000 at the smallest batch only, test_step's bf16 rows only with AVX-512, and rows of
+seconds 3 rounds (_full_matrix_only, DEFAULT_MIN_ROUNDS). It is meant to finish within 8
+minutes on the 2-core CPU VM (tests/test_benchmark_matrix.py records its row count), and
+prints the time each file took at the end. --ddim-full adds every other row
 (FastSampler(compile=True), the lean and accelerate compile rows, the other peer modes, the
-per-step, guided and pipeline peers): the full matrix, half an hour or more there.
+per-step, guided and pipeline peers, S = 1000 at every batch, bf16 steps on any CPU): the
+full matrix, half an hour or more there.
 """
 
 import ctypes
@@ -53,31 +57,72 @@ def pytest_addoption(parser):
 DEFAULT_PEER = {"cuda": "peer-reduce-overhead", "cpu": "peer-default"}
 
 
-def _full_matrix_only(item, default_peer: str) -> bool:
-    """A torch.compile row of a suite here, other than test_sampling's default peer."""
+# The default run on a CPU: every S at the smallest batch, S < 1000 at the larger ones (an
+# S = 1000 row at batch 16 is two calls of 10-40 s each on 2 cores); bf16 rows only where
+# the CPU computes bf16 at speed (AVX-512: on an AVX2 machine oneDNN's bf16 convolutions
+# ran 16x fp32, 8 of the 23 minutes of the default run). Rows with a call of seconds are
+# timed 3 rounds instead of pytest-benchmark's 5 (median of 3) unless --benchmark-min-rounds
+# is given. --ddim-full keeps them all, with the CLI's rounds.
+FULL_MATRIX_S = 1000
+SLOW_ROW_FILES = ("test_sampling.py", "test_guided.py", "test_step.py")
+DEFAULT_MIN_ROUNDS = 3
+
+
+def _fast_cpu_bf16() -> bool:
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _full_matrix_only(item, default_peer: str, smallest_batch: dict) -> str | None:
+    """Why the default run leaves this row to --ddim-full, or None when it runs it."""
     if os.path.dirname(str(item.path)) != HERE:
-        return False
-    impl = getattr(getattr(item, "callspec", None), "params", {}).get("impl")
-    if not isinstance(impl, str) or not ("compile" in impl or impl.startswith("peer-")):
-        return False
-    return not (item.path.name == "test_sampling.py" and impl == default_peer)
+        return None
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    impl = params.get("impl")
+    if isinstance(impl, str) and ("compile" in impl or impl.startswith("peer-")):
+        if not (item.path.name == "test_sampling.py" and impl == default_peer):
+            return "a torch.compile row other than test_sampling's default peer"
+    if torch.cuda.is_available():
+        return None
+    if params.get("steps") == FULL_MATRIX_S and params.get("batch", 0) > smallest_batch.get(item.path.name, 0):
+        return f"S = {FULL_MATRIX_S} above the smallest batch"
+    if params.get("dtype") in ("bf16", torch.bfloat16) and item.path.name == "test_step.py" and not _fast_cpu_bf16():
+        return "bf16 on a CPU without AVX-512"
+    return None
+
+
+def _smallest_batches(items) -> dict:
+    """{file name: the smallest batch of its rows}."""
+    smallest = {}
+    for item in items:
+        batch = getattr(getattr(item, "callspec", None), "params", {}).get("batch")
+        if isinstance(batch, int):
+            smallest[item.path.name] = min(batch, smallest.get(item.path.name, batch))
+    return smallest
 
 
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--ddim-full"):
         return
     default_peer = DEFAULT_PEER["cuda" if torch.cuda.is_available() else "cpu"]
-    left_out = [item for item in items if _full_matrix_only(item, default_peer)]
+    smallest_batch = _smallest_batches(items)
+    left_out = [item for item in items if _full_matrix_only(item, default_peer, smallest_batch)]
     if left_out:
         config.hook.pytest_deselected(items=left_out)
         dropped = set(map(id, left_out))
         items[:] = [item for item in items if id(item) not in dropped]
+    if config.getoption("benchmark_min_rounds", default=None) == 5:  # pytest-benchmark's default: not asked for
+        for item in items:
+            if item.path.name in SLOW_ROW_FILES and os.path.dirname(str(item.path)) == HERE:
+                item.add_marker(pytest.mark.benchmark(min_rounds=DEFAULT_MIN_ROUNDS))
 
 
 def pytest_report_header(config):
     if config.getoption("--ddim-full", default=False):
         return "ddim-fast benchmarks: the full matrix (--ddim-full)"
-    return "ddim-fast benchmarks: the default matrix; of the torch.compile rows only test_sampling's default peer (--ddim-full: all of them)"
+    return (
+        "ddim-fast benchmarks: the default matrix (of the torch.compile rows only test_sampling's default peer; on a CPU "
+        f"S = {FULL_MATRIX_S} at the smallest batch, bf16 step rows with AVX-512 only; --ddim-full: all of them)"
+    )
 
 
 def _ints(text):
@@ -93,6 +138,7 @@ def bench_config(request):
         "model": opt("--ddim-model") or ("cifar10" if cuda else "digits"),
         "batches": _ints(opt("--ddim-batch") or ("1,64" if cuda else "1,16")),
         "steps": _ints(opt("--ddim-steps")),
+        "full_matrix": bool(opt("--ddim-full")),
     }
 
 
@@ -164,6 +210,48 @@ class CompileBudget:
 @pytest.fixture(scope="session")
 def compile_budget(request):
     return request.config._ddim_compile_budget
+
+
+class FileTimes:
+    """Wall time per benchmark file (set-up, call and tear-down of each row, compiles and
+    warm-ups included), printed at the end of a timed run so that a user sees where it went."""
+
+    def __init__(self):
+        self.seconds = {}
+        self.rows = {}
+
+    def add(self, report) -> None:
+        path = report.nodeid.split("::", 1)[0]
+        if not path.startswith("benchmarks/"):
+            return
+        self.seconds[path] = self.seconds.get(path, 0.0) + report.duration
+        if report.when == "call":
+            self.rows[path] = self.rows.get(path, 0) + 1
+
+    def lines(self) -> list:
+        out = [f"{_minutes(s):>9}  {self.rows.get(p, 0):4d} rows  {p}" for p, s in sorted(self.seconds.items(), key=lambda kv: -kv[1])]
+        out.append(f"{_minutes(sum(self.seconds.values())):>9}  {sum(self.rows.values()):4d} rows  in all")
+        return out
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:4.1f} s" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def pytest_runtest_logreport(report):
+    _FILE_TIMES.add(report)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if config.getoption("benchmark_disable", default=False) or not _FILE_TIMES.seconds:
+        return
+    terminalreporter.section("ddim-fast benchmarks: time per file")
+    for line in _FILE_TIMES.lines():
+        terminalreporter.write_line(line)
+
+
+_FILE_TIMES = FileTimes()
 
 
 def pytest_configure(config):

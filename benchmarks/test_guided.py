@@ -23,7 +23,7 @@ from ddim_fast import FastSampler, ReferenceSampler, Schedule, UNet
 
 from ddim_fast.apps.quality.train import DIGITS_COND_MODEL_CONFIG
 
-from ._models import in_dtype, record_flops_per_step, sampling_call
+from ._models import in_dtype, record_flops_per_step, sampling_call, timed
 
 SCHEDULE = Schedule.linear()
 GUIDANCE = 7.5
@@ -112,8 +112,5 @@ def test_guided_sample(benchmark, bench_config, compile_budget, impl, dtype, mod
         warm_up = run if (impl == "fast" and device == "cuda") else (lambda: make(2).sample(x_T, **kw))
         compile_budget.first_call(benchmark, warm_up, compiled)
     record_flops_per_step(benchmark, (model, batch, "guided"), net, x_T, **_conditioning(model, batch, device, torch.float32)[0])
-    if steps >= 1000 or model == "sd15":
-        out = benchmark.pedantic(run, rounds=2, iterations=1)
-    else:
-        out = benchmark(run)
+    out = timed(benchmark, run, steps, full_matrix=bench_config["full_matrix"], long=model == "sd15")
     assert out.shape == x_T.shape and torch.isfinite(out).all()

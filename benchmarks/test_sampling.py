@@ -17,7 +17,8 @@ of them only the likeliest best peer ("default" on a CPU, "reduce-overhead" on a
 (the compile, or oneDNN's set-up).
 
 Groups pair the implementations for one (model, S, batch), so the table shows them side
-by side. Every timed call ends with a device synchronisation. S = 1000 runs two rounds.
+by side. Every timed call ends with a device synchronisation. Rounds: _models.timed (S = 1000: two,
+one in the default CPU run).
 """
 
 import functools
@@ -26,7 +27,7 @@ import torch
 
 from ddim_fast import FastSampler, ReferenceSampler, Schedule
 
-from ._models import get_model, in_dtype, record_flops_per_step, sample_shape, sampling_call
+from ._models import get_model, in_dtype, record_flops_per_step, sample_shape, sampling_call, timed
 
 SCHEDULE = Schedule.linear()
 
@@ -87,8 +88,5 @@ def test_sample(benchmark, bench_config, compile_budget, impl, dtype, model, bat
             warm_up = lambda: _sampler(impl, dtype, net, 2, bench_config).sample(x_T)  # noqa: E731
         compile_budget.first_call(benchmark, warm_up, compiled)
     record_flops_per_step(benchmark, (model, batch), net, x_T)
-    if steps >= 1000:
-        out = benchmark.pedantic(run, rounds=2, iterations=1)
-    else:
-        out = benchmark(run)
+    out = timed(benchmark, run, steps, full_matrix=bench_config["full_matrix"])
     assert out.shape == x_T.shape and torch.isfinite(out).all()
