@@ -55,6 +55,17 @@ def frame_scales(sampler: FastSampler) -> tuple:
 # --- what a call may hold -------------------------------------------------------------------
 
 
+def guided_call_refusal(pipe, values: dict) -> Optional[str]:
+    """Why a text-to-image call of pipe (SD, SDXL) is not covered by its guided fast loop, or
+    None: a UNet with a guidance embedding, or a guidance_rescale above 1."""
+    if pipe.unet.config.time_cond_proj_dim is not None:
+        return "a UNet with a guidance embedding (unet.config.time_cond_proj_dim) is not covered"
+    rescale = values.get("guidance_rescale", 0.0)
+    if values["guidance_scale"] > 1 and isinstance(rescale, numbers.Real) and rescale > 1:
+        return f"guidance_rescale={rescale!r} above 1 is not covered"
+    return None
+
+
 def _bound_arguments(pipe, args, kwargs) -> tuple:
     """(every argument of pipe.__call__ with its value, the names given a value other than the
     default, the extra **kwargs)."""

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ...sampling import FastSampler
-from .core import FastPipeline
+from .core import FastPipeline, guided_call_refusal
 
 
 class FastStableDiffusionPipeline(FastPipeline):
@@ -29,12 +29,7 @@ class FastStableDiffusionPipeline(FastPipeline):
     )  # fmt: skip
 
     def _uncovered(self, values: dict, given: set, extra: dict) -> Optional[str]:
-        if self.pipe.unet.config.time_cond_proj_dim is not None:
-            return "a UNet with a guidance embedding (unet.config.time_cond_proj_dim) is not covered"
-        rescale = values.get("guidance_rescale", 0.0)
-        if values["guidance_scale"] > 1 and isinstance(rescale, numbers.Real) and rescale > 1:
-            return f"guidance_rescale={rescale!r} above 1 is not covered"
-        return super()._uncovered(values, given, extra)
+        return guided_call_refusal(self.pipe, values) or super()._uncovered(values, given, extra)
 
     def _generate(self, sampler: FastSampler, values: dict):
         pipe = self.pipe
