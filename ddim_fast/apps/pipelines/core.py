@@ -66,6 +66,17 @@ def guided_call_refusal(pipe, values: dict) -> Optional[str]:
     return None
 
 
+def prompt_batch_size(values: dict) -> int:
+    """The prompts' batch as the SD pipelines count it: one for a string, the list's length,
+    else the prompt embeddings' first dimension."""
+    prompt = values["prompt"]
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, list):
+        return len(prompt)
+    return values["prompt_embeds"].shape[0]
+
+
 def _bound_arguments(pipe, args, kwargs) -> tuple:
     """(every argument of pipe.__call__ with its value, the names given a value other than the
     default, the extra **kwargs)."""

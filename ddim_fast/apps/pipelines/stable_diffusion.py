@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ...sampling import FastSampler
-from .core import FastPipeline, guided_call_refusal
+from .core import FastPipeline, guided_call_refusal, prompt_batch_size
 
 
 class FastStableDiffusionPipeline(FastPipeline):
@@ -53,12 +53,7 @@ class FastStableDiffusionPipeline(FastPipeline):
         the prompts or their embeddings (the pipeline's encode_prompt)."""
         pipe = self.pipe
         prompt = values["prompt"]
-        if isinstance(prompt, str):
-            batch_size = 1
-        elif isinstance(prompt, list):
-            batch_size = len(prompt)
-        else:
-            batch_size = values["prompt_embeds"].shape[0]
+        batch_size = prompt_batch_size(values)
         guidance_scale = values["guidance_scale"]
         guided = guidance_scale > 1  # diffusers' do_classifier_free_guidance (no guidance embedding here)
         per_prompt = values["num_images_per_prompt"]

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ...sampling import FastSampler
-from .core import FastPipeline, guided_call_refusal
+from .core import FastPipeline, guided_call_refusal, prompt_batch_size
 
 
 class FastStableDiffusionXLPipeline(FastPipeline):
@@ -54,12 +54,7 @@ class FastStableDiffusionXLPipeline(FastPipeline):
             ["latents"],
         )
         prompt = values["prompt"]
-        if isinstance(prompt, str):
-            batch_size = 1
-        elif isinstance(prompt, list):
-            batch_size = len(prompt)
-        else:
-            batch_size = values["prompt_embeds"].shape[0]
+        batch_size = prompt_batch_size(values)
         device = pipe._execution_device
         guided = values["guidance_scale"] > 1  # diffusers' do_classifier_free_guidance (no guidance embedding here)
         per_prompt = values["num_images_per_prompt"]
