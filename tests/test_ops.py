@@ -424,6 +424,27 @@ def test_cpu_low_precision_is_the_fp32_result_rounded(dtype, shape):
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_silu_over_the_whole_range_of_silu(backend, device, channels_last):
+    """SiLU's input (the normalised value times weight plus bias) from -120 to 120, past
+    where e^-v under- or overflows fp32 (|v| > 87): the CPU kernel's polynomial 2^t and its
+    clamp of t, and each backend's SiLU, against float64 to 1e-5 relative."""
+    g = torch.Generator().manual_seed(7)
+    N, C, H, W, G = 2, 24, 7, 9, 4
+    x = torch.randn(N, C, H, W, generator=g)
+    w = torch.linspace(-40.0, 40.0, C)  # |x̂| up to ~3: |w * x̂| up to ~120
+    b = torch.linspace(-30.0, 30.0, C).flip(0)
+    x = x.to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = ops.group_norm_silu(x, G, w.to(device), b.to(device), 1e-6, backend=backend)
+    ref = _ref_gn_silu(x, G, w.to(device), b.to(device), 1e-6, None)
+    pre = _ref_gn_silu(x, G, w.to(device), b.to(device), 1e-6, None, silu=False)
+    assert pre.min() < -90 and pre.max() > 90, "the inputs do not reach SiLU's tails"
+    _close(y, ref, torch.float32, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("add", [False, True])
 def test_group_norm_silu_mean_much_larger_than_spread(backend, device, channels_last, add):
     """Mean 1e3, spread 1 (and with add_bias: per-channel offsets of 1e3 that the norm

@@ -26,7 +26,28 @@ namespace {
 
 constexpr int64_t kChunk = 1024;  // fp32 partial sums are flushed to double this often
 
-inline Vec silu_v(Vec v) { return v / (Vec(1.f) + v.neg().exp_u20()); }  // exp_u20: ~20 ulp, several times faster than exp()
+// silu(v) = v / (1 + e^-v), e^-v = 2^t with t = -v log2(e) = n + r: n = round(t), so that
+// r = t - n in [-1/2, 1/2] is exact, 2^r a degree-5 polynomial (fitted to minimise the
+// relative error on that interval: 7.5e-8) and 2^n the float whose exponent bits are
+// n + 127, made as the integer (n + 127) * 2^23. t is clamped to [-126, 126], where 2^n is
+// a normal float: no masks. Above v = 87, 1 + 2^t is 1 as it should be; below v = -87 the
+// result is v / 2^126 in place of v e^v, an absolute error under |v| * 1.2e-38. Relative
+// error against float64 at most 1.2e-6 for |v| < 20 and 4e-6 beyond (exp_u20 with a
+// division: 3.3e-6), in a third fewer instructions; SiLU is most of this kernel's time.
+inline Vec silu_v(Vec v) {
+  const Vec t = at::vec::clamp(v * Vec(-1.4426950408889634f), Vec(-126.f), Vec(126.f));
+  const Vec n = t.round();
+  const Vec r = t - n;
+  Vec two_r = at::vec::fmadd(Vec(1.3276471520144231e-3f), r, Vec(9.675541330699089e-3f));
+  two_r = at::vec::fmadd(two_r, r, Vec(5.550713274959705e-2f));
+  two_r = at::vec::fmadd(two_r, r, Vec(2.40221197239335e-1f));
+  two_r = at::vec::fmadd(two_r, r, Vec(6.931469670638662e-1f));
+  two_r = at::vec::fmadd(two_r, r, Vec(1.f));
+  constexpr float kMantissa = 8388608.f;  // 2^23: one unit of the exponent field
+  const Vec exponent_bits = at::vec::fmadd(n, Vec(kMantissa), Vec(127.f * kMantissa));  // exact integers
+  const Vec two_n = at::vec::cast<float>(at::vec::convert_to_int_of_same_size(exponent_bits));
+  return v / at::vec::fmadd(two_r, two_n, Vec(1.f));
+}
 inline float silu_f(float v) { return v / (1.f + std::exp(-v)); }
 
 template <bool SILU>
