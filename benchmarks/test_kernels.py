@@ -70,6 +70,29 @@ def test_ddim_step(benchmark, shape, impl):
     _timed(benchmark, fn, 2 * n if impl == "copy" else 4 * n, f"ddim_step-{'x'.join(map(str, shape))}", impl)
 
 
+def _eager_x0(x, e):
+    """The official x̂₀ prediction and clamp (clip_denoised): three ops and a clamp."""
+    at = torch.tensor(A_T)
+    return ((x - e * (1 - at).sqrt()) / at.sqrt()).clamp(-1.0, 1.0)
+
+
+@pytest.mark.parametrize("shape", STEP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", ["eager", "fused", "copy"])
+def test_predict_x0(benchmark, shape, impl):
+    """x̂₀ plus clamp reads x and eps and writes x̂₀ (3 passes)."""
+    g = torch.Generator().manual_seed(0)
+    x, e = (torch.randn(shape, generator=g).to(DEVICE) for _ in range(2))
+    out = torch.empty_like(x)
+    n = x.numel() * 4
+    if impl == "eager":
+        fn = lambda: _eager_x0(x, e)  # noqa: E731
+    elif impl == "fused":
+        fn = lambda: ops.predict_x0(x, e, A_T, clip=1.0, out=out)  # noqa: E731
+    else:
+        fn = lambda: out.copy_(x)  # noqa: E731
+    _timed(benchmark, fn, 2 * n if impl == "copy" else 3 * n, f"predict_x0-{'x'.join(map(str, shape))}", impl)
+
+
 @pytest.mark.parametrize("shape", GN_SHAPES, ids=lambda s: f"b{s[0]}-c{s[1]}-{s[2]}x{s[2]}")
 @pytest.mark.parametrize("dtype, layout", GN_CASES, ids=[f"{str(d).split('.')[-1]}-{lay}" for d, lay in GN_CASES])
 @pytest.mark.parametrize("impl", GN_IMPLS)
