@@ -29,17 +29,31 @@ def sampling_call(sampler, x_T: torch.Tensor, **sample_kwargs):
 _FLOPS = {}
 
 
-def timed(benchmark, run, steps: int, *, full_matrix: bool, long: bool = False):
-    """benchmark's result of run() for a whole S-step sampling call: pytest-benchmark's own
-    rounds for short calls; for S >= 100 (a call of 0.3-4 s on 2 CPU cores) 3 rounds without
-    its calibration call; for S >= 1000 or a `long` row 2 rounds, 1 in the default CPU run
-    (--ddim-full: 2), which is meant to finish within 8 minutes there."""
+# A call at least this long gets pytest-benchmark's minimum of 3 rounds in the slow files
+# (its 1 s max_time holds no more), after a calibration call that is not one of them.
+THREE_ROUNDS_S = 1.0 / 3.0
+
+
+def timed(benchmark, run, steps: int, *, full_matrix: bool, long: bool = False, call_s: float | None = None):
+    """benchmark's result of run() for a whole S-step call: pytest-benchmark's own rounds for
+    short calls; 3 rounds without its calibration call for S >= 100 (a call of 0.3-4 s on 2
+    CPU cores) or a call estimated (call_s, from a warm-up) at THREE_ROUNDS_S or more, the
+    rounds pytest-benchmark would run there, less a whole extra call; for S >= 1000 or a
+    `long` row 2 rounds, 1 in the default CPU run (--ddim-full: 2), which is meant to finish
+    within 8 minutes there."""
     if steps >= 1000 or long:
         rounds = 2 if full_matrix or torch.cuda.is_available() else 1
         return benchmark.pedantic(run, rounds=rounds, iterations=1)
-    if steps >= 100:
+    if steps >= 100 or (call_s is not None and call_s >= THREE_ROUNDS_S):
         return benchmark.pedantic(run, rounds=3, iterations=1)
     return benchmark(run)
+
+
+def warm_up_estimate(benchmark, warm_up_steps: int, steps: int) -> float | None:
+    """One S-step call's seconds from the warm-up of warm_up_steps that first_call timed (an
+    overestimate: the warm-up also prepares), or None without one."""
+    warm_up_s = benchmark.extra_info.get("first_call_s")
+    return None if warm_up_s is None else warm_up_s * steps / warm_up_steps
 
 
 def flops_per_step(model, x_T: torch.Tensor, **sample_kwargs) -> float:
