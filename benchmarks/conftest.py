@@ -58,7 +58,8 @@ DEFAULT_PEER = {"cuda": "peer-reduce-overhead", "cpu": "peer-default"}
 
 
 # The default run on a CPU: every S at the smallest batch, S < 1000 at the larger ones (an
-# S = 1000 row at batch 16 is two calls of 10-40 s each on 2 cores); bf16 rows only where
+# S = 1000 row at batch 16 is two calls of 10-40 s each on 2 cores); the peer at the
+# smallest batch only (each batch is a compile of about a minute there); bf16 rows only where
 # the CPU computes bf16 at speed (AVX-512: on an AVX2 machine oneDNN's bf16 convolutions
 # ran 16x fp32, 8 of the 23 minutes of the default run). Rows with a call of seconds are
 # timed 3 rounds instead of pytest-benchmark's 5 (median of 3) unless --benchmark-min-rounds
@@ -83,8 +84,11 @@ def _full_matrix_only(item, default_peer: str, smallest_batch: dict) -> str | No
             return "a torch.compile row other than test_sampling's default peer"
     if torch.cuda.is_available():
         return None
-    if params.get("steps") == FULL_MATRIX_S and params.get("batch", 0) > smallest_batch.get(item.path.name, 0):
+    above_smallest_batch = params.get("batch", 0) > smallest_batch.get(item.path.name, 0)
+    if params.get("steps") == FULL_MATRIX_S and above_smallest_batch:
         return f"S = {FULL_MATRIX_S} above the smallest batch"
+    if impl == default_peer and above_smallest_batch:
+        return "the peer above the smallest batch (a compile of a minute on a CPU)"
     if params.get("dtype") in ("bf16", torch.bfloat16) and item.path.name == "test_step.py" and not _fast_cpu_bf16():
         return "bf16 on a CPU without AVX-512"
     return None
