@@ -7,12 +7,12 @@
 Defaults fit the machine: on a CPU the embedded digits UNet at batch 1 and 16; on a GPU
 the CIFAR-10 UNet at batch 1 and 64. The default run times the reference and ours at every
 S and, of the torch.compile rows, the S-sweep's likeliest best peer (DEFAULT_PEER); on a CPU
-S = 1000 at the smallest batch only, test_step's bf16 rows only with AVX-512, and rows of
+S = 1000 and the peer at the smallest batch only, test_step's bf16 rows only with AVX-512, and rows of
 seconds 3 rounds (_full_matrix_only, DEFAULT_MIN_ROUNDS). It is meant to finish within 8
 minutes on the 2-core CPU VM (tests/test_benchmark_matrix.py records its row count), and
 prints the time each file took at the end. --ddim-full adds every other row
 (FastSampler(compile=True), the lean and accelerate compile rows, the other peer modes, the
-per-step, guided and pipeline peers, S = 1000 at every batch, bf16 steps on any CPU): the
+per-step, guided and pipeline peers, S = 1000 and the peer at every batch, bf16 steps on any CPU): the
 full matrix, half an hour or more there.
 """
 

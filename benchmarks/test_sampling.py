@@ -12,8 +12,8 @@ Implementations (the benchmark name holds one of them):
              "max-autotune-no-cudagraphs" and (GPU) "reduce-overhead"
 
 fast-compile and the peers are timed only with --benchmark-only (a compile takes 10-90 s), and
-of them only the likeliest best peer ("default" on a CPU, "reduce-overhead" on a GPU) without
---ddim-full (benchmarks/conftest.py); extra_info["first_call_s"] is the warm-up's wall time
+of them only the likeliest best peer ("default" on a CPU, at the smallest batch there;
+"reduce-overhead" on a GPU) without --ddim-full (benchmarks/conftest.py); extra_info["first_call_s"] is the warm-up's wall time
 (the compile, or oneDNN's set-up).
 
 Groups pair the implementations for one (model, S, batch), so the table shows them side
