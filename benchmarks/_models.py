@@ -50,10 +50,15 @@ def timed(benchmark, run, steps: int, *, full_matrix: bool, long: bool = False, 
 
 
 def warm_up_estimate(benchmark, warm_up_steps: int, steps: int) -> float | None:
-    """One S-step call's seconds from the warm-up of warm_up_steps that first_call timed (an
-    overestimate: the warm-up also prepares), or None without one."""
+    """One S-step call's seconds from the warm-up of warm_up_steps that first_call timed, or
+    None without one or below 1 s: the warm-up also prepares, and that time scaled by
+    steps / warm_up_steps can make a call of 0.05 s look like one of 0.35 s (a 10-step row
+    right after the process started), which would then lose pytest-benchmark's rounds."""
     warm_up_s = benchmark.extra_info.get("first_call_s")
-    return None if warm_up_s is None else warm_up_s * steps / warm_up_steps
+    if warm_up_s is None:
+        return None
+    estimate = warm_up_s * steps / warm_up_steps
+    return estimate if estimate >= 3 * THREE_ROUNDS_S else None
 
 
 def flops_per_step(model, x_T: torch.Tensor, **sample_kwargs) -> float:

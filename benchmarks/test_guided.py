@@ -106,14 +106,14 @@ def test_guided_sample(benchmark, bench_config, compile_budget, impl, dtype, mod
     benchmark.extra_info.update(impl=impl, dtype=dtype, steps=steps, batch=batch, model=model, device=device, guidance=GUIDANCE)
 
     run = sampling_call(sampler, x_T, **kw)
+    call_s = None
     if not benchmark.disabled:
         # warm-up outside the clock: the graph capture (fast on a GPU) or a short run (oneDNN's
         # set-up, the compile) of the same model
         warm_up = run if (impl == "fast" and device == "cuda") else (lambda: make(2).sample(x_T, **kw))
         compile_budget.first_call(benchmark, warm_up, compiled)
+        if warm_up is not run and not compiled:  # a 2-step warm-up without a compile: the model's steps
+            call_s = warm_up_estimate(benchmark, 2, steps)
     record_flops_per_step(benchmark, (model, batch, "guided"), net, x_T, **_conditioning(model, batch, device, torch.float32)[0])
-    # a 2-step warm-up without a compile in it times the model's steps
-    two_step_warm_up = not compiled and not (impl == "fast" and device == "cuda")
-    call_s = warm_up_estimate(benchmark, 2, steps) if two_step_warm_up else None
     out = timed(benchmark, run, steps, full_matrix=bench_config["full_matrix"], long=model == "sd15", call_s=call_s)
     assert out.shape == x_T.shape and torch.isfinite(out).all()

@@ -13,12 +13,12 @@ Implementations (the benchmark name holds one of them):
 
 fast-compile and the peers are timed only with --benchmark-only (a compile takes 10-90 s), and
 of them only the likeliest best peer ("default" on a CPU, at the smallest batch there;
-"reduce-overhead" on a GPU) without --ddim-full (benchmarks/conftest.py); extra_info["first_call_s"] is the warm-up's wall time
-(the compile, or oneDNN's set-up).
+"reduce-overhead" on a GPU) without --ddim-full (benchmarks/conftest.py);
+extra_info["first_call_s"] is the warm-up's wall time (the compile, or oneDNN's set-up).
 
 Groups pair the implementations for one (model, S, batch), so the table shows them side
-by side. Every timed call ends with a device synchronisation. Rounds: _models.timed (S = 1000: two,
-one in the default CPU run).
+by side. Every timed call ends with a device synchronisation. Rounds: _models.timed (S = 1000:
+two, one in the default CPU run).
 """
 
 import functools
@@ -79,6 +79,7 @@ def test_sample(benchmark, bench_config, compile_budget, impl, dtype, model, bat
     benchmark.extra_info.update(impl=impl, dtype=dtype, steps=steps, batch=batch, model=model, device=device)
 
     run = sampling_call(sampler, x_T)
+    call_s = None
     if not benchmark.disabled:
         # warm-up outside the clock: the graph capture (fast on GPU) or a short run
         # (oneDNN primitives, torch.compile) of the same model
@@ -87,9 +88,8 @@ def test_sample(benchmark, bench_config, compile_budget, impl, dtype, model, bat
         else:
             warm_up = lambda: _sampler(impl, dtype, net, 2, bench_config).sample(x_T)  # noqa: E731
         compile_budget.first_call(benchmark, warm_up, compiled)
+        if warm_up is not run and not compiled:  # a 2-step warm-up without a compile: the model's steps
+            call_s = warm_up_estimate(benchmark, 2, steps)
     record_flops_per_step(benchmark, (model, batch), net, x_T)
-    # a 2-step warm-up without a compile in it times the model's steps
-    two_step_warm_up = not compiled and not (impl.startswith("fast") and device == "cuda")
-    call_s = warm_up_estimate(benchmark, 2, steps) if two_step_warm_up else None
     out = timed(benchmark, run, steps, full_matrix=bench_config["full_matrix"], call_s=call_s)
     assert out.shape == x_T.shape and torch.isfinite(out).all()
