@@ -6,7 +6,7 @@
 #   GPU_RUN_DRY=1 bash benchmarks/gpu_run.sh OUTDIR [stages]   # print the plan, run nothing
 #
 # stages (default "build tests kernels profile step sampling guided"; "compile",
-# "guided-compile", "pipelines", "sd15", "sd15-dpm", "lora" and "solvers" only when named). Each stage has its own time limit, and every limit is
+# "guided-compile", "pipelines", "sd15", "sd15-dpm", "lora", "lora-memory" and "solvers" only when named). Each stage has its own time limit, and every limit is
 # cut to what is left before the deadline (GPU_RUN_SECONDS, default 570: one 10-minute
 # device call with time to bring the files back), so that the call always returns with
 # results; a stage with no time left is recorded as skipped. The default stages' limits
@@ -48,6 +48,9 @@
 #             (only when named; 150 s)
 #   lora      benchmarks/lora_switch.py on the GPU: the first call after a LoRA switch against a
 #             steady call, the tiny SD pipeline in fp16, captured (no compile) -> OUTDIR/lora.json (only when named; 90 s)
+#   lora-memory  benchmarks/refresh_memory.py on the GPU: the memory a weight refresh of SD-1.5's lean
+#             UNet (fp16) holds beside it, after a change of values and after a LoRA added, by
+#             torch.cuda.max_memory_allocated too -> OUTDIR/lora-memory.json (only when named; 60 s)
 #   solvers   DDIM at S = 10, 20, 50 and DPM-Solver++(2M) at S = 10, 20, CIFAR-10 UNet, batch 1
 #             and 64 -> OUTDIR/solvers.json (only when named; 60 s)
 # Then benchmarks/report.py writes OUTDIR/report.md (and report.png with matplotlib).
@@ -179,6 +182,9 @@ if has sd15-dpm; then
 fi
 if has lora; then
   stage lora 90 "$py" benchmarks/lora_switch.py --device cuda --engines default --out "$out/lora.json"
+fi
+if has lora-memory; then
+  stage lora-memory 60 "$py" benchmarks/refresh_memory.py --unet sd15 --dtype fp16 --device cuda --out "$out/lora-memory.json"
 fi
 if has solvers; then
   stage solvers 60 "$py" -m pytest benchmarks/test_solvers.py --benchmark-only -q -p no:cacheprovider --benchmark-json="$out/solvers.json"

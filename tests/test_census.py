@@ -15,6 +15,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from ddim_fast import FastSampler, Schedule, UNet
 from ddim_fast.apps.census import opcount
+from ddim_fast.apps.census.memory import StoragePeak
 from ddim_fast.apps.census.models import SD15_UNET, cast_parameters, fake_case
 from ddim_fast.apps.census.opcount import OpCensus, census_per_step, ops_per_step
 from ddim_fast.apps.census.roofline import GPUS, format_roofline, gpu_numbers, roofline
@@ -355,3 +356,20 @@ def test_full_size_sd15_census_on_fake_tensors():
     assert estimate.rows[0].op == "aten::conv2d"
     assert 1.0 < estimate.ms < 10.0
 
+
+
+def test_storage_peak_counts_new_storages_while_they_live():
+    given = torch.zeros(100)
+    with StoragePeak() as counter:
+        first = torch.ones(1000)  # 4000 bytes
+        view = first[10:20].view(2, 5)  # no new storage
+        given.add_(1.0)  # in place: none
+        del first, view
+        second = torch.empty(500, dtype=torch.float64)  # 4000 bytes, after the first is freed
+        third = second.to(torch.float32)  # 2000 more
+    assert counter.peak == 6000
+    assert counter.live == 6000
+    del second
+    assert counter.live == 2000
+    del third
+    assert counter.live == 0

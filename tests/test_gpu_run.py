@@ -80,9 +80,10 @@ def test_the_sd15_stages_time_pipe_compile_and_ours_in_one_call(tmp_path):
 
 def test_the_dpm_karras_stage_times_pipe_and_ours_at_s20(tmp_path):
     """DPM++ 2M Karras, the scheduler most SD users run, on the SD-1.5-sized pipeline in fp16."""
-    limits, commands, planned, status = _dry_run(tmp_path, "build sd15-dpm lora")
+    limits, commands, planned, status = _dry_run(tmp_path, "build sd15-dpm lora lora-memory")
     assert planned <= 570 - 20 and "skipped" not in status
     command = commands["sd15-dpm"]
     assert "benchmarks/test_pipelines.py" in command and "--ddim-scheduler dpmpp_2m_karras" in command and "--ddim-steps 20" in command
     assert "-k sd15 and not compile" in command and "sd15-dpm.json" in command
     assert "benchmarks/lora_switch.py --device cuda" in commands["lora"]
+    assert "benchmarks/refresh_memory.py --unet sd15 --dtype fp16 --device cuda" in commands["lora-memory"]

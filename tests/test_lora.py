@@ -22,10 +22,11 @@ from peft import LoHaConfig, LoraConfig  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 
 import ddim_fast  # noqa: E402
+from ddim_fast.apps.census.memory import StoragePeak  # noqa: E402
 from ddim_fast.models.lora import merged_view  # noqa: E402
 from ddim_fast.models.sd_lean import LeanConditionUNet  # noqa: E402
 from .conftest import max_err, requires_triton_interpreter  # noqa: E402
-from .tiny_pipelines import TINY_UNET, sd_pipeline  # noqa: E402
+from .tiny_pipelines import TINY_SDXL_UNET, TINY_UNET, sd_pipeline  # noqa: E402
 
 # diffusers' add_adapter of a second adapter: PEFT's notice that the model has several
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")
@@ -330,22 +331,51 @@ def test_a_layer_that_does_not_fold_leaves_the_unet_with_a_note_naming_it(config
 # --- LeanConditionUNet.refresh --------------------------------------------------------------------
 
 
-def test_refresh_copies_the_new_weights_into_the_same_buffers_and_time_tables():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", [TINY_UNET, TINY_SDXL_UNET], ids=["sd", "sdxl"])
+def test_refresh_copies_the_new_weights_into_the_same_buffers_and_time_tables(config, dtype):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**TINY_UNET).eval()
-    lean = LeanConditionUNet.from_unet(unet)
+    unet = UNet2DConditionModel(**config).eval()
+    lean = LeanConditionUNet.from_unet(unet, dtype=dtype)
     timesteps = [999, 500, 1]
     table = lean.time_table(timesteps)
     storages = [b.data_ptr() for b in lean.buffers()]
+    strides = [b.stride() for b in lean.buffers()]
     _add_adapter(unet, "a", seed=1)
     assert lean.refresh(unet)
-    expected = LeanConditionUNet.from_unet(merged_view(unet)[0])
+    expected = LeanConditionUNet.from_unet(merged_view(unet)[0], dtype=dtype)
     assert [b.data_ptr() for b in lean.buffers()] == storages
+    assert [b.stride() for b in lean.buffers()] == strides
     assert all(torch.equal(b, e) for b, e in zip(lean.buffers(), expected.buffers()))
     assert lean.time_table(timesteps) is table
     assert torch.equal(table, expected.time_table(timesteps))
+
+
+@pytest.mark.parametrize("with_lora", [False, True], ids=["values-changed", "lora-added"])
+@pytest.mark.parametrize("config", [TINY_UNET, TINY_SDXL_UNET], ids=["sd", "sdxl"])
+def test_refresh_holds_no_second_copy_of_the_weights(config, with_lora):
+    """A refresh fills each buffer from the UNet's tensors: at most the folded weights of the
+    LoRA layers (the UNet's dtype) and transients are alive beside the lean model, where a
+    second lean model (a full copy of its weights) was before."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**config).eval()
+    lean = LeanConditionUNet.from_unet(unet)
+    lean_bytes = sum(b.nbytes for b in lean.buffers())
+    folded_bytes = 0
+    if with_lora:
+        _add_adapter(unet, "a", seed=1)
+        folded_bytes = sum(layer.base_layer.weight.nbytes for layer in _lora_layers(unet).values())
+    else:
+        _perturb_base_weights_(unet)
+    counter = StoragePeak()
+    with counter:
+        assert lean.refresh(unet)
+    assert torch.equal(lean.conv_in_w, unet.conv_in.weight.contiguous(memory_format=torch.channels_last))
+    assert counter.peak - folded_bytes < 0.3 * lean_bytes  # a second copy: 1.05 of lean_bytes
 
 
 def _other_widths(unet):
@@ -396,3 +426,16 @@ def test_refresh_weights_leaves_a_new_dtype_of_the_model_to_a_new_sampler():
     unet.double()  # the sampling dtype follows the model's: fp64 now, which the fp32 buffers are not
     assert not sampler.refresh_weights()
 
+
+
+def test_the_refresh_memory_script_records_both_changes(tmp_path):
+    import json
+
+    from benchmarks import refresh_memory
+
+    out = tmp_path / "refresh-memory.json"
+    assert refresh_memory.main(["--unet", "tiny", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["unet"] == "tiny" and result["lean_bytes"] > 0 and 0 < result["folded_of_lean"] < 1
+    assert 0 < result["values changed"]["peak_of_lean"] < 0.3
+    assert result["folded_of_lean"] < result["lora added"]["peak_of_lean"] < result["folded_of_lean"] + 0.3

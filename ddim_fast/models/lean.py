@@ -25,6 +25,8 @@ lean model is built: a later change to the UNet's weights does not reach it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Optional, Sequence
 
 import torch
@@ -117,9 +119,50 @@ class _Norm(nn.Module):
         return s, y
 
 
-def _copy(w: torch.Tensor, dtype, memory_format=torch.contiguous_format) -> torch.Tensor:
-    """A copy of a weight in the sampling dtype (and, for conv weights, layout)."""
-    return w.detach().to(dtype=dtype, memory_format=memory_format if w.dim() == 4 else torch.contiguous_format, copy=True)
+# while a deferred_copies() block runs: {id(placeholder): (placeholder, the sources it stands for)}
+_DEFERRED_COPIES: contextvars.ContextVar = contextvars.ContextVar("ddim_fast_deferred_copies", default=None)
+
+
+def _copy(w, dtype, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """A copy of a weight in the sampling dtype (and, for conv weights, layout); `w` a tensor,
+    or a list of tensors copied as their concatenation along dim 0. Inside deferred_copies()
+    the copy is a placeholder of its shape, dtype and device that holds one element (a
+    broadcast), and what it stands for is recorded for fill_copy."""
+    parts = [part.detach() for part in w] if isinstance(w, (list, tuple)) else [w.detach()]
+    deferred = _DEFERRED_COPIES.get()
+    if deferred is not None:
+        shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:])
+        placeholder = torch.empty((), dtype=dtype, device=parts[0].device).expand(shape)
+        deferred[id(placeholder)] = (placeholder, parts)
+        return placeholder
+    whole = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return whole.to(dtype=dtype, memory_format=memory_format if whole.dim() == 4 else torch.contiguous_format, copy=True)
+
+
+@contextlib.contextmanager
+def deferred_copies():
+    """Build a lean model whose weight copies are placeholders (no memory), to fill another
+    lean model of the same structure in place with fill_copy: a refresh then needs no second
+    copy of the weights. Yields what fill_copy reads."""
+    sources: dict = {}
+    token = _DEFERRED_COPIES.set(sources)
+    try:
+        yield sources
+    finally:
+        _DEFERRED_COPIES.reset(token)
+
+
+def fill_copy(target: torch.Tensor, value: torch.Tensor, sources: dict) -> None:
+    """target.copy_(the copy `value` stands for): a placeholder's sources, each into its rows
+    (copy_ converts dtype and layout as _copy does), or `value` itself."""
+    recorded = sources.get(id(value))
+    if recorded is None or recorded[0] is not value:
+        target.copy_(value)
+        return
+    offset = 0
+    for part in recorded[1]:
+        target[offset : offset + part.shape[0]].copy_(part)
+        offset += part.shape[0]
 
 
 def _nhwc_matrix(x: torch.Tensor) -> torch.Tensor:
@@ -199,7 +242,8 @@ class _Up(nn.Module):
         if self.with_conv:
             taps = torch.tensor(_UPSAMPLE_TAPS, dtype=torch.float64, device=up.conv.weight.device)
             kt = torch.einsum("ya,xb,oiab->ioyx", taps, taps, up.conv.weight.detach().double())
-            self.register_buffer("w", _copy(kt, dtype, memory_format))
+            # rounded now: a refresh (deferred_copies) holds it until it fills the buffer
+            self.register_buffer("w", _copy(kt.to(dtype), dtype, memory_format))
             self.register_buffer("b", _copy(up.conv.bias, dtype))
 
     def run(self, x):

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .lean import _Norm, _ResBlock, _Up, _arithmetic_dtype, _copy, _formed
+from .lean import _Norm, _ResBlock, _Up, _arithmetic_dtype, _copy, _formed, deferred_copies, fill_copy
 from .lora import merged_view
 from .sd_transformer import CrossKV, _Transformer, transformer_refusal
 from .time_tables import TimeTables
@@ -219,8 +219,8 @@ class LeanConditionUNet(nn.Module):
         self.register_buffer("conv_out_b", _copy(unet.conv_out.bias, dtype))
         self.conv_out_pad = unet.conv_out.padding
         # every block's time projection as one matrix: one linear gives a row of all their biases
-        self.register_buffer("proj_w", _copy(torch.cat([p.weight for p in projections]), dtype))
-        self.register_buffer("proj_b", _copy(torch.cat([p.bias for p in projections]), dtype))
+        self.register_buffer("proj_w", _copy([p.weight for p in projections], dtype))
+        self.register_buffer("proj_b", _copy([p.bias for p in projections], dtype))
         self.cross_kv = CrossKV(cross, dtype)
         self.upsamplings = sum(m.up is not None for m in self.up)
         # SDXL's table holds the time embeddings; run_inputs adds each sample's and projects
@@ -237,19 +237,25 @@ class LeanConditionUNet(nn.Module):
         so captured CUDA graphs and compiled code that read them stay valid. False, with
         nothing changed, when unet no longer runs lean or its lean form differs from this one
         in more than the values (a buffer's name, shape, dtype or device, a module's type or
-        plain attributes): a new LeanConditionUNet is then needed."""
+        plain attributes): a new LeanConditionUNet is then needed.
+
+        The lean form of `unet` is built with its weight copies deferred (placeholders): each
+        buffer is copied from the UNet's tensors straight into its storage, so a refresh holds
+        no second copy of the weights (only the folded weights of the LoRA layers, in the
+        UNet's dtype, while it runs)."""
         source, note = lean_source(unet)
         if note is not None:
             return False
         channels_last = self.memory_format == torch.channels_last
         # inference mode: the sampler made these buffers inside it (inference tensors)
         with torch.inference_mode():
-            fresh = LeanConditionUNet(source, self.dtype, channels_last=channels_last, table_cache_size=self._tables._size)
+            with deferred_copies() as sources:
+                fresh = LeanConditionUNet(source, self.dtype, channels_last=channels_last, table_cache_size=self._tables._size)
             if _structure(fresh) != _structure(self):
                 return False
             fresh_buffers = dict(fresh.named_buffers(remove_duplicate=False))
             for name, buffer in self.named_buffers(remove_duplicate=False):
-                buffer.copy_(fresh_buffers[name])
+                fill_copy(buffer, fresh_buffers[name], sources)
             self._tables.recompute(self.conv_in_w.device, self.time_rows)
         return True
 

@@ -119,9 +119,9 @@ class _Layer(nn.Module):
         a1, a2, ff = block.attn1, block.attn2, block.ff
         self.heads1, self.heads2 = a1.heads, a2.heads
         self.norm1, self.norm2, self.norm3 = (_LayerNorm(n, dtype) for n in (block.norm1, block.norm2, block.norm3))
-        self.register_buffer("w_qkv", _copy(torch.cat([a1.to_q.weight, a1.to_k.weight, a1.to_v.weight]), dtype))
+        self.register_buffer("w_qkv", _copy([a1.to_q.weight, a1.to_k.weight, a1.to_v.weight], dtype))
         qkv_bias = [p.bias for p in (a1.to_q, a1.to_k, a1.to_v)]
-        self.register_buffer("b_qkv", None if all(b is None for b in qkv_bias) else _copy(torch.cat([b if b is not None else torch.zeros_like(p.weight[:, 0]) for b, p in zip(qkv_bias, (a1.to_q, a1.to_k, a1.to_v))]), dtype))
+        self.register_buffer("b_qkv", None if all(b is None for b in qkv_bias) else _copy([b if b is not None else torch.zeros_like(p.weight[:, 0]) for b, p in zip(qkv_bias, (a1.to_q, a1.to_k, a1.to_v))], dtype))
         self.register_buffer("w_out1", _copy(a1.to_out[0].weight, dtype))
         self.register_buffer("b_out1", _copy(a1.to_out[0].bias, dtype))
         self.register_buffer("w_q2", _copy(a2.to_q.weight, dtype))
@@ -201,8 +201,8 @@ class CrossKV(nn.Module):
             self.heads.append(attn.heads)
             self.widths.append(attn.to_k.out_features)
         has_bias = any(a.to_k.bias is not None or a.to_v.bias is not None for a in attentions)
-        self.register_buffer("weight", _copy(torch.cat(weights), dtype))
-        self.register_buffer("bias", _copy(torch.cat(biases), dtype) if has_bias else None)
+        self.register_buffer("weight", _copy(weights, dtype))
+        self.register_buffer("bias", _copy(biases, dtype) if has_bias else None)
 
     def pairs(self, encoder_hidden_states: torch.Tensor) -> list:
         """[(K, V)] per cross-attention, each (B, heads, L, d): views of one GEMM's output."""
