@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from ddim_fast.apps.census.models import SD15_UNET
+
 
 def _byte_chars() -> list:
     """The 256 characters a byte-level BPE vocabulary starts from (GPT-2's byte to unicode map:
@@ -53,18 +55,7 @@ def ddim_pipeline(seed: int = 0, *, clip_sample: bool = True, channels: int = 3)
     return pipe
 
 
-# SD-1.5's sizes: UNet, VAE and CLIP text encoder (vocabulary aside: the byte tokenizer's)
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
+# SD-1.5's sizes: UNet (the census's own dict), VAE and CLIP text encoder (vocabulary aside: the byte tokenizer's)
 SD15_VAE = dict(
     block_out_channels=(128, 256, 512, 512),
     down_block_types=("DownEncoderBlock2D",) * 4,

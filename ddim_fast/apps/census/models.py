@@ -22,7 +22,7 @@ from ...models.presets import PRESETS
 from ...models.unet import UNet
 
 # SD-1.5's UNet (runwayml/stable-diffusion-v1-5's unet/config.json, diffusers' defaults for
-# the rest): tests/tiny_pipelines.SD15_UNET is the same dict
+# the rest); tests/tiny_pipelines builds its SD-1.5-sized pipeline with it
 SD15_UNET = dict(
     sample_size=64,
     in_channels=4,
