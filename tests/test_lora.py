@@ -331,9 +331,19 @@ def test_a_layer_that_does_not_fold_leaves_the_unet_with_a_note_naming_it(config
 # --- LeanConditionUNet.refresh --------------------------------------------------------------------
 
 
+def _move_every_parameter_(unet) -> None:
+    """Every parameter of the UNet (LoRA factors and 1-D ones included) changed through .data."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.data += 0.05 * torch.randn(p.shape, generator=generator).to(p.dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("config", [TINY_UNET, TINY_SDXL_UNET], ids=["sd", "sdxl"])
 def test_refresh_copies_the_new_weights_into_the_same_buffers_and_time_tables(config, dtype):
+    """After a LoRA added, then after every parameter moved: each buffer and time table holds
+    what a new lean model of the UNet holds, in its own storage and strides."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -343,14 +353,22 @@ def test_refresh_copies_the_new_weights_into_the_same_buffers_and_time_tables(co
     table = lean.time_table(timesteps)
     storages = [b.data_ptr() for b in lean.buffers()]
     strides = [b.stride() for b in lean.buffers()]
-    _add_adapter(unet, "a", seed=1)
-    assert lean.refresh(unet)
-    expected = LeanConditionUNet.from_unet(merged_view(unet)[0], dtype=dtype)
-    assert [b.data_ptr() for b in lean.buffers()] == storages
-    assert [b.stride() for b in lean.buffers()] == strides
-    assert all(torch.equal(b, e) for b, e in zip(lean.buffers(), expected.buffers()))
-    assert lean.time_table(timesteps) is table
-    assert torch.equal(table, expected.time_table(timesteps))
+    for change in (lambda: _add_adapter(unet, "a", seed=1), lambda: _move_every_parameter_(unet)):
+        before = [b.clone() for b in lean.buffers()]
+        change()
+        assert lean.refresh(unet)
+        expected = LeanConditionUNet.from_unet(merged_view(unet)[0], dtype=dtype)
+        names = [name for name, _ in lean.named_buffers()]
+        assert names == [name for name, _ in expected.named_buffers()]
+        assert [b.data_ptr() for b in lean.buffers()] == storages
+        assert [b.stride() for b in lean.buffers()] == strides
+        for name, b, e in zip(names, lean.buffers(), expected.buffers()):
+            assert torch.equal(b, e), name
+        moved = {name for name, b, old in zip(names, lean.buffers(), before) if not torch.equal(b, old)}
+        assert moved  # the change reached the lean model
+        assert lean.time_table(timesteps) is table
+        assert torch.equal(table, expected.time_table(timesteps))
+    assert moved == set(names)  # every parameter moved: every buffer did
 
 
 @pytest.mark.parametrize("with_lora", [False, True], ids=["values-changed", "lora-added"])
@@ -439,3 +457,16 @@ def test_the_refresh_memory_script_records_both_changes(tmp_path):
     assert result["unet"] == "tiny" and result["lean_bytes"] > 0 and 0 < result["folded_of_lean"] < 1
     assert 0 < result["values changed"]["peak_of_lean"] < 0.3
     assert result["folded_of_lean"] < result["lora added"]["peak_of_lean"] < result["folded_of_lean"] + 0.3
+
+
+def test_a_deferred_copy_refuses_parts_that_do_not_concatenate():
+    from ddim_fast.models.lean import _copy, deferred_copies, fill_copy
+
+    with deferred_copies() as sources:
+        with pytest.raises(ValueError, match="do not concatenate"):
+            _copy([torch.zeros(2, 3), torch.zeros(2, 1)], torch.float32)  # a fill would broadcast the second
+        placeholder = _copy([torch.ones(2, 3), torch.full((1, 3), 2.0)], torch.bfloat16)
+    assert placeholder.shape == (3, 3) and placeholder.dtype == torch.bfloat16 and placeholder.isnan().all()
+    target = torch.full((3, 3), -1.0, dtype=torch.bfloat16)
+    fill_copy(target, placeholder, sources)
+    assert torch.equal(target, torch.tensor([[1.0] * 3, [1.0] * 3, [2.0] * 3], dtype=torch.bfloat16))

@@ -127,12 +127,16 @@ def _copy(w, dtype, memory_format=torch.contiguous_format) -> torch.Tensor:
     """A copy of a weight in the sampling dtype (and, for conv weights, layout); `w` a tensor,
     or a list of tensors copied as their concatenation along dim 0. Inside deferred_copies()
     the copy is a placeholder of its shape, dtype and device that holds one element (a
-    broadcast), and what it stands for is recorded for fill_copy."""
+    broadcast NaN, so that a value read from it shows), and what it stands for is recorded
+    for fill_copy."""
     parts = [part.detach() for part in w] if isinstance(w, (list, tuple)) else [w.detach()]
     deferred = _DEFERRED_COPIES.get()
     if deferred is not None:
+        # what torch.cat would refuse: the fill would broadcast or copy across devices instead
+        if any(part.device != parts[0].device or part.shape[1:] != parts[0].shape[1:] for part in parts):
+            raise ValueError(f"_copy: parts on {sorted({str(p.device) for p in parts})} of shapes {[tuple(p.shape) for p in parts]} do not concatenate")
         shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:])
-        placeholder = torch.empty((), dtype=dtype, device=parts[0].device).expand(shape)
+        placeholder = torch.full((), float("nan"), dtype=dtype, device=parts[0].device).expand(shape)
         deferred[id(placeholder)] = (placeholder, parts)
         return placeholder
     whole = parts[0] if len(parts) == 1 else torch.cat(parts)
